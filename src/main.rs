@@ -1,0 +1,64 @@
+//! The `distill` command line: one binary for every role.
+//!
+//! `distill run` is the embedded single-machine mode; `distill coordinator`
+//! and `distill worker` are the cluster roles. See ARCHITECTURE.md.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Distill a large transformer teacher into a small, fast, quantized student.
+#[derive(Parser)]
+#[command(name = "distill", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what libtorch sees on this machine (version, CUDA devices, threads).
+    Doctor(cmd::doctor::Args),
+    /// Run a model over a JSONL file and write one output row per input line
+    /// (classification logits or sentence embeddings) to a safetensors file.
+    Infer(cmd::infer::Args),
+    /// Validate a job spec and its files and print the plan
+    /// [not built yet: exits with an error].
+    Plan(cmd::stub::Args),
+    /// Run a whole distillation job on this machine, with an embedded coordinator
+    /// [not built yet: exits with an error].
+    Run(cmd::stub::Args),
+    /// Start a cluster coordinator backed by etcd
+    /// [not built yet: exits with an error].
+    Coordinator(cmd::stub::Args),
+    /// Start a cluster worker that connects to a coordinator
+    /// [not built yet: exits with an error].
+    Worker(cmd::stub::Args),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DISTILL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Doctor(a) => cmd::doctor::run(a),
+        Command::Infer(a) => cmd::infer::run(a),
+        Command::Plan(a) => cmd::stub::run("plan", a),
+        Command::Run(a) => cmd::stub::run("run", a),
+        Command::Coordinator(a) => cmd::stub::run("coordinator", a),
+        Command::Worker(a) => cmd::stub::run("worker", a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

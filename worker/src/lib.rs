@@ -1,0 +1,14 @@
+//! distill worker: everything that touches libtorch.
+//!
+//! The worker runs the frozen teacher (pseudo-labelling) and trains the
+//! student, on CPU or CUDA devices chosen by the caller. It talks to the
+//! coordinator over gRPC and to peers over the collective backend.
+//!
+//! What it must never do: talk to etcd (the coordinator owns all state), or run
+//! libtorch work on an async runtime thread (tensors live on dedicated OS
+//! threads that talk to tokio over channels).
+
+pub mod device;
+pub mod error;
+
+pub use error::{Error, Result};
