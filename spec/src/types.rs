@@ -1,0 +1,275 @@
+//! Stage two: the validated job spec the rest of distill uses.
+//!
+//! Every default is filled in and every invariant checked, so code holding a
+//! [`JobSpec`] never re-validates. Serialising a `JobSpec` (to JSON for the
+//! wire, say) yields the same structure as the job file, with every default
+//! written out; parsing that output gives back an equal spec.
+
+use serde::{Serialize, Serializer};
+
+/// A validated distillation job.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub task: Task,
+    pub teacher: Teacher,
+    pub data: Data,
+    pub student: Student,
+    pub distill: Distill,
+    pub training: Training,
+    pub quantization: Quantization,
+    pub evaluation: Evaluation,
+    pub cluster: Cluster,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    TextClassification,
+    TextPairClassification,
+    SentenceEmbedding,
+}
+
+impl Task {
+    pub const NAMES: &'static [&'static str] = &[
+        "text_classification",
+        "text_pair_classification",
+        "sentence_embedding",
+    ];
+
+    /// Whether the task predicts class labels (and so has a label field).
+    pub fn is_classification(self) -> bool {
+        !matches!(self, Task::SentenceEmbedding)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Teacher {
+    /// A Hugging Face model directory or an object-store URI.
+    pub path: String,
+    pub fine_tune: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Data {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unlabelled: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test: Option<String>,
+    pub text_field: String,
+    /// Set exactly when the task is `text_pair_classification`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_pair_field: Option<String>,
+    pub label_field: String,
+    /// Label names in class-index order; `None` means "read them from the data".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    pub max_length: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Student {
+    #[serde(flatten)]
+    pub size: StudentSize,
+    pub init: StudentInit,
+    /// Teacher layer index each student layer is initialised from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_map: Option<Vec<u32>>,
+}
+
+/// How big the student is. A preset resolves to `Explicit`; a compression
+/// ratio is resolved against the teacher's config at plan time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum StudentSize {
+    Explicit(StudentArch),
+    Ratio { compression_ratio: f64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StudentArch {
+    pub layers: u32,
+    pub hidden_size: u32,
+    pub num_heads: u32,
+    pub intermediate_size: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StudentInit {
+    Teacher,
+    Random,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Distill {
+    pub task: Weight,
+    pub kd: Weight,
+    pub attention: Weight,
+    pub hidden: Weight,
+    pub embedding: Weight,
+    pub temperature: Temperature,
+    pub layer_map: LayerMap,
+    pub teacher_signal: TeacherSignal,
+}
+
+/// A loss-term weight: fixed, or adapted during training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Weight {
+    Auto,
+    Fixed(f64),
+}
+
+impl Serialize for Weight {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Weight::Auto => s.serialize_str("auto"),
+            Weight::Fixed(w) => s.serialize_f64(*w),
+        }
+    }
+}
+
+/// Distillation temperature, decayed from `start` to `end` over training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Temperature {
+    pub start: f64,
+    pub end: f64,
+}
+
+/// Which teacher layer supervises each student layer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerMap {
+    /// Evenly spaced teacher layers.
+    Uniform,
+    /// The teacher's last layers.
+    Last,
+    /// Teacher layer index per student layer.
+    Explicit(Vec<u32>),
+}
+
+impl Serialize for LayerMap {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            LayerMap::Uniform => s.serialize_str("uniform"),
+            LayerMap::Last => s.serialize_str("last"),
+            LayerMap::Explicit(v) => v.serialize(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherSignal {
+    /// Teacher runs beside the student during training.
+    Online,
+    /// Teacher signal is computed once, sharded, and stored.
+    Offline,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Training {
+    #[serde(flatten)]
+    pub length: TrainingLength,
+    pub batch_size: u32,
+    pub optimizer: Optimizer,
+    pub learning_rate: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables clipping.
+    pub grad_clip: f64,
+    pub grad_accum: u32,
+    pub precision: Precision,
+    pub checkpoint_every: u64,
+    pub eval_every: u64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainingLength {
+    Epochs(u32),
+    Steps(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    Adamw,
+    Adam,
+    Sgd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Quantization {
+    pub formats: QuantFormats,
+    pub hardware: Hardware,
+    /// Largest allowed drop in the task metric versus the FP32 student (0..1).
+    pub max_accuracy_drop: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuantFormats {
+    /// Chosen for the hardware target.
+    Auto,
+    List(Vec<QuantFormat>),
+}
+
+impl Serialize for QuantFormats {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            QuantFormats::Auto => s.serialize_str("auto"),
+            QuantFormats::List(v) => v.serialize(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantFormat {
+    Fp16,
+    Bf16,
+    Int8,
+    Int4,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hardware {
+    Cpu,
+    Gpu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Evaluation {
+    /// Batch sizes latency is measured at (p50/p95).
+    pub latency_batch_sizes: Vec<u32>,
+    pub latency_iters: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cluster {
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub devices_per_worker: u32,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
