@@ -17,7 +17,11 @@ fn metadata() -> serde_json::Value {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run cargo metadata");
-    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("parse cargo metadata")
 }
 
@@ -34,11 +38,20 @@ fn reachable(meta: &serde_json::Value, root: &str) -> BTreeSet<String> {
         .unwrap()
         .iter()
         .map(|n| {
-            let deps = n["deps"].as_array().unwrap().iter().map(|d| d["pkg"].as_str().unwrap()).collect();
+            let deps = n["deps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["pkg"].as_str().unwrap())
+                .collect();
             (n["id"].as_str().unwrap(), deps)
         })
         .collect();
-    let start = names.iter().find(|(_, n)| **n == root).map(|(id, _)| *id).expect("root package in metadata");
+    let start = names
+        .iter()
+        .find(|(_, n)| **n == root)
+        .map(|(id, _)| *id)
+        .expect("root package in metadata");
     let mut seen = BTreeSet::new();
     let mut stack = vec![start];
     while let Some(id) = stack.pop() {
@@ -53,11 +66,17 @@ fn reachable(meta: &serde_json::Value, root: &str) -> BTreeSet<String> {
 fn coordinator_and_proto_never_reach_libtorch() {
     let meta = metadata();
     // The check must be able to fail: the worker does reach tch.
-    assert!(reachable(&meta, "distill-worker").contains("tch"), "sanity: the worker should depend on tch");
+    assert!(
+        reachable(&meta, "distill-worker").contains("tch"),
+        "sanity: the worker should depend on tch"
+    );
     for krate in ["distill-coordinator", "distill-proto", "distill-spec"] {
         let deps = reachable(&meta, krate);
         for forbidden in ["tch", "torch-sys"] {
-            assert!(!deps.contains(forbidden), "{krate} depends on {forbidden}: the coordinator side must never link libtorch");
+            assert!(
+                !deps.contains(forbidden),
+                "{krate} depends on {forbidden}: the coordinator side must never link libtorch"
+            );
         }
     }
 }
@@ -73,19 +92,34 @@ fn binary_runs_without_ld_library_path() {
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .expect("spawn distill");
-    assert!(out.status.success(), "distill doctor failed: {}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor prints JSON");
+    assert!(
+        out.status.success(),
+        "distill doctor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("doctor prints JSON");
     assert!(report["cpu_threads"].as_i64().unwrap() >= 1);
 }
 
 #[test]
 fn binary_links_libtorch_cuda_when_available() {
     let libtorch = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/libtorch/lib");
-    let out = Command::new("ldd").arg(distill_bin()).env_remove("LD_LIBRARY_PATH").output().expect("run ldd");
+    let out = Command::new("ldd")
+        .arg(distill_bin())
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("run ldd");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("not found"), "unresolved libraries:\n{text}");
-    assert!(text.contains("libtorch_cpu.so"), "libtorch_cpu missing:\n{text}");
+    assert!(
+        text.contains("libtorch_cpu.so"),
+        "libtorch_cpu missing:\n{text}"
+    );
     if libtorch.join("libtorch_cuda.so").exists() {
-        assert!(text.contains("libtorch_cuda.so"), "libtorch has libtorch_cuda.so but the binary does not link it:\n{text}");
+        assert!(
+            text.contains("libtorch_cuda.so"),
+            "libtorch has libtorch_cuda.so but the binary does not link it:\n{text}"
+        );
     }
 }

@@ -11,7 +11,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
     let device = match s.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Device::Cuda(n),
             None => return Err(Error::Device(s)),
         },
