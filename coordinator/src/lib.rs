@@ -7,3 +7,6 @@
 //! What it must never do: link libtorch (no `tch`/`torch-sys` anywhere in its
 //! dependency graph; `tests/architecture.rs` checks this with `cargo metadata`),
 //! or keep state that cannot be rebuilt from the store after a restart.
+
+pub mod store;
+pub mod testing;
