@@ -23,6 +23,9 @@ enum Command {
     /// Run a model over a JSONL file and write one output row per input line
     /// (classification logits or sentence embeddings) to a safetensors file.
     Infer(cmd::infer::Args),
+    /// Derive a student from a teacher (preset or compression ratio), initialise
+    /// it from the teacher's weights and export it as a Hugging Face directory.
+    Student(cmd::student::Args),
     /// Validate a job spec and its files and print the plan
     /// [not built yet: exits with an error].
     Plan(cmd::stub::Args),
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Infer(a) => cmd::infer::run(a),
+        Command::Student(a) => cmd::student::run(a),
         Command::Plan(a) => cmd::stub::run("plan", a),
         Command::Run(a) => cmd::stub::run("run", a),
         Command::Coordinator(a) => cmd::stub::run("coordinator", a),

@@ -1,3 +1,4 @@
 pub mod doctor;
 pub mod infer;
+pub mod student;
 pub mod stub;

@@ -7,9 +7,10 @@
 //!   `hidden / 64`; the intermediate size keeps the teacher's
 //!   intermediate/hidden ratio.
 //! - `compression_ratio = r`: the fraction of teacher parameters removed. We
-//!   search every (layers ≤ teacher layers, hidden = k · teacher head size)
-//!   and pick the shape whose parameter count is closest to `(1 − r) ·
-//!   teacher`, preferring more layers on ties.
+//!   search every (layers ≤ teacher layers, hidden = k · teacher head size);
+//!   among shapes whose parameter count is within 2.5% (of the teacher's
+//!   count) of `(1 − r) · teacher`, the deepest wins, then the closest; if
+//!   none is that close, the closest.
 //!
 //! ## Initialisation from the teacher
 //! Student layer `i` copies teacher layer `layer_map[i]` (uniform by default:
@@ -114,25 +115,29 @@ pub fn derive_config(teacher: &BertConfig, shape: &StudentShape) -> Result<BertC
                     "compression_ratio must be in (0, 1), got {r}"
                 )));
             }
-            let target = (1.0 - r) * teacher.encoder_params() as f64;
+            let total = teacher.encoder_params() as f64;
+            let target = (1.0 - r) * total;
             let hd = teacher.head_dim();
-            let mut best: Option<(f64, BertConfig)> = None;
+            let mut candidates = vec![];
             for k in 1..=teacher.num_attention_heads {
                 let h = k * hd;
                 for l in 1..=teacher.num_hidden_layers {
                     let c = shaped(teacher, l, h, k, ratio_intermediate(teacher, h));
-                    let err = (c.encoder_params() as f64 - target).abs();
-                    let better = match &best {
-                        None => true,
-                        Some((e, b)) => {
-                            err < *e - 0.5 || (err <= *e + 0.5 && l > b.num_hidden_layers)
-                        }
-                    };
-                    if better {
-                        best = Some((err, c));
-                    }
+                    candidates.push(((c.encoder_params() as f64 - target).abs(), c));
                 }
             }
+            // Within 2.5% of the teacher's size of the target, depth wins
+            // (deeper students keep more of the teacher's layer structure);
+            // otherwise the closest count.
+            let near: Vec<&(f64, BertConfig)> = candidates.iter().filter(|(e, _)| *e <= 0.025 * total).collect();
+            let pick = if near.is_empty() {
+                candidates.iter().min_by(|a, b| a.0.total_cmp(&b.0))
+            } else {
+                near.into_iter().min_by(|a, b| {
+                    b.1.num_hidden_layers.cmp(&a.1.num_hidden_layers).then(a.0.total_cmp(&b.0))
+                })
+            };
+            let best: Option<(f64, BertConfig)> = pick.cloned();
             best.expect("at least one candidate").1
         }
     };

@@ -1,0 +1,73 @@
+//! `distill student`: derive a student from a teacher directory (shape from a
+//! preset, explicit sizes or a compression ratio), initialise it from the
+//! teacher, and export it as a Hugging Face directory. Prints the counts.
+
+use distill_worker::model::export::export;
+use distill_worker::model::student::{derive_config, init_from_teacher, last_layer_map, uniform_layer_map, StudentShape};
+use distill_worker::model::{Task, TaskModel};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Teacher: a Hugging Face model directory.
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Where to write the student directory.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Preset shape L<layers>-H<hidden>, e.g. L3-H384, L4-H312.
+    #[arg(long, conflicts_with = "compression_ratio")]
+    pub preset: Option<String>,
+    /// Fraction of the teacher's parameters to remove, in (0, 1).
+    #[arg(long)]
+    pub compression_ratio: Option<f64>,
+    /// `classification` or `embedding`.
+    #[arg(long, default_value = "embedding")]
+    pub task: String,
+    /// Teacher layers the student's layers copy: `uniform`, `last`, or a
+    /// comma-separated list of teacher layer indices.
+    #[arg(long, default_value = "uniform")]
+    pub layer_map: String,
+    /// Initialise randomly instead of from the teacher.
+    #[arg(long)]
+    pub random_init: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let task: Task = a.task.parse()?;
+    let teacher = TaskModel::load(&a.teacher, task, None, tch::Device::Cpu)?;
+    let shape = match (&a.preset, a.compression_ratio) {
+        (Some(p), None) => StudentShape::Preset(p.clone()),
+        (None, Some(r)) => StudentShape::CompressionRatio(r),
+        _ => anyhow::bail!("give exactly one of --preset or --compression-ratio"),
+    };
+    let cfg = derive_config(teacher.config(), &shape)?;
+    let (lt, ls) = (teacher.config().num_hidden_layers, cfg.num_hidden_layers);
+    let map = match a.layer_map.as_str() {
+        "uniform" => uniform_layer_map(lt, ls),
+        "last" => last_layer_map(lt, ls),
+        list => list
+            .split(',')
+            .map(|x| x.trim().parse::<i64>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| anyhow::anyhow!("--layer-map {list}: expected uniform, last or a list like 1,3,5"))?,
+    };
+    let mut student = TaskModel::new(&cfg, task, teacher.labels.clone(), tch::Device::Cpu)?;
+    student.normalize = teacher.normalize;
+    if !a.random_init {
+        init_from_teacher(&mut student, &teacher, &map)?;
+    }
+    export(&student, &a.output, &a.teacher)?;
+    let (tp, sp) = (teacher.num_params(), student.num_params());
+    println!(
+        "{}",
+        serde_json::json!({
+            "output": a.output,
+            "teacher": {"layers": lt, "hidden": teacher.config().hidden_size, "params": tp},
+            "student": {"layers": ls, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+                        "intermediate": cfg.intermediate_size, "params": sp, "layer_map": map},
+            "kept_fraction": (sp as f64 / tp as f64 * 10000.0).round() / 10000.0,
+        })
+    );
+    Ok(())
+}
