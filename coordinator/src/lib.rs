@@ -8,5 +8,10 @@
 //! dependency graph; `tests/architecture.rs` checks this with `cargo metadata`),
 //! or keep state that cannot be rebuilt from the store after a restart.
 
+pub mod error;
+pub mod job;
+pub mod ledger;
 pub mod store;
 pub mod testing;
+
+pub use error::CoordinatorError;
