@@ -7,11 +7,24 @@
 //! What it must never do: link libtorch (no `tch`/`torch-sys` anywhere in its
 //! dependency graph; `tests/architecture.rs` checks this with `cargo metadata`),
 //! or keep state that cannot be rebuilt from the store after a restart.
+//!
+//! Code map:
+//! - [`store`]: the `Store` trait (CAS transactions on revisions, leases,
+//!   watches), `EtcdStore`, `EmbeddedStore`, and the shared conformance suite;
+//! - [`job`]: the job lifecycle state machine (pure `JobState::apply`);
+//! - [`ledger`]: jobs persisted one key each, revision-guarded transitions;
+//! - [`tasks`]: teacher-signal shard tasks, leased with attempt fencing;
+//! - [`server`]: the gRPC `JobService`/`WorkerService` and [`serve`];
+//! - [`error`]: `CoordinatorError` and its one mapping to gRPC codes;
+//! - [`testing`]: a real etcd on loopback for tests, poll-with-timeout.
 
 pub mod error;
 pub mod job;
 pub mod ledger;
+pub mod server;
 pub mod store;
+pub mod tasks;
 pub mod testing;
 
 pub use error::CoordinatorError;
+pub use server::{serve, serve_with, Config, StoreConfig};

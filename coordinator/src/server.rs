@@ -1,0 +1,596 @@
+//! The gRPC services (`JobService` for clients, `WorkerService` for workers)
+//! over the ledger and the task table, and [`serve`].
+//!
+//! Prost types stop here: each handler converts its request into checked
+//! domain values (naming a missing or bad field in `InvalidArgument`), calls
+//! the ledger/task layer, and converts back. Every error goes through the one
+//! `CoordinatorError → Status` mapping. Handlers keep no state of their own:
+//! everything is in the store, so a restarted coordinator serves on at once.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use distill_proto::v1 as pb;
+use pb::job_service_server::{JobService, JobServiceServer};
+use pb::worker_service_server::{WorkerService, WorkerServiceServer};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::error::CoordinatorError;
+use crate::job::{JobEvent, JobState};
+use crate::ledger::{JobRecord, Ledger, Versioned};
+use crate::store::{EmbeddedStore, EtcdStore, LeaseId, Store, StoreError};
+use crate::tasks::{Outcome, Reported, Tasks};
+
+/// Timing knobs of the worker protocol.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often workers heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A worker is declared dead this long after its last heartbeat (its
+    /// session lease in the store expires).
+    pub session_timeout: Duration,
+    /// A task lease lasts this long past the last heartbeat that renewed it.
+    pub task_lease: Duration,
+}
+
+impl Default for Config {
+    /// Detects a dead worker in about 5 s.
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(5),
+            task_lease: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// Cluster mode: etcd endpoints (`http://host:2379`) and a key namespace.
+    Etcd {
+        endpoints: Vec<String>,
+        namespace: String,
+    },
+    /// `distill run`: the embedded on-disk store in `dir`.
+    Embedded { dir: PathBuf },
+}
+
+/// Opens the configured store and serves both gRPC services on `listener`
+/// until `shutdown` resolves.
+pub async fn serve_with(
+    store: StoreConfig,
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    match store {
+        StoreConfig::Etcd {
+            endpoints,
+            namespace,
+        } => {
+            serve(
+                EtcdStore::connect(&endpoints, &namespace).await?,
+                config,
+                listener,
+                shutdown,
+            )
+            .await
+        }
+        StoreConfig::Embedded { dir } => {
+            serve(EmbeddedStore::open(&dir)?, config, listener, shutdown).await
+        }
+    }
+}
+
+/// Serves `JobService` and `WorkerService` over `store` on `listener` (bind
+/// it to `127.0.0.1:0` in tests) until `shutdown` resolves.
+pub async fn serve<S: Store>(
+    store: S,
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    let svc = Coordinator::new(store, config);
+    tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
+    tonic::transport::Server::builder()
+        .add_service(JobServiceServer::new(svc.clone()))
+        .add_service(WorkerServiceServer::new(svc))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("grpc server: {e}")))
+}
+
+/// Both services over one store.
+#[derive(Debug, Clone)]
+pub struct Coordinator<S> {
+    ledger: Ledger<S>,
+    tasks: Tasks<S>,
+    config: Config,
+}
+
+impl<S: Store> Coordinator<S> {
+    pub fn new(store: S, config: Config) -> Self {
+        Self {
+            ledger: Ledger::new(store.clone()),
+            tasks: Tasks::new(store),
+            config,
+        }
+    }
+
+    fn store(&self) -> &S {
+        self.ledger.store()
+    }
+
+    /// The lease behind a live session, or `Stale` when it has expired.
+    async fn session_lease(&self, session_id: &str) -> Result<LeaseId, CoordinatorError> {
+        let lease = parse_session(session_id)?;
+        match self.store().get(&format!("sessions/{session_id}")).await? {
+            Some(_) => Ok(lease),
+            None => Err(CoordinatorError::Stale {
+                what: "session",
+                detail: format!("{session_id} expired; register again"),
+            }),
+        }
+    }
+
+    /// After a commit or failure: progress, and the job's next state.
+    async fn after_report(
+        &self,
+        job_id: &str,
+        reported: &Reported,
+    ) -> Result<(), CoordinatorError> {
+        match reported {
+            Reported::Committed => {
+                let tasks = self.tasks.list(job_id).await?;
+                let committed = tasks
+                    .iter()
+                    .filter(|t| matches!(t.value.state, crate::tasks::TaskState::Committed { .. }))
+                    .count() as u64;
+                let total = tasks.len() as u64;
+                self.ledger
+                    .update(job_id, |j| {
+                        j.progress.shards_total = total;
+                        j.progress.shards_committed = committed;
+                        if committed == total && j.state == JobState::Labelling {
+                            j.state = j.state.clone().apply(JobEvent::Labelled)?;
+                        }
+                        Ok(())
+                    })
+                    .await?;
+            }
+            Reported::TaskFailed { reason } => {
+                let event = JobEvent::Fail {
+                    reason: reason.clone(),
+                };
+                match self.ledger.transition(job_id, event).await {
+                    Ok(_) | Err(CoordinatorError::InvalidTransition(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Reported::AlreadyCommitted | Reported::WillRetry => {}
+        }
+        Ok(())
+    }
+}
+
+fn parse_session(id: &str) -> Result<LeaseId, CoordinatorError> {
+    id.strip_prefix("s-")
+        .and_then(|h| i64::from_str_radix(h, 16).ok())
+        .ok_or_else(|| {
+            CoordinatorError::InvalidArgument(format!("session_id: \"{id}\" is not a session id"))
+        })
+}
+
+fn required<'a>(field: &str, v: &'a str) -> Result<&'a str, CoordinatorError> {
+    if v.trim().is_empty() {
+        Err(CoordinatorError::InvalidArgument(format!(
+            "{field}: missing"
+        )))
+    } else {
+        Ok(v)
+    }
+}
+
+fn state_to_pb(s: &JobState) -> pb::JobState {
+    match s {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Planning => pb::JobState::Planning,
+        JobState::Labelling => pb::JobState::Labelling,
+        JobState::Training => pb::JobState::Training,
+        JobState::Quantizing => pb::JobState::Quantizing,
+        JobState::Evaluating => pb::JobState::Evaluating,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed { .. } => pb::JobState::Failed,
+        JobState::Cancelled { .. } => pb::JobState::Cancelled,
+    }
+}
+
+impl From<&Versioned<JobRecord>> for pb::Job {
+    fn from(v: &Versioned<JobRecord>) -> Self {
+        let j = &v.value;
+        pb::Job {
+            job_id: j.id.clone(),
+            state: state_to_pb(&j.state) as i32,
+            spec_json: j.spec_json.clone(),
+            priority: j.priority,
+            submitted_at_ms: j.submitted_at_ms,
+            updated_at_ms: j.updated_at_ms,
+            reason: j.state.reason().unwrap_or_default().to_string(),
+            progress: Some(pb::Progress {
+                shards_total: j.progress.shards_total,
+                shards_committed: j.progress.shards_committed,
+                steps_total: j.progress.steps_total,
+                steps_done: j.progress.steps_done,
+                checkpoint_step: j.progress.checkpoint_step,
+            }),
+            revision: v.revision,
+        }
+    }
+}
+
+/// A checked `SubmitJobRequest`.
+struct Submit {
+    spec: distill_spec::JobSpec,
+    priority: i32,
+    request_id: Option<String>,
+}
+
+impl TryFrom<pb::SubmitJobRequest> for Submit {
+    type Error = CoordinatorError;
+    fn try_from(r: pb::SubmitJobRequest) -> Result<Self, CoordinatorError> {
+        let format = match pb::SpecFormat::try_from(r.format) {
+            Ok(pb::SpecFormat::Json) => distill_spec::Format::Json,
+            Ok(pb::SpecFormat::Toml | pb::SpecFormat::Unspecified) => distill_spec::Format::Toml,
+            Err(_) => {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "format: unknown value {}",
+                    r.format
+                )))
+            }
+        };
+        required("spec", &r.spec)?;
+        let spec = distill_spec::parse(&r.spec, format)?;
+        Ok(Submit {
+            spec,
+            priority: r.priority,
+            request_id: (!r.request_id.is_empty()).then_some(r.request_id),
+        })
+    }
+}
+
+/// A checked `ReportTaskRequest`.
+struct Report {
+    session_id: String,
+    job_id: String,
+    task_id: String,
+    attempt: u64,
+    outcome: Outcome,
+}
+
+impl TryFrom<pb::ReportTaskRequest> for Report {
+    type Error = CoordinatorError;
+    fn try_from(r: pb::ReportTaskRequest) -> Result<Self, CoordinatorError> {
+        use pb::report_task_request::Outcome as O;
+        let task = r
+            .r#ref
+            .ok_or_else(|| CoordinatorError::InvalidArgument("ref: missing".into()))?;
+        if task.attempt == 0 {
+            return Err(CoordinatorError::InvalidArgument(
+                "ref.attempt: missing (attempts start at 1)".into(),
+            ));
+        }
+        let outcome = match r
+            .outcome
+            .ok_or_else(|| CoordinatorError::InvalidArgument("outcome: missing".into()))?
+        {
+            O::Success(s) => Outcome::Success {
+                manifest_uri: required("success.manifest_uri", &s.manifest_uri)?.to_string(),
+                manifest_sha256: s.manifest_sha256,
+                samples: s.samples,
+            },
+            O::Failure(f) => Outcome::Failure {
+                reason: f.reason,
+                retryable: f.retryable,
+            },
+        };
+        Ok(Report {
+            session_id: required("session_id", &r.session_id)?.to_string(),
+            job_id: required("ref.job_id", &task.job_id)?.to_string(),
+            task_id: required("ref.task_id", &task.task_id)?.to_string(),
+            attempt: task.attempt,
+            outcome,
+        })
+    }
+}
+
+type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: Store> JobService for Coordinator<S> {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let submit = Submit::try_from(req.into_inner())?;
+        let job = self
+            .ledger
+            .submit(&submit.spec, submit.priority, submit.request_id.as_deref())
+            .await?;
+        Ok(Response::new(pb::SubmitJobResponse {
+            job: Some((&job).into()),
+        }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = req.into_inner().job_id;
+        let job = self
+            .ledger
+            .get(required("job_id", &id)?)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+        Ok(Response::new((&job).into()))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let states = req.into_inner().states;
+        let (jobs, _) = self.ledger.list().await?;
+        let jobs = jobs
+            .iter()
+            .map(pb::Job::from)
+            .filter(|j| states.is_empty() || states.contains(&j.state))
+            .collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let id = req.into_inner().job_id;
+        let job = self
+            .ledger
+            .get(required("job_id", &id)?)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+        let mut watch = self.ledger.watch(Some(job.revision + 1)).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let key = format!("jobs/{id}");
+        tokio::spawn(async move {
+            let mut done = job.value.state.is_terminal();
+            if tx
+                .send(Ok(pb::JobEvent {
+                    job: Some((&job).into()),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            while !done {
+                let ev = tokio::select! {
+                    _ = tx.closed() => return,
+                    ev = watch.next() => ev,
+                };
+                let kv = match ev {
+                    Some(Ok(ev)) if ev.kv.key == key && ev.kind == crate::store::EventKind::Put => {
+                        ev.kv
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(CoordinatorError::from(e).into())).await;
+                        return;
+                    }
+                    None => return,
+                };
+                let item = crate::ledger::decode(&kv.key, &kv.value).map(|value| {
+                    done = value.state.is_terminal();
+                    pb::JobEvent {
+                        job: Some(
+                            (&Versioned {
+                                value,
+                                revision: kv.mod_revision,
+                            })
+                                .into(),
+                        ),
+                    }
+                });
+                if tx.send(item.map_err(Status::from)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = req.into_inner();
+        let reason = if r.reason.is_empty() {
+            "cancelled by client".to_string()
+        } else {
+            r.reason
+        };
+        let job = self
+            .ledger
+            .transition(required("job_id", &r.job_id)?, JobEvent::Cancel { reason })
+            .await?;
+        Ok(Response::new((&job).into()))
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> WorkerService for Coordinator<S> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = req.into_inner();
+        let name = required("worker_name", &r.worker_name)?.to_string();
+        let lease = self
+            .store()
+            .grant(self.config.session_timeout)
+            .await
+            .map_err(CoordinatorError::from)?;
+        let session_id = format!("s-{lease:x}");
+        let info = serde_json::json!({
+            "worker_name": name,
+            "version": r.version,
+            "collective_address": r.collective_address,
+            "host_memory_bytes": r.host_memory_bytes,
+            "devices": r.devices.iter().map(|d| serde_json::json!({"name": d.name, "memory_bytes": d.memory_bytes})).collect::<Vec<_>>(),
+        });
+        let key = format!("sessions/{session_id}");
+        self.store()
+            .create(&key, info.to_string().into_bytes(), Some(lease))
+            .await
+            .map_err(CoordinatorError::from)?;
+        tracing::info!(worker = name, session = session_id, "worker registered");
+        Ok(Response::new(pb::RegisterResponse {
+            session_id,
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            session_timeout_ms: self.config.session_timeout.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let lease = parse_session(required("session_id", &r.session_id)?)?;
+        match self.store().keepalive(lease).await {
+            Ok(()) => {}
+            Err(StoreError::LeaseNotFound(_)) => {
+                let abort = r.running;
+                return Ok(Response::new(pb::HeartbeatResponse {
+                    abort,
+                    reregister: true,
+                }));
+            }
+            Err(e) => return Err(CoordinatorError::from(e).into()),
+        }
+        let running: Vec<_> = r
+            .running
+            .iter()
+            .map(|t| (t.job_id.clone(), t.task_id.clone(), t.attempt))
+            .collect();
+        let lost = self
+            .tasks
+            .extend(
+                &r.session_id,
+                &running,
+                self.config.task_lease.as_millis() as i64,
+            )
+            .await?;
+        let abort = lost
+            .into_iter()
+            .map(|(job_id, task_id, attempt)| pb::TaskRef {
+                job_id,
+                task_id,
+                attempt,
+            })
+            .collect();
+        Ok(Response::new(pb::HeartbeatResponse {
+            abort,
+            reregister: false,
+        }))
+    }
+
+    async fn lease_task(
+        &self,
+        req: Request<pb::LeaseTaskRequest>,
+    ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
+        let session = req.into_inner().session_id;
+        self.session_lease(required("session_id", &session)?)
+            .await?;
+        // Queue policy: higher priority first, then submission order.
+        let (mut jobs, _) = self.ledger.list().await?;
+        jobs.retain(|j| j.value.state == JobState::Labelling);
+        jobs.sort_by_key(|j| (std::cmp::Reverse(j.value.priority), j.value.seq));
+        let ids: Vec<String> = jobs.iter().map(|j| j.value.id.clone()).collect();
+        let lease_ms = self.config.task_lease.as_millis() as i64;
+        let retry_after_ms = self.config.heartbeat_interval.as_millis() as u64;
+        let Some(t) = self.tasks.lease(&ids, &session, lease_ms).await? else {
+            return Ok(Response::new(pb::LeaseTaskResponse {
+                task: None,
+                retry_after_ms,
+            }));
+        };
+        let spec_json = jobs
+            .iter()
+            .find(|j| j.value.id == t.job_id)
+            .map(|j| j.value.spec_json.clone())
+            .unwrap_or_default();
+        let deadline = match &t.state {
+            crate::tasks::TaskState::Leased { deadline_ms, .. } => *deadline_ms as u64,
+            _ => 0,
+        };
+        let task = pb::Task {
+            output_uri: format!("signal/{}/{}", t.job_id, t.task_id),
+            r#ref: Some(pb::TaskRef {
+                job_id: t.job_id,
+                task_id: t.task_id,
+                attempt: t.attempt,
+            }),
+            kind: pb::TaskKind::TeacherSignal as i32,
+            spec_json,
+            shard_start: t.shard_start,
+            shard_end: t.shard_end,
+            lease_deadline_ms: deadline,
+        };
+        Ok(Response::new(pb::LeaseTaskResponse {
+            task: Some(task),
+            retry_after_ms,
+        }))
+    }
+
+    async fn report_task(
+        &self,
+        req: Request<pb::ReportTaskRequest>,
+    ) -> Result<Response<pb::ReportTaskResponse>, Status> {
+        let r = Report::try_from(req.into_inner())?;
+        parse_session(&r.session_id)?;
+        let reported = self
+            .tasks
+            .report(&r.job_id, &r.task_id, r.attempt, r.outcome)
+            .await?;
+        self.after_report(&r.job_id, &reported).await?;
+        Ok(Response::new(pb::ReportTaskResponse {
+            committed: reported == Reported::Committed,
+        }))
+    }
+
+    async fn join_group(
+        &self,
+        _req: Request<pb::JoinGroupRequest>,
+    ) -> Result<Response<pb::JoinGroupResponse>, Status> {
+        Err(Status::unimplemented(
+            "training groups are not implemented yet",
+        ))
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        _req: Request<pb::CommitCheckpointRequest>,
+    ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        Err(Status::unimplemented(
+            "checkpoint commits are not implemented yet",
+        ))
+    }
+}

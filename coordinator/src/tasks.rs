@@ -1,0 +1,350 @@
+//! Teacher-signal tasks: one per shard of a job, leased to workers, fenced by
+//! attempt numbers.
+//!
+//! A task lives under `tasks/<job_id>/<task_id>` as a [`TaskRecord`]. Every
+//! change is a revision-guarded transaction. Leasing bumps the attempt; the
+//! attempt is the fencing token a worker must carry when it reports:
+//!
+//! - a report whose attempt is not the task's current attempt is refused
+//!   ([`CoordinatorError::Stale`]), unless the task is already committed, in
+//!   which case the caller is told its output is to be discarded;
+//! - the first successful report of the current attempt commits the task,
+//!   exactly once;
+//! - a lease not renewed by heartbeats before its deadline lets another
+//!   worker lease the task with a new attempt (the old holder becomes stale);
+//! - a failure puts the task back with a backoff; after
+//!   [`MAX_FAILURES`] failures (or one non-retryable) the task fails, and
+//!   with it the job, with a reason naming the shard.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoordinatorError;
+use crate::ledger::{now_ms, Versioned};
+use crate::store::{Store, Txn};
+
+const TASKS: &str = "tasks/";
+/// Failures after which a shard, and its job, fail.
+pub const MAX_FAILURES: u32 = 3;
+/// Backoff after the first failure; doubles with each further one.
+pub const BASE_BACKOFF_MS: i64 = 200;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum TaskState {
+    /// Ready to lease from `not_before_ms` on (backoff after a failure).
+    Pending {
+        not_before_ms: i64,
+    },
+    Leased {
+        session: String,
+        deadline_ms: i64,
+    },
+    Committed {
+        manifest_uri: String,
+        manifest_sha256: String,
+        samples: u64,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub job_id: String,
+    pub task_id: String,
+    /// Sample indices `[shard_start, shard_end)` of the job's global order.
+    pub shard_start: u64,
+    pub shard_end: u64,
+    /// Bumped on every lease; the fencing token.
+    pub attempt: u64,
+    pub failures: u32,
+    #[serde(flatten)]
+    pub state: TaskState,
+}
+
+/// What a worker reports for its attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Success {
+        manifest_uri: String,
+        manifest_sha256: String,
+        samples: u64,
+    },
+    Failure {
+        reason: String,
+        retryable: bool,
+    },
+}
+
+/// The result of a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reported {
+    /// This attempt committed the task.
+    Committed,
+    /// Another attempt had committed first: discard this output.
+    AlreadyCommitted,
+    /// The failure was recorded; the task will be retried.
+    WillRetry,
+    /// The task failed for good; the job must fail with this reason.
+    TaskFailed { reason: String },
+}
+
+fn key(job: &str, task: &str) -> String {
+    format!("{TASKS}{job}/{task}")
+}
+
+fn encode(t: &TaskRecord) -> Vec<u8> {
+    serde_json::to_vec(t).expect("a task record always serialises")
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<TaskRecord, CoordinatorError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| CoordinatorError::Internal(format!("corrupt task record {key}: {e}")))
+}
+
+/// Splits `[0, total)` into shards of at most `size` samples. Pure.
+pub fn shards(total: u64, size: u64) -> Vec<(u64, u64)> {
+    let size = size.max(1);
+    (0..total.div_ceil(size))
+        .map(|i| (i * size, ((i + 1) * size).min(total)))
+        .collect()
+}
+
+/// The task table over any [`Store`].
+#[derive(Debug, Clone)]
+pub struct Tasks<S> {
+    store: S,
+}
+
+impl<S: Store> Tasks<S> {
+    pub fn new(store: S) -> Self {
+        Self { store }
+    }
+
+    /// Creates the job's shard tasks; idempotent (existing tasks are kept).
+    pub async fn create_shards(
+        &self,
+        job_id: &str,
+        total: u64,
+        shard_size: u64,
+    ) -> Result<usize, CoordinatorError> {
+        let all = shards(total, shard_size);
+        for (i, (start, end)) in all.iter().enumerate() {
+            let task_id = format!("shard-{i:05}");
+            let rec = TaskRecord {
+                job_id: job_id.to_string(),
+                task_id: task_id.clone(),
+                shard_start: *start,
+                shard_end: *end,
+                attempt: 0,
+                failures: 0,
+                state: TaskState::Pending { not_before_ms: 0 },
+            };
+            self.store
+                .create(&key(job_id, &task_id), encode(&rec), None)
+                .await?;
+        }
+        Ok(all.len())
+    }
+
+    /// Every task of `job_id` (all jobs when empty), in key order.
+    pub async fn list(&self, job_id: &str) -> Result<Vec<Versioned<TaskRecord>>, CoordinatorError> {
+        let prefix = if job_id.is_empty() {
+            TASKS.to_string()
+        } else {
+            format!("{TASKS}{job_id}/")
+        };
+        let (kvs, _) = self.store.range(&prefix).await?;
+        kvs.iter()
+            .map(|kv| {
+                Ok(Versioned {
+                    value: decode(&kv.key, &kv.value)?,
+                    revision: kv.mod_revision,
+                })
+            })
+            .collect()
+    }
+
+    /// Leases the first available task of any job in `jobs` to `session`
+    /// until `now + lease_ms`: a pending task past its backoff, or a leased
+    /// one whose deadline passed (its holder is presumed dead).
+    pub async fn lease(
+        &self,
+        jobs: &[String],
+        session: &str,
+        lease_ms: i64,
+    ) -> Result<Option<TaskRecord>, CoordinatorError> {
+        for job in jobs {
+            for t in self.list(job).await? {
+                let now = now_ms();
+                let available = match &t.value.state {
+                    TaskState::Pending { not_before_ms } => *not_before_ms <= now,
+                    TaskState::Leased { deadline_ms, .. } => *deadline_ms <= now,
+                    _ => false,
+                };
+                if !available {
+                    continue;
+                }
+                let mut rec = t.value.clone();
+                rec.attempt += 1;
+                rec.state = TaskState::Leased {
+                    session: session.to_string(),
+                    deadline_ms: now + lease_ms,
+                };
+                let k = key(&rec.job_id, &rec.task_id);
+                if self
+                    .store
+                    .put_if(&k, encode(&rec), t.revision)
+                    .await?
+                    .is_some()
+                {
+                    tracing::info!(
+                        job = rec.job_id,
+                        task = rec.task_id,
+                        attempt = rec.attempt,
+                        session,
+                        "task leased"
+                    );
+                    return Ok(Some(rec));
+                }
+                // Lost the race for this task: try the next one.
+            }
+        }
+        Ok(None)
+    }
+
+    /// Extends the leases `session` holds on the given (task, attempt) refs.
+    /// Returns the refs it no longer holds (to abort).
+    pub async fn extend(
+        &self,
+        session: &str,
+        running: &[(String, String, u64)],
+        lease_ms: i64,
+    ) -> Result<Vec<(String, String, u64)>, CoordinatorError> {
+        let mut lost = Vec::new();
+        for (job, task, attempt) in running {
+            let k = key(job, task);
+            let held = loop {
+                let Some(kv) = self.store.get(&k).await? else {
+                    break false;
+                };
+                let mut rec = decode(&k, &kv.value)?;
+                match &rec.state {
+                    TaskState::Leased { session: s, .. }
+                        if s == session && rec.attempt == *attempt =>
+                    {
+                        rec.state = TaskState::Leased {
+                            session: session.to_string(),
+                            deadline_ms: now_ms() + lease_ms,
+                        };
+                        if self
+                            .store
+                            .put_if(&k, encode(&rec), kv.mod_revision)
+                            .await?
+                            .is_some()
+                        {
+                            break true;
+                        }
+                    }
+                    _ => break false,
+                }
+            };
+            if !held {
+                lost.push((job.clone(), task.clone(), *attempt));
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Records the outcome of `attempt` of a task, fenced by the attempt.
+    pub async fn report(
+        &self,
+        job: &str,
+        task: &str,
+        attempt: u64,
+        outcome: Outcome,
+    ) -> Result<Reported, CoordinatorError> {
+        let k = key(job, task);
+        loop {
+            let Some(kv) = self.store.get(&k).await? else {
+                return Err(CoordinatorError::NotFound(format!("task {job}/{task}")));
+            };
+            let mut rec = decode(&k, &kv.value)?;
+            if let TaskState::Committed { .. } = rec.state {
+                return Ok(Reported::AlreadyCommitted);
+            }
+            if attempt != rec.attempt || !matches!(rec.state, TaskState::Leased { .. }) {
+                return Err(CoordinatorError::Stale {
+                    what: "task attempt",
+                    detail: format!(
+                        "{job}/{task} attempt {attempt} is not the current attempt {}",
+                        rec.attempt
+                    ),
+                });
+            }
+            let reported = match outcome.clone() {
+                Outcome::Success {
+                    manifest_uri,
+                    manifest_sha256,
+                    samples,
+                } => {
+                    rec.state = TaskState::Committed {
+                        manifest_uri,
+                        manifest_sha256,
+                        samples,
+                    };
+                    Reported::Committed
+                }
+                Outcome::Failure { reason, retryable } => {
+                    rec.failures += 1;
+                    if !retryable || rec.failures >= MAX_FAILURES {
+                        let reason = format!(
+                            "shard {task} failed {} time(s), last: {reason}",
+                            rec.failures
+                        );
+                        rec.state = TaskState::Failed {
+                            reason: reason.clone(),
+                        };
+                        Reported::TaskFailed { reason }
+                    } else {
+                        let backoff = BASE_BACKOFF_MS << (rec.failures - 1).min(10);
+                        rec.state = TaskState::Pending {
+                            not_before_ms: now_ms() + backoff,
+                        };
+                        Reported::WillRetry
+                    }
+                }
+            };
+            if self
+                .store
+                .txn(Txn::new().when(&k, kv.mod_revision).put(&k, encode(&rec)))
+                .await?
+                .committed()
+            {
+                return Ok(reported);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shards;
+
+    #[test]
+    fn shards_cover_every_sample_exactly_once() {
+        for total in [0u64, 1, 9, 10, 11, 1000] {
+            for size in [1u64, 3, 10, 64] {
+                let s = shards(total, size);
+                let mut next = 0;
+                for (a, b) in &s {
+                    assert_eq!(*a, next, "contiguous");
+                    assert!(b > a && b - a <= size);
+                    next = *b;
+                }
+                assert_eq!(next, total, "total {total} size {size}");
+            }
+        }
+    }
+}
