@@ -13,6 +13,7 @@
 //! threads that talk to tokio over channels).
 
 pub mod data;
+pub mod distill;
 pub mod device;
 pub mod error;
 pub mod fsutil;
