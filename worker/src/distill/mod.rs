@@ -1,5 +1,8 @@
-//! The distillation engine: loss terms, schedules, and (in `train`) the
-//! training loop with exact resume.
+//! The distillation engine: loss terms, schedules, our own AdamW, the
+//! training loop with exact resume, and checkpoints.
 
+pub mod adamw;
+pub mod checkpoint;
 pub mod loss;
 pub mod schedule;
+pub mod train;

@@ -1,0 +1,104 @@
+//! AdamW with state we own (moments as named tensors), so checkpoints can
+//! save and restore it exactly. Decoupled weight decay (Loshchilov & Hutter)
+//! is applied to matrices only, not to biases and LayerNorm parameters:
+//!
+//! ```text
+//! m ← β1·m + (1−β1)·g        v ← β2·v + (1−β2)·g²
+//! p ← p − lr·( m/(1−β1ᵗ) / (√(v/(1−β2ᵗ)) + ε) + wd·p )
+//! ```
+
+use tch::Tensor;
+
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Number of updates applied so far (t).
+    pub t: u64,
+    /// First and second moments, by parameter name.
+    pub m: Vec<(String, Tensor)>,
+    pub v: Vec<(String, Tensor)>,
+}
+
+impl AdamW {
+    pub fn new(params: &[(String, Tensor)], weight_decay: f64) -> Self {
+        let zeros = |p: &Tensor| p.zeros_like();
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            m: params.iter().map(|(n, p)| (n.clone(), zeros(p))).collect(),
+            v: params.iter().map(|(n, p)| (n.clone(), zeros(p))).collect(),
+        }
+    }
+
+    /// Apply one update from the parameters' `.grad()` (parameters without a
+    /// gradient are skipped).
+    pub fn step(&mut self, params: &[(String, Tensor)], lr: f64) {
+        self.t += 1;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let bc1 = 1.0 - b1.powi(self.t as i32);
+        let bc2 = 1.0 - b2.powi(self.t as i32);
+        tch::no_grad(|| {
+            for (i, (_, p)) in params.iter().enumerate() {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let m = &mut self.m[i].1;
+                let v = &mut self.v[i].1;
+                let _ = m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
+                let _ = v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+                let denom = (&*v / bc2).sqrt() + self.eps;
+                let mut update = (&*m / bc1) / denom;
+                if p.dim() >= 2 && self.weight_decay > 0.0 {
+                    update = update + p * self.weight_decay;
+                }
+                let mut p = p.shallow_clone();
+                let _ = p.g_sub_(&(update * lr));
+            }
+        });
+    }
+}
+
+/// Global L2 norm of the gradients.
+pub fn grad_norm(params: &[(String, Tensor)]) -> f64 {
+    let mut sq = 0.0;
+    for (_, p) in params {
+        let g = p.grad();
+        if g.defined() {
+            sq += g.square().sum(tch::Kind::Double).double_value(&[]);
+        }
+    }
+    sq.sqrt()
+}
+
+/// Scale gradients so their global norm is at most `max_norm`; returns the
+/// norm before clipping.
+pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
+    let norm = grad_norm(params);
+    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        tch::no_grad(|| {
+            for (_, p) in params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(scale);
+                }
+            }
+        });
+    }
+    norm
+}
+
+pub fn zero_grad(params: &[(String, Tensor)]) {
+    for (_, p) in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.detach_().zero_();
+        }
+    }
+}

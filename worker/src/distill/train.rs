@@ -1,0 +1,384 @@
+//! The training loop: online distillation (teacher forward on the same batch)
+//! or plain supervised training (no teacher: teacher fine-tuning and the
+//! labels-only baseline), with exact resume.
+//!
+//! Determinism: the sample order of epoch `e` is a Fisher–Yates shuffle
+//! seeded by `(seed, e)`; step `s` consumes stream positions
+//! `[s·B·A, (s+1)·B·A)` (B batch, A accumulation), so the data cursor *is*
+//! the step. libtorch's RNG (dropout) is reseeded from `(seed, step)` at the
+//! start of every step. A checkpoint holds the student, the projections, the
+//! AdamW moments and step count, and the balancer; with those, N steps +
+//! resume + M steps gives bitwise the same weights as N+M steps on CPU.
+//!
+//! A non-finite loss or gradient skips the step; `max_bad_steps` in a row
+//! roll back to the last checkpoint with a logged reason.
+
+use super::adamw::{clip_grad_norm, zero_grad, AdamW};
+use super::checkpoint::{self, CheckpointMeta};
+use super::loss;
+use super::schedule::{learning_rate, temperature, Balancer, Decay, Term, TermWeight, TERMS};
+use crate::infer::{infer, InferOptions};
+use crate::model::{Outputs, Task, TaskModel};
+use crate::tokenize::{Encoded, Padding, TextTokenizer};
+use crate::{Error, Result};
+use std::path::PathBuf;
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub total_steps: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub learning_rate: f64,
+    pub warmup_steps: u64,
+    pub decay: Decay,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// 0 = never.
+    pub eval_every: u64,
+    /// 0 = only at the end.
+    pub checkpoint_every: u64,
+    /// Weights by `Term as usize`. Ignored (treated as 0) when there is no teacher,
+    /// except the task term.
+    pub weights: [TermWeight; 5],
+    pub temperature: (f64, f64),
+    /// Student layer i ↔ teacher layer `layer_map[i]`.
+    pub layer_map: Vec<i64>,
+    pub max_bad_steps: u32,
+}
+
+/// Tokenized examples with label ids (`loss::IGNORE_LABEL` = unlabelled).
+pub struct TrainData {
+    pub examples: Vec<Encoded>,
+    pub labels: Vec<i64>,
+}
+
+/// One step's record, for logs and tests.
+#[derive(Debug, Clone)]
+pub struct StepLog {
+    pub step: u64,
+    pub loss: f64,
+    pub terms: [Option<f64>; 5],
+    pub lr: f64,
+    pub temperature: f64,
+    pub skipped: bool,
+}
+
+pub struct Trainer<'a> {
+    pub student: &'a mut TaskModel,
+    teacher: Option<&'a TaskModel>,
+    aux: nn::VarStore,
+    proj_hidden: Option<nn::Linear>,
+    proj_embedding: Option<nn::Linear>,
+    params: Vec<(String, Tensor)>,
+    pub opt: AdamW,
+    pub balancer: Balancer,
+    pub step: u64,
+    pub best_metric: Option<f64>,
+    pub cfg: TrainConfig,
+    pub checkpoint_dir: PathBuf,
+    tok: &'a TextTokenizer,
+    order_cache: Option<(u64, Vec<usize>)>,
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The deterministic sample order of one epoch.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut s = seed ^ epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    for i in (1..n).rev() {
+        let j = (splitmix(&mut s) % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(
+        student: &'a mut TaskModel,
+        teacher: Option<&'a TaskModel>,
+        tok: &'a TextTokenizer,
+        cfg: TrainConfig,
+        checkpoint_dir: PathBuf,
+    ) -> Result<Self> {
+        if cfg.batch_size == 0 || cfg.grad_accum == 0 {
+            return Err(Error::Invalid("batch_size and grad_accum must be positive".into()));
+        }
+        if let Some(t) = teacher {
+            if t.task != student.task {
+                return Err(Error::Invalid("teacher and student must have the same task".into()));
+            }
+            if cfg.layer_map.len() as i64 != student.config().num_hidden_layers {
+                return Err(Error::Invalid(format!(
+                    "layer map has {} entries for {} student layers",
+                    cfg.layer_map.len(),
+                    student.config().num_hidden_layers
+                )));
+            }
+            if cfg.layer_map.iter().any(|&l| l < 0 || l >= t.config().num_hidden_layers) {
+                return Err(Error::Invalid("layer map points outside the teacher's layers".into()));
+            }
+        }
+        tch::manual_seed(cfg.seed as i64);
+        let aux = nn::VarStore::new(student.device());
+        let (hs, ht) = (student.config().hidden_size, teacher.map(|t| t.config().hidden_size).unwrap_or(0));
+        let active = |t: Term| teacher.is_some() && cfg.weights[t as usize] != TermWeight::Fixed(0.0);
+        let proj_hidden =
+            (active(Term::Hidden) && hs != ht).then(|| nn::linear(aux.root() / "proj_hidden", hs, ht, Default::default()));
+        let proj_embedding = (active(Term::Embedding) && hs != ht)
+            .then(|| nn::linear(aux.root() / "proj_embedding", hs, ht, Default::default()));
+        let mut params: Vec<(String, Tensor)> =
+            student.vs.variables().into_iter().map(|(n, t)| (format!("student.{n}"), t)).collect();
+        params.extend(aux.variables().into_iter().map(|(n, t)| (format!("aux.{n}"), t)));
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let opt = AdamW::new(&params, cfg.weight_decay);
+        Ok(Trainer {
+            student,
+            teacher,
+            aux,
+            proj_hidden,
+            proj_embedding,
+            params,
+            opt,
+            balancer: Balancer::default(),
+            step: 0,
+            best_metric: None,
+            cfg,
+            checkpoint_dir,
+            tok,
+            order_cache: None,
+        })
+    }
+
+    fn active(&self, t: Term) -> bool {
+        match t {
+            Term::Task => self.cfg.weights[0] != TermWeight::Fixed(0.0) && self.student.task == Task::Classification,
+            Term::Kd => self.teacher.is_some() && self.student.task == Task::Classification && self.cfg.weights[1] != TermWeight::Fixed(0.0),
+            Term::Embedding => self.teacher.is_some() && self.student.task == Task::Embedding && self.cfg.weights[4] != TermWeight::Fixed(0.0),
+            Term::Attention | Term::Hidden => self.teacher.is_some() && self.cfg.weights[t as usize] != TermWeight::Fixed(0.0),
+        }
+    }
+
+    fn sample(&mut self, stream_pos: u64, n: usize) -> usize {
+        let epoch = stream_pos / n as u64;
+        if self.order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            self.order_cache = Some((epoch, epoch_order(n, self.cfg.seed, epoch)));
+        }
+        self.order_cache.as_ref().unwrap().1[(stream_pos % n as u64) as usize]
+    }
+
+    /// The weighted loss of one micro-batch and each term's unweighted value.
+    fn micro_loss(&self, idx: &[usize], data: &TrainData, temp: f64) -> (Tensor, [Option<f64>; 5]) {
+        let refs: Vec<&Encoded> = idx.iter().map(|&i| &data.examples[i]).collect();
+        let device = self.student.device();
+        let batch = self.tok.batch(&refs, Padding::Dynamic, device);
+        let labels = Tensor::from_slice(&idx.iter().map(|&i| data.labels[i]).collect::<Vec<_>>()).to_device(device);
+        let outputs = Outputs { hidden_states: self.active(Term::Hidden), attentions: self.active(Term::Attention) };
+        let s = self.student.forward_t(&batch, outputs, true);
+        let t = self.teacher.map(|t| tch::no_grad(|| t.forward_t(&batch, outputs, false)));
+        let mut terms: [Option<Tensor>; 5] = Default::default();
+        if self.active(Term::Task) {
+            terms[0] = Some(loss::task_ce(&s.output, &labels));
+        }
+        if let Some(t) = &t {
+            if self.active(Term::Kd) {
+                terms[1] = Some(loss::kd_kl(&s.output, &t.output, temp));
+            }
+            let map = &self.cfg.layer_map;
+            if self.active(Term::Attention) {
+                let ta: Vec<Tensor> = map.iter().map(|&l| t.encoder.attentions[l as usize].shallow_clone()).collect();
+                terms[2] = Some(loss::attention_mse(&s.encoder.attentions, &ta, &batch.attention_mask));
+            }
+            if self.active(Term::Hidden) {
+                let mut sh = vec![];
+                let mut th = vec![t.encoder.hidden_states[0].shallow_clone()];
+                for (i, &l) in map.iter().enumerate() {
+                    th.push(t.encoder.hidden_states[l as usize + 1].shallow_clone());
+                    let _ = i;
+                }
+                for h in &s.encoder.hidden_states {
+                    sh.push(match &self.proj_hidden {
+                        Some(p) => p.forward(h),
+                        None => h.shallow_clone(),
+                    });
+                }
+                terms[3] = Some(loss::hidden_mse(&sh, &th, &batch.attention_mask));
+            }
+            if self.active(Term::Embedding) {
+                let se = match &self.proj_embedding {
+                    Some(p) => p.forward(&s.output),
+                    None => s.output.shallow_clone(),
+                };
+                terms[4] = Some(loss::embedding_mse(&se, &t.output) + loss::embedding_cosine(&se, &t.output));
+            }
+        }
+        let mut total = Tensor::zeros([], (Kind::Float, device));
+        let mut values = [None; 5];
+        for term in TERMS {
+            if let Some(v) = &terms[term as usize] {
+                let w = self.balancer.weight(term, self.cfg.weights[term as usize], self.step, self.cfg.total_steps);
+                values[term as usize] = Some(v.double_value(&[]));
+                total = total + v * w;
+            }
+        }
+        (total, values)
+    }
+
+    /// Train until `total_steps`, resuming from `self.step`. `on_step` sees
+    /// every step; `evaluate` (if given) is called every `eval_every` steps
+    /// and returns the metric to maximise (best is kept in `best.safetensors`).
+    pub fn train(
+        &mut self,
+        data: &TrainData,
+        evaluate: Option<&mut dyn FnMut(&TaskModel) -> Result<f64>>,
+        on_step: impl FnMut(&StepLog),
+    ) -> Result<()> {
+        self.train_until(self.cfg.total_steps, data, evaluate, on_step)
+    }
+
+    /// Like `train`, but stop after step `until` (schedules still span
+    /// `total_steps`); a checkpoint is written when stopping early.
+    pub fn train_until(
+        &mut self,
+        until: u64,
+        data: &TrainData,
+        mut evaluate: Option<&mut dyn FnMut(&TaskModel) -> Result<f64>>,
+        mut on_step: impl FnMut(&StepLog),
+    ) -> Result<()> {
+        let until = until.min(self.cfg.total_steps);
+        let n = data.examples.len();
+        if n == 0 {
+            return Err(Error::Invalid("no training examples".into()));
+        }
+        let per_step = (self.cfg.batch_size * self.cfg.grad_accum) as u64;
+        let mut bad = 0u32;
+        while self.step < until {
+            let step = self.step;
+            tch::manual_seed((self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(step)) as i64);
+            let lr = learning_rate(step, self.cfg.total_steps, self.cfg.warmup_steps, self.cfg.learning_rate, self.cfg.decay);
+            let temp = temperature(step, self.cfg.total_steps, self.cfg.temperature.0, self.cfg.temperature.1);
+            zero_grad(&self.params);
+            let mut loss_sum = 0.0;
+            let mut term_sum = [None::<f64>; 5];
+            for micro in 0..self.cfg.grad_accum {
+                let base = step * per_step + (micro * self.cfg.batch_size) as u64;
+                let idx: Vec<usize> = (0..self.cfg.batch_size as u64).map(|j| self.sample(base + j, n)).collect();
+                let (l, values) = self.micro_loss(&idx, data, temp);
+                (l.shallow_clone() / self.cfg.grad_accum as f64).backward();
+                loss_sum += l.double_value(&[]) / self.cfg.grad_accum as f64;
+                for (acc, v) in term_sum.iter_mut().zip(values) {
+                    if let Some(v) = v {
+                        *acc = Some(acc.unwrap_or(0.0) + v / self.cfg.grad_accum as f64);
+                    }
+                }
+            }
+            let norm = clip_grad_norm(&self.params, self.cfg.grad_clip);
+            let skipped = !loss_sum.is_finite() || !norm.is_finite();
+            on_step(&StepLog { step, loss: loss_sum, terms: term_sum, lr, temperature: temp, skipped });
+            if skipped {
+                zero_grad(&self.params);
+                bad += 1;
+                tracing::warn!(step, loss = loss_sum, grad_norm = norm, "non-finite loss or gradient: step skipped");
+                if bad >= self.cfg.max_bad_steps {
+                    tracing::warn!(step, bad, "too many non-finite steps in a row: rolling back to the last checkpoint");
+                    if !self.resume()? {
+                        return Err(Error::Invalid(format!(
+                            "training diverged at step {step} ({bad} non-finite steps in a row) and there is no checkpoint to roll back to"
+                        )));
+                    }
+                    bad = 0;
+                }
+                // The data cursor moves on: the bad batch is not retried forever.
+                self.step += 1;
+                continue;
+            }
+            bad = 0;
+            self.opt.step(&self.params, lr);
+            for term in TERMS {
+                if let Some(v) = term_sum[term as usize] {
+                    self.balancer.observe(term, v);
+                }
+            }
+            self.step += 1;
+            let at_end = self.step == until;
+            if let Some(eval) = evaluate.as_deref_mut() {
+                if (self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0) || at_end {
+                    let metric = eval(self.student)?;
+                    tracing::info!(step = self.step, metric, "evaluation");
+                    if self.best_metric.is_none_or(|b| metric > b) {
+                        self.best_metric = Some(metric);
+                        checkpoint::save_best(&self.checkpoint_dir, self.student)?;
+                    }
+                }
+            }
+            if (self.cfg.checkpoint_every > 0 && self.step % self.cfg.checkpoint_every == 0) || at_end {
+                self.save()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn meta(&self) -> CheckpointMeta {
+        CheckpointMeta {
+            step: self.step,
+            adam_t: self.opt.t,
+            balancer: self.balancer.clone(),
+            best_metric: self.best_metric,
+            sha256: String::new(),
+        }
+    }
+
+    /// Write a checkpoint of the current state (atomic; then published as latest).
+    pub fn save(&self) -> Result<PathBuf> {
+        let mut tensors: Vec<(String, Tensor)> = self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        tensors.extend(self.opt.m.iter().map(|(n, t)| (format!("adam_m.{n}"), t.shallow_clone())));
+        tensors.extend(self.opt.v.iter().map(|(n, t)| (format!("adam_v.{n}"), t.shallow_clone())));
+        checkpoint::save(&self.checkpoint_dir, self.meta(), &tensors)
+    }
+
+    /// Restore the latest committed checkpoint, if any. Returns whether one was found.
+    pub fn resume(&mut self) -> Result<bool> {
+        let Some((meta, tensors)) = checkpoint::load_latest(&self.checkpoint_dir)? else { return Ok(false) };
+        let find = |name: &str| -> Result<&Tensor> {
+            tensors.get(name).ok_or_else(|| Error::Invalid(format!("checkpoint in {} lacks tensor {name}", self.checkpoint_dir.display())))
+        };
+        tch::no_grad(|| -> Result<()> {
+            for (i, (name, p)) in self.params.iter().enumerate() {
+                let mut p = p.shallow_clone();
+                p.copy_(find(name)?);
+                self.opt.m[i].1.copy_(find(&format!("adam_m.{name}"))?);
+                self.opt.v[i].1.copy_(find(&format!("adam_v.{name}"))?);
+            }
+            Ok(())
+        })?;
+        self.step = meta.step;
+        self.opt.t = meta.adam_t;
+        self.balancer = meta.balancer;
+        self.best_metric = meta.best_metric;
+        self.order_cache = None;
+        tracing::info!(step = self.step, dir = %self.checkpoint_dir.display(), "resumed from checkpoint");
+        Ok(true)
+    }
+
+    pub fn aux_vars(&self) -> &nn::VarStore {
+        &self.aux
+    }
+}
+
+/// Accuracy of a classifier on tokenized examples with label ids.
+pub fn accuracy(model: &TaskModel, tok: &TextTokenizer, examples: &[Encoded], labels: &[i64]) -> Result<f64> {
+    let logits = infer(model, tok, examples, InferOptions { batch_size: 64, ..Default::default() }, |_, _| {})?;
+    let pred = logits.argmax(-1, false);
+    let gold = Tensor::from_slice(labels);
+    let correct = pred.eq_tensor(&gold).sum(Kind::Int64).int64_value(&[]);
+    Ok(correct as f64 / labels.len().max(1) as f64)
+}
