@@ -32,9 +32,8 @@ enum Command {
     /// Run a whole distillation job on this machine, with an embedded coordinator
     /// [not built yet: exits with an error].
     Run(cmd::stub::Args),
-    /// Start a cluster coordinator backed by etcd
-    /// [not built yet: exits with an error].
-    Coordinator(cmd::stub::Args),
+    /// Start a cluster coordinator backed by etcd (or an embedded store).
+    Coordinator(cmd::coordinator::Args),
     /// Start a cluster worker that connects to a coordinator
     /// [not built yet: exits with an error].
     Worker(cmd::stub::Args),
@@ -55,7 +54,7 @@ fn main() -> ExitCode {
         Command::Student(a) => cmd::student::run(a),
         Command::Plan(a) => cmd::stub::run("plan", a),
         Command::Run(a) => cmd::stub::run("run", a),
-        Command::Coordinator(a) => cmd::stub::run("coordinator", a),
+        Command::Coordinator(a) => cmd::coordinator::run(a),
         Command::Worker(a) => cmd::stub::run("worker", a),
     };
     match result {

@@ -1,3 +1,4 @@
+pub mod coordinator;
 pub mod doctor;
 pub mod infer;
 pub mod student;

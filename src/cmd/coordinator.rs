@@ -1,0 +1,113 @@
+//! `distill coordinator`: the cluster control plane as a process.
+//!
+//! Keeps its state in etcd (`--etcd`, cluster mode) or in the embedded
+//! on-disk store (`--state-dir`), binds `--listen` (port 0 picks a free
+//! port), prints `{"listening":"HOST:PORT"}` as one JSON line on stdout once
+//! it accepts connections, and serves until SIGINT or SIGTERM. Everything it
+//! knows is in the store, so a restart (or a SIGKILL) loses nothing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use distill_coordinator::{serve_with, Config, StoreConfig};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address to serve the gRPC APIs on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// etcd endpoints, comma separated (`http://host:2379,...`): cluster mode.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "state_dir",
+        required_unless_present = "state_dir"
+    )]
+    pub etcd: Vec<String>,
+    /// Directory of the embedded store (single node, no etcd).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Key prefix of this deployment in etcd.
+    #[arg(long, default_value = "/distill/")]
+    pub namespace: String,
+    /// How often workers heartbeat.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+    /// A worker is declared dead this long after its last heartbeat.
+    #[arg(long, default_value_t = 5000)]
+    pub session_timeout_ms: u64,
+    /// A task lease lasts this long past the heartbeat that last renewed it
+    /// (default: the session timeout).
+    #[arg(long)]
+    pub task_lease_ms: Option<u64>,
+}
+
+impl Args {
+    fn store(&self) -> anyhow::Result<StoreConfig> {
+        match (&self.state_dir, self.etcd.is_empty()) {
+            (Some(dir), true) => Ok(StoreConfig::Embedded { dir: dir.clone() }),
+            (None, false) => Ok(StoreConfig::Etcd {
+                endpoints: self.etcd.clone(),
+                namespace: self.namespace.clone(),
+            }),
+            _ => anyhow::bail!("give exactly one of --etcd and --state-dir"),
+        }
+    }
+
+    fn config(&self) -> anyhow::Result<Config> {
+        if self.heartbeat_interval_ms == 0 || self.session_timeout_ms <= self.heartbeat_interval_ms
+        {
+            anyhow::bail!(
+                "--session-timeout-ms ({}) must be greater than --heartbeat-interval-ms ({}), which must be positive",
+                self.session_timeout_ms,
+                self.heartbeat_interval_ms
+            );
+        }
+        let session_timeout = Duration::from_millis(self.session_timeout_ms);
+        Ok(Config {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            session_timeout,
+            task_lease: self
+                .task_lease_ms
+                .map(Duration::from_millis)
+                .unwrap_or(session_timeout),
+            ..Config::default()
+        })
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let store = a.store()?;
+    let config = a.config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("coordinator")
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(a.listen).await?;
+        let addr = listener.local_addr()?;
+        println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        serve_with(store, config, listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+}
