@@ -26,12 +26,12 @@ enum Command {
     /// Derive a student from a teacher (preset or compression ratio), initialise
     /// it from the teacher's weights and export it as a Hugging Face directory.
     Student(cmd::student::Args),
-    /// Validate a job spec and its files and print the plan
-    /// [not built yet: exits with an error].
-    Plan(cmd::stub::Args),
-    /// Run a whole distillation job on this machine, with an embedded coordinator
-    /// [not built yet: exits with an error].
-    Run(cmd::stub::Args),
+    /// Validate a job spec and its files (config, weights, tokenizer, data) and
+    /// print the plan: teacher, derived student, data counts, steps.
+    Plan(cmd::run::PlanArgs),
+    /// Run a whole distillation job on this machine: fine-tune the teacher if
+    /// asked, distil, evaluate, export. Re-running resumes from checkpoints.
+    Run(cmd::run::RunArgs),
     /// Start a cluster coordinator backed by etcd (or an embedded store).
     Coordinator(cmd::coordinator::Args),
     /// Start a cluster worker that connects to a coordinator
@@ -52,8 +52,8 @@ fn main() -> ExitCode {
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Infer(a) => cmd::infer::run(a),
         Command::Student(a) => cmd::student::run(a),
-        Command::Plan(a) => cmd::stub::run("plan", a),
-        Command::Run(a) => cmd::stub::run("run", a),
+        Command::Plan(a) => cmd::run::plan(a),
+        Command::Run(a) => cmd::run::run(a),
         Command::Coordinator(a) => cmd::coordinator::run(a),
         Command::Worker(a) => cmd::stub::run("worker", a),
     };

@@ -14,10 +14,28 @@ use std::process::Command;
 fn metadata() -> serde_json::Value {
     // The host's platform only: every crate it needs is already in the
     // local registry after the build, so this runs offline.
-    let host = String::from_utf8(Command::new("rustc").arg("-vV").output().expect("rustc -vV").stdout).unwrap();
-    let host = host.lines().find_map(|l| l.strip_prefix("host: ")).expect("host triple").to_string();
+    let host = String::from_utf8(
+        Command::new("rustc")
+            .arg("-vV")
+            .output()
+            .expect("rustc -vV")
+            .stdout,
+    )
+    .unwrap();
+    let host = host
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("host triple")
+        .to_string();
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", &host])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--offline",
+            "--filter-platform",
+            &host,
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run cargo metadata");

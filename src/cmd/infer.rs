@@ -66,30 +66,52 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     match a.dtype.as_str() {
         "fp32" => {}
         "fp16" | "bf16" if device == tch::Device::Cpu => {
-            anyhow::bail!("--dtype {}: half precision inference is only supported on cuda devices", a.dtype)
+            anyhow::bail!(
+                "--dtype {}: half precision inference is only supported on cuda devices",
+                a.dtype
+            )
         }
         "fp16" => model.set_kind(tch::Kind::Half),
         "bf16" => model.set_kind(tch::Kind::BFloat16),
         other => anyhow::bail!("--dtype {other}: expected fp32, fp16 or bf16"),
     }
     let tok = TextTokenizer::load(&a.model, model.config(), a.max_length)?;
-    let fields = Fields { text: a.text_field.clone(), text_pair: a.text_pair_field.clone(), label: None };
+    let fields = Fields {
+        text: a.text_field.clone(),
+        text_pair: a.text_pair_field.clone(),
+        label: None,
+    };
     let examples = read_examples(&a.data, &fields)?;
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let pairs: Option<Vec<&str>> =
-        a.text_pair_field.as_ref().map(|_| examples.iter().map(|e| e.text_pair.as_deref().unwrap_or("")).collect());
+    let pairs: Option<Vec<&str>> = a.text_pair_field.as_ref().map(|_| {
+        examples
+            .iter()
+            .map(|e| e.text_pair.as_deref().unwrap_or(""))
+            .collect()
+    });
     let t0 = Instant::now();
     let encoded = tok.encode(&texts, pairs.as_deref())?;
-    let opts = InferOptions { batch_size: a.batch_size, padding, bucket: true };
+    let opts = InferOptions {
+        batch_size: a.batch_size,
+        padding,
+        bucket: true,
+    };
     let total = encoded.len();
     let mut last_report = Instant::now();
     let out = infer(&model, &tok, &encoded, opts, |done, total| {
         if last_report.elapsed().as_secs() >= 5 || done == total {
-            eprintln!("infer: {done}/{total} examples ({:.0}/s)", done as f64 / t0.elapsed().as_secs_f64());
+            eprintln!(
+                "infer: {done}/{total} examples ({:.0}/s)",
+                done as f64 / t0.elapsed().as_secs_f64()
+            );
             last_report = Instant::now();
         }
     })?;
-    let name = if task == Task::Classification { "logits" } else { "embeddings" };
+    let name = if task == Task::Classification {
+        "logits"
+    } else {
+        "embeddings"
+    };
     write_safetensors(&a.output, &[(name.to_string(), out.shallow_clone())])
         .with_context(|| format!("writing {}", a.output.display()))?;
     let secs = t0.elapsed().as_secs_f64();

@@ -1,5 +1,6 @@
 pub mod coordinator;
 pub mod doctor;
 pub mod infer;
-pub mod student;
+pub mod run;
 pub mod stub;
+pub mod student;

@@ -3,7 +3,9 @@
 //! teacher, and export it as a Hugging Face directory. Prints the counts.
 
 use distill_worker::model::export::export;
-use distill_worker::model::student::{derive_config, init_from_teacher, last_layer_map, uniform_layer_map, StudentShape};
+use distill_worker::model::student::{
+    derive_config, init_from_teacher, last_layer_map, uniform_layer_map, StudentShape,
+};
 use distill_worker::model::{Task, TaskModel};
 use std::path::PathBuf;
 
@@ -50,7 +52,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .split(',')
             .map(|x| x.trim().parse::<i64>())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| anyhow::anyhow!("--layer-map {list}: expected uniform, last or a list like 1,3,5"))?,
+            .map_err(|_| {
+                anyhow::anyhow!("--layer-map {list}: expected uniform, last or a list like 1,3,5")
+            })?,
     };
     let mut student = TaskModel::new(&cfg, task, teacher.labels.clone(), tch::Device::Cpu)?;
     student.normalize = teacher.normalize;

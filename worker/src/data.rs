@@ -11,6 +11,8 @@ pub struct Example {
     pub text: String,
     pub text_pair: Option<String>,
     pub label: Option<String>,
+    /// 1-based line of the example in its file.
+    pub line: usize,
 }
 
 /// Which fields hold what.
@@ -116,6 +118,7 @@ fn read_jsonl(path: &Path, text: &str, fields: &Fields) -> Result<Vec<Example>> 
             text,
             text_pair,
             label,
+            line: n,
         });
     }
     Ok(out)
@@ -188,6 +191,7 @@ fn read_csv(path: &Path, text: &str, fields: &Fields) -> Result<Vec<Example>> {
             text: row[text_col].clone(),
             text_pair: pair_col.map(|c| row[c].clone()),
             label,
+            line,
         });
     }
     Ok(out)

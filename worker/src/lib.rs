@@ -13,12 +13,14 @@
 //! threads that talk to tokio over channels).
 
 pub mod data;
-pub mod distill;
 pub mod device;
+pub mod distill;
 pub mod error;
 pub mod fsutil;
 pub mod infer;
 pub mod model;
+pub mod pipeline;
+pub mod plan;
 pub mod tokenize;
 
 pub use error::{Error, Result};

@@ -12,8 +12,22 @@ use tch::Device;
 fn random_model(root: &Path) -> PathBuf {
     let dir = root.join("model");
     reference(&[
-        "make-random", dir.to_str().unwrap(), "--seed", "7", "--layers", "1", "--hidden", "16", "--heads", "2",
-        "--intermediate", "32", "--vocab", "60", "--labels", "2",
+        "make-random",
+        dir.to_str().unwrap(),
+        "--seed",
+        "7",
+        "--layers",
+        "1",
+        "--hidden",
+        "16",
+        "--heads",
+        "2",
+        "--intermediate",
+        "32",
+        "--vocab",
+        "60",
+        "--labels",
+        "2",
     ]);
     dir
 }
@@ -35,7 +49,8 @@ fn load_err(dir: &Path) -> String {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
 }
@@ -44,7 +59,8 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 fn bad_model_directories_are_reported_precisely() {
     let tmp = tempfile::tempdir().unwrap();
     let good = random_model(tmp.path());
-    let model = TaskModel::load(&good, Task::Classification, None, Device::Cpu).expect("the untouched model loads");
+    let model = TaskModel::load(&good, Task::Classification, None, Device::Cpu)
+        .expect("the untouched model loads");
     assert!(TextTokenizer::load(&good, model.config(), 32).is_ok());
 
     // Truncated weights.
@@ -54,7 +70,10 @@ fn bad_model_directories_are_reported_precisely() {
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(&d);
-    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
 
     // Corrupt header.
     let d = tmp.path().join("corrupt");
@@ -65,7 +84,10 @@ fn bad_model_directories_are_reported_precisely() {
     }
     std::fs::write(d.join("model.safetensors"), &bytes).unwrap();
     let e = load_err(&d);
-    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
 
     // No weights at all.
     let d = tmp.path().join("noweights");
@@ -79,7 +101,12 @@ fn bad_model_directories_are_reported_precisely() {
     copy_dir(&good, &d);
     edit_config(&d, |v| v["vocab_size"] = 61.into());
     let e = load_err(&d);
-    assert!(e.contains("word_embeddings") && e.contains("vocab_size is 61") && e.contains("has 60 rows"), "{e}");
+    assert!(
+        e.contains("word_embeddings")
+            && e.contains("vocab_size is 61")
+            && e.contains("has 60 rows"),
+        "{e}"
+    );
 
     // A layer count that the weights do not have: missing tensors by name.
     let d = tmp.path().join("layers");
@@ -93,20 +120,39 @@ fn bad_model_directories_are_reported_precisely() {
     copy_dir(&good, &d);
     edit_config(&d, |v| v["model_type"] = "gpt2".into());
     let e = load_err(&d);
-    assert!(e.contains("config.json") && e.contains("unsupported architecture 'gpt2'"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("unsupported architecture 'gpt2'"),
+        "{e}"
+    );
 
     // Missing tokenizer.
     let d = tmp.path().join("notok");
     copy_dir(&good, &d);
     std::fs::remove_file(d.join("tokenizer.json")).unwrap();
     let m = TaskModel::load(&d, Task::Classification, None, Device::Cpu).unwrap();
-    let e = TextTokenizer::load(&d, m.config(), 32).err().expect("missing tokenizer must fail").to_string();
-    assert!(e.contains("tokenizer.json") && e.contains("missing tokenizer"), "{e}");
+    let e = TextTokenizer::load(&d, m.config(), 32)
+        .err()
+        .expect("missing tokenizer must fail")
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("missing tokenizer"),
+        "{e}"
+    );
 
     // A tokenizer whose vocabulary is bigger than the model's (the MiniLM one).
     let d = tmp.path().join("othertok");
     copy_dir(&good, &d);
-    std::fs::copy(minilm_dir().join("tokenizer.json"), d.join("tokenizer.json")).unwrap();
-    let e = TextTokenizer::load(&d, m.config(), 32).err().expect("vocab mismatch must fail").to_string();
-    assert!(e.contains("30522 tokens") && e.contains("vocab_size is 60"), "{e}");
+    std::fs::copy(
+        minilm_dir().join("tokenizer.json"),
+        d.join("tokenizer.json"),
+    )
+    .unwrap();
+    let e = TextTokenizer::load(&d, m.config(), 32)
+        .err()
+        .expect("vocab mismatch must fail")
+        .to_string();
+    assert!(
+        e.contains("30522 tokens") && e.contains("vocab_size is 60"),
+        "{e}"
+    );
 }

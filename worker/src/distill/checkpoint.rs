@@ -25,6 +25,9 @@ pub struct CheckpointMeta {
     pub adam_t: u64,
     pub balancer: Balancer,
     pub best_metric: Option<f64>,
+    /// Step whose weights are the best so far (`best-<step>.safetensors`).
+    #[serde(default)]
+    pub best_step: Option<u64>,
     pub sha256: String,
 }
 
@@ -42,22 +45,39 @@ pub fn save(dir: &Path, mut meta: CheckpointMeta, tensors: &[(String, Tensor)]) 
     let state = tmp.join("state.safetensors");
     write_safetensors(&state, tensors)?;
     meta.sha256 = sha256_file(&state)?;
-    write_atomic(&tmp.join("meta.json"), serde_json::to_string_pretty(&meta).unwrap().as_bytes())?;
+    write_atomic(
+        &tmp.join("meta.json"),
+        serde_json::to_string_pretty(&meta).unwrap().as_bytes(),
+    )?;
     let final_dir = dir.join(&name);
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     write_atomic(&dir.join("LATEST"), name.as_bytes())?;
-    prune(dir, &name);
+    prune(dir, &name, meta.best_step);
     Ok(final_dir)
 }
 
-fn prune(dir: &Path, latest: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let mut names: Vec<String> = entries
+fn prune(dir: &Path, latest: &str, best_step: Option<u64>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let all: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("ckpt-"))
         .collect();
+    // Best-weight files older than the committed best are no longer needed.
+    if let Some(best) = best_step {
+        for n in &all {
+            let step = n
+                .strip_prefix("best-")
+                .and_then(|r| r.strip_suffix(".safetensors"))
+                .and_then(|r| r.parse::<u64>().ok());
+            if step.is_some_and(|s| s < best) {
+                let _ = std::fs::remove_file(dir.join(n));
+            }
+        }
+    }
+    let mut names: Vec<String> = all.into_iter().filter(|n| n.starts_with("ckpt-")).collect();
     names.sort();
     let keep = names.len().saturating_sub(2);
     for n in &names[..keep] {
@@ -78,21 +98,30 @@ pub fn load_latest(dir: &Path) -> Result<Option<(CheckpointMeta, BTreeMap<String
     let ck = dir.join(&name);
     let meta_path = ck.join("meta.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
-    let meta: CheckpointMeta = serde_json::from_str(&text)
-        .map_err(|e| Error::Invalid(format!("{}: invalid checkpoint meta: {e}", meta_path.display())))?;
+    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| {
+        Error::Invalid(format!(
+            "{}: invalid checkpoint meta: {e}",
+            meta_path.display()
+        ))
+    })?;
     let state = ck.join("state.safetensors");
     let sum = sha256_file(&state)?;
     if sum != meta.sha256 {
-        return Err(Error::Weights { path: state, message: format!("checksum mismatch (meta {}, file {sum})", meta.sha256) });
+        return Err(Error::Weights {
+            path: state,
+            message: format!("checksum mismatch (meta {}, file {sum})", meta.sha256),
+        });
     }
     Ok(Some((meta, read_tensors(&[state])?)))
 }
 
-/// The best student so far (weights only), for export at the end.
-pub fn save_best(dir: &Path, student: &TaskModel) -> Result<()> {
-    write_safetensors(&dir.join("best.safetensors"), &student.named_tensors())
+/// The best student so far (weights only), for export at the end. It is
+/// named by step and only counts once a checkpoint's meta names it, so a
+/// crash between the two cannot make a stale file the best.
+pub fn save_best(dir: &Path, step: u64, student: &TaskModel) -> Result<()> {
+    write_safetensors(&best_path(dir, step), &student.named_tensors())
 }
 
-pub fn best_path(dir: &Path) -> PathBuf {
-    dir.join("best.safetensors")
+pub fn best_path(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("best-{step:08}.safetensors"))
 }

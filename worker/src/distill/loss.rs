@@ -23,26 +23,41 @@ pub fn task_ce(logits: &Tensor, labels: &Tensor) -> Tensor {
     if labelled == 0 {
         return logits.sum(Kind::Float) * 0.0;
     }
-    logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, IGNORE_LABEL, 0.0)
+    logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+        labels,
+        None,
+        Reduction::Mean,
+        IGNORE_LABEL,
+        0.0,
+    )
 }
 
 pub fn kd_kl(student_logits: &Tensor, teacher_logits: &Tensor, temperature: f64) -> Tensor {
     let s = (student_logits.to_kind(Kind::Float) / temperature).log_softmax(-1, Kind::Float);
     let t = (teacher_logits.to_kind(Kind::Float) / temperature).log_softmax(-1, Kind::Float);
-    let kl = (t.exp() * (&t - &s)).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float);
+    let kl = (t.exp() * (&t - &s))
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float);
     kl * (temperature * temperature)
 }
 
 /// `mask`: `[batch, seq]` 1 for real tokens.
 pub fn attention_mse(student: &[Tensor], teacher: &[Tensor], mask: &Tensor) -> Tensor {
-    assert_eq!(student.len(), teacher.len(), "one teacher attention map per student map");
+    assert_eq!(
+        student.len(),
+        teacher.len(),
+        "one teacher attention map per student map"
+    );
     let m = mask.to_kind(Kind::Float);
     let pair = m.unsqueeze(-1) * m.unsqueeze(1); // [b, s, s]
     let pair = pair.unsqueeze(1); // [b, 1, s, s]
     let mut total = Tensor::zeros([], (Kind::Float, mask.device()));
     for (s, t) in student.iter().zip(teacher) {
         let (s, t) = if s.size()[1] != t.size()[1] {
-            (s.mean_dim(1, true, Kind::Float), t.mean_dim(1, true, Kind::Float))
+            (
+                s.mean_dim(1, true, Kind::Float),
+                t.mean_dim(1, true, Kind::Float),
+            )
         } else {
             (s.to_kind(Kind::Float), t.to_kind(Kind::Float))
         };
@@ -55,7 +70,11 @@ pub fn attention_mse(student: &[Tensor], teacher: &[Tensor], mask: &Tensor) -> T
 
 /// `student` already projected to the teacher's width.
 pub fn hidden_mse(student: &[Tensor], teacher: &[Tensor], mask: &Tensor) -> Tensor {
-    assert_eq!(student.len(), teacher.len(), "one teacher hidden state per student state");
+    assert_eq!(
+        student.len(),
+        teacher.len(),
+        "one teacher hidden state per student state"
+    );
     let m = mask.to_kind(Kind::Float).unsqueeze(-1);
     let mut total = Tensor::zeros([], (Kind::Float, mask.device()));
     for (s, t) in student.iter().zip(teacher) {
@@ -67,10 +86,17 @@ pub fn hidden_mse(student: &[Tensor], teacher: &[Tensor], mask: &Tensor) -> Tens
 }
 
 pub fn embedding_mse(student: &Tensor, teacher: &Tensor) -> Tensor {
-    student.to_kind(Kind::Float).mse_loss(&teacher.to_kind(Kind::Float), Reduction::Mean)
+    student
+        .to_kind(Kind::Float)
+        .mse_loss(&teacher.to_kind(Kind::Float), Reduction::Mean)
 }
 
 pub fn embedding_cosine(student: &Tensor, teacher: &Tensor) -> Tensor {
-    let cos = Tensor::cosine_similarity(&student.to_kind(Kind::Float), &teacher.to_kind(Kind::Float), -1, 1e-8);
+    let cos = Tensor::cosine_similarity(
+        &student.to_kind(Kind::Float),
+        &teacher.to_kind(Kind::Float),
+        -1,
+        1e-8,
+    );
     (cos.neg() + 1.0).mean(Kind::Float)
 }

@@ -34,7 +34,13 @@ pub enum Term {
     Embedding = 4,
 }
 
-pub const TERMS: [Term; 5] = [Term::Task, Term::Kd, Term::Attention, Term::Hidden, Term::Embedding];
+pub const TERMS: [Term; 5] = [
+    Term::Task,
+    Term::Kd,
+    Term::Attention,
+    Term::Hidden,
+    Term::Embedding,
+];
 
 impl Term {
     pub fn name(self) -> &'static str {

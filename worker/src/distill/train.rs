@@ -53,6 +53,10 @@ pub struct TrainConfig {
 pub struct TrainData {
     pub examples: Vec<Encoded>,
     pub labels: Vec<i64>,
+    /// Offline teacher signal: row `i` is the teacher's logits (or
+    /// embedding) for example `i`. Output-level terms (KD, embedding) use it
+    /// instead of running the teacher; intermediate terms need the teacher online.
+    pub teacher_output: Option<Tensor>,
 }
 
 /// One step's record, for logs and tests.
@@ -77,10 +81,13 @@ pub struct Trainer<'a> {
     pub balancer: Balancer,
     pub step: u64,
     pub best_metric: Option<f64>,
+    pub best_step: Option<u64>,
     pub cfg: TrainConfig,
     pub checkpoint_dir: PathBuf,
     tok: &'a TextTokenizer,
     order_cache: Option<(u64, Vec<usize>)>,
+    /// Output-level teacher signal is precomputed (see `TrainData::teacher_output`).
+    offline: bool,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -103,19 +110,26 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 impl<'a> Trainer<'a> {
+    /// `teacher`: the online teacher, if any. `offline_width`: the width of a
+    /// precomputed teacher signal (`TrainData::teacher_output`), if used instead.
     pub fn new(
         student: &'a mut TaskModel,
         teacher: Option<&'a TaskModel>,
+        offline_width: Option<i64>,
         tok: &'a TextTokenizer,
         cfg: TrainConfig,
         checkpoint_dir: PathBuf,
     ) -> Result<Self> {
         if cfg.batch_size == 0 || cfg.grad_accum == 0 {
-            return Err(Error::Invalid("batch_size and grad_accum must be positive".into()));
+            return Err(Error::Invalid(
+                "batch_size and grad_accum must be positive".into(),
+            ));
         }
         if let Some(t) = teacher {
             if t.task != student.task {
-                return Err(Error::Invalid("teacher and student must have the same task".into()));
+                return Err(Error::Invalid(
+                    "teacher and student must have the same task".into(),
+                ));
             }
             if cfg.layer_map.len() as i64 != student.config().num_hidden_layers {
                 return Err(Error::Invalid(format!(
@@ -124,21 +138,43 @@ impl<'a> Trainer<'a> {
                     student.config().num_hidden_layers
                 )));
             }
-            if cfg.layer_map.iter().any(|&l| l < 0 || l >= t.config().num_hidden_layers) {
-                return Err(Error::Invalid("layer map points outside the teacher's layers".into()));
+            if cfg
+                .layer_map
+                .iter()
+                .any(|&l| l < 0 || l >= t.config().num_hidden_layers)
+            {
+                return Err(Error::Invalid(
+                    "layer map points outside the teacher's layers".into(),
+                ));
             }
         }
         tch::manual_seed(cfg.seed as i64);
         let aux = nn::VarStore::new(student.device());
-        let (hs, ht) = (student.config().hidden_size, teacher.map(|t| t.config().hidden_size).unwrap_or(0));
-        let active = |t: Term| teacher.is_some() && cfg.weights[t as usize] != TermWeight::Fixed(0.0);
-        let proj_hidden =
-            (active(Term::Hidden) && hs != ht).then(|| nn::linear(aux.root() / "proj_hidden", hs, ht, Default::default()));
-        let proj_embedding = (active(Term::Embedding) && hs != ht)
+        let offline = teacher.is_none() && offline_width.is_some();
+        let hs = student.config().hidden_size;
+        let ht = teacher
+            .map(|t| t.config().hidden_size)
+            .or(offline_width)
+            .unwrap_or(hs);
+        let on = |t: Term| cfg.weights[t as usize] != TermWeight::Fixed(0.0);
+        let proj_hidden = (teacher.is_some() && on(Term::Hidden) && hs != ht)
+            .then(|| nn::linear(aux.root() / "proj_hidden", hs, ht, Default::default()));
+        let proj_embedding = ((teacher.is_some() || offline)
+            && on(Term::Embedding)
+            && student.task == Task::Embedding
+            && hs != ht)
             .then(|| nn::linear(aux.root() / "proj_embedding", hs, ht, Default::default()));
-        let mut params: Vec<(String, Tensor)> =
-            student.vs.variables().into_iter().map(|(n, t)| (format!("student.{n}"), t)).collect();
-        params.extend(aux.variables().into_iter().map(|(n, t)| (format!("aux.{n}"), t)));
+        let mut params: Vec<(String, Tensor)> = student
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (format!("student.{n}"), t))
+            .collect();
+        params.extend(
+            aux.variables()
+                .into_iter()
+                .map(|(n, t)| (format!("aux.{n}"), t)),
+        );
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let opt = AdamW::new(&params, cfg.weight_decay);
         Ok(Trainer {
@@ -152,19 +188,34 @@ impl<'a> Trainer<'a> {
             balancer: Balancer::default(),
             step: 0,
             best_metric: None,
+            best_step: None,
             cfg,
             checkpoint_dir,
             tok,
             order_cache: None,
+            offline,
         })
     }
 
     fn active(&self, t: Term) -> bool {
         match t {
-            Term::Task => self.cfg.weights[0] != TermWeight::Fixed(0.0) && self.student.task == Task::Classification,
-            Term::Kd => self.teacher.is_some() && self.student.task == Task::Classification && self.cfg.weights[1] != TermWeight::Fixed(0.0),
-            Term::Embedding => self.teacher.is_some() && self.student.task == Task::Embedding && self.cfg.weights[4] != TermWeight::Fixed(0.0),
-            Term::Attention | Term::Hidden => self.teacher.is_some() && self.cfg.weights[t as usize] != TermWeight::Fixed(0.0),
+            Term::Task => {
+                self.cfg.weights[0] != TermWeight::Fixed(0.0)
+                    && self.student.task == Task::Classification
+            }
+            Term::Kd => {
+                (self.teacher.is_some() || self.offline)
+                    && self.student.task == Task::Classification
+                    && self.cfg.weights[1] != TermWeight::Fixed(0.0)
+            }
+            Term::Embedding => {
+                (self.teacher.is_some() || self.offline)
+                    && self.student.task == Task::Embedding
+                    && self.cfg.weights[4] != TermWeight::Fixed(0.0)
+            }
+            Term::Attention | Term::Hidden => {
+                self.teacher.is_some() && self.cfg.weights[t as usize] != TermWeight::Fixed(0.0)
+            }
         }
     }
 
@@ -181,29 +232,59 @@ impl<'a> Trainer<'a> {
         let refs: Vec<&Encoded> = idx.iter().map(|&i| &data.examples[i]).collect();
         let device = self.student.device();
         let batch = self.tok.batch(&refs, Padding::Dynamic, device);
-        let labels = Tensor::from_slice(&idx.iter().map(|&i| data.labels[i]).collect::<Vec<_>>()).to_device(device);
-        let outputs = Outputs { hidden_states: self.active(Term::Hidden), attentions: self.active(Term::Attention) };
+        let labels = Tensor::from_slice(&idx.iter().map(|&i| data.labels[i]).collect::<Vec<_>>())
+            .to_device(device);
+        let outputs = Outputs {
+            hidden_states: self.active(Term::Hidden),
+            attentions: self.active(Term::Attention),
+        };
         let s = self.student.forward_t(&batch, outputs, true);
-        let t = self.teacher.map(|t| tch::no_grad(|| t.forward_t(&batch, outputs, false)));
+        let t = self
+            .teacher
+            .map(|t| tch::no_grad(|| t.forward_t(&batch, outputs, false)));
+        let t_out = match (&data.teacher_output, &t) {
+            (Some(all), _) if self.offline => {
+                let rows = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+                Some(all.index_select(0, &rows).to_device(device))
+            }
+            (_, Some(t)) => Some(t.output.shallow_clone()),
+            _ => None,
+        };
         let mut terms: [Option<Tensor>; 5] = Default::default();
         if self.active(Term::Task) {
             terms[0] = Some(loss::task_ce(&s.output, &labels));
         }
-        if let Some(t) = &t {
+        if let Some(t_out) = &t_out {
             if self.active(Term::Kd) {
-                terms[1] = Some(loss::kd_kl(&s.output, &t.output, temp));
+                terms[1] = Some(loss::kd_kl(&s.output, t_out, temp));
             }
+            if self.active(Term::Embedding) {
+                let se = match &self.proj_embedding {
+                    Some(p) => p.forward(&s.output),
+                    None => s.output.shallow_clone(),
+                };
+                terms[4] =
+                    Some(loss::embedding_mse(&se, t_out) + loss::embedding_cosine(&se, t_out));
+            }
+        }
+        if let Some(t) = &t {
             let map = &self.cfg.layer_map;
             if self.active(Term::Attention) {
-                let ta: Vec<Tensor> = map.iter().map(|&l| t.encoder.attentions[l as usize].shallow_clone()).collect();
-                terms[2] = Some(loss::attention_mse(&s.encoder.attentions, &ta, &batch.attention_mask));
+                let ta: Vec<Tensor> = map
+                    .iter()
+                    .map(|&l| t.encoder.attentions[l as usize].shallow_clone())
+                    .collect();
+                terms[2] = Some(loss::attention_mse(
+                    &s.encoder.attentions,
+                    &ta,
+                    &batch.attention_mask,
+                ));
             }
             if self.active(Term::Hidden) {
                 let mut sh = vec![];
                 let mut th = vec![t.encoder.hidden_states[0].shallow_clone()];
-                for (i, &l) in map.iter().enumerate() {
+                for &l in map {
                     th.push(t.encoder.hidden_states[l as usize + 1].shallow_clone());
-                    let _ = i;
                 }
                 for h in &s.encoder.hidden_states {
                     sh.push(match &self.proj_hidden {
@@ -213,19 +294,17 @@ impl<'a> Trainer<'a> {
                 }
                 terms[3] = Some(loss::hidden_mse(&sh, &th, &batch.attention_mask));
             }
-            if self.active(Term::Embedding) {
-                let se = match &self.proj_embedding {
-                    Some(p) => p.forward(&s.output),
-                    None => s.output.shallow_clone(),
-                };
-                terms[4] = Some(loss::embedding_mse(&se, &t.output) + loss::embedding_cosine(&se, &t.output));
-            }
         }
         let mut total = Tensor::zeros([], (Kind::Float, device));
         let mut values = [None; 5];
         for term in TERMS {
             if let Some(v) = &terms[term as usize] {
-                let w = self.balancer.weight(term, self.cfg.weights[term as usize], self.step, self.cfg.total_steps);
+                let w = self.balancer.weight(
+                    term,
+                    self.cfg.weights[term as usize],
+                    self.step,
+                    self.cfg.total_steps,
+                );
                 values[term as usize] = Some(v.double_value(&[]));
                 total = total + v * w;
             }
@@ -264,14 +343,27 @@ impl<'a> Trainer<'a> {
         while self.step < until {
             let step = self.step;
             tch::manual_seed((self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(step)) as i64);
-            let lr = learning_rate(step, self.cfg.total_steps, self.cfg.warmup_steps, self.cfg.learning_rate, self.cfg.decay);
-            let temp = temperature(step, self.cfg.total_steps, self.cfg.temperature.0, self.cfg.temperature.1);
+            let lr = learning_rate(
+                step,
+                self.cfg.total_steps,
+                self.cfg.warmup_steps,
+                self.cfg.learning_rate,
+                self.cfg.decay,
+            );
+            let temp = temperature(
+                step,
+                self.cfg.total_steps,
+                self.cfg.temperature.0,
+                self.cfg.temperature.1,
+            );
             zero_grad(&self.params);
             let mut loss_sum = 0.0;
             let mut term_sum = [None::<f64>; 5];
             for micro in 0..self.cfg.grad_accum {
                 let base = step * per_step + (micro * self.cfg.batch_size) as u64;
-                let idx: Vec<usize> = (0..self.cfg.batch_size as u64).map(|j| self.sample(base + j, n)).collect();
+                let idx: Vec<usize> = (0..self.cfg.batch_size as u64)
+                    .map(|j| self.sample(base + j, n))
+                    .collect();
                 let (l, values) = self.micro_loss(&idx, data, temp);
                 (l.shallow_clone() / self.cfg.grad_accum as f64).backward();
                 loss_sum += l.double_value(&[]) / self.cfg.grad_accum as f64;
@@ -283,13 +375,29 @@ impl<'a> Trainer<'a> {
             }
             let norm = clip_grad_norm(&self.params, self.cfg.grad_clip);
             let skipped = !loss_sum.is_finite() || !norm.is_finite();
-            on_step(&StepLog { step, loss: loss_sum, terms: term_sum, lr, temperature: temp, skipped });
+            on_step(&StepLog {
+                step,
+                loss: loss_sum,
+                terms: term_sum,
+                lr,
+                temperature: temp,
+                skipped,
+            });
             if skipped {
                 zero_grad(&self.params);
                 bad += 1;
-                tracing::warn!(step, loss = loss_sum, grad_norm = norm, "non-finite loss or gradient: step skipped");
+                tracing::warn!(
+                    step,
+                    loss = loss_sum,
+                    grad_norm = norm,
+                    "non-finite loss or gradient: step skipped"
+                );
                 if bad >= self.cfg.max_bad_steps {
-                    tracing::warn!(step, bad, "too many non-finite steps in a row: rolling back to the last checkpoint");
+                    tracing::warn!(
+                        step,
+                        bad,
+                        "too many non-finite steps in a row: rolling back to the last checkpoint"
+                    );
                     if !self.resume()? {
                         return Err(Error::Invalid(format!(
                             "training diverged at step {step} ({bad} non-finite steps in a row) and there is no checkpoint to roll back to"
@@ -316,11 +424,14 @@ impl<'a> Trainer<'a> {
                     tracing::info!(step = self.step, metric, "evaluation");
                     if self.best_metric.is_none_or(|b| metric > b) {
                         self.best_metric = Some(metric);
-                        checkpoint::save_best(&self.checkpoint_dir, self.student)?;
+                        self.best_step = Some(self.step);
+                        checkpoint::save_best(&self.checkpoint_dir, self.step, self.student)?;
                     }
                 }
             }
-            if (self.cfg.checkpoint_every > 0 && self.step % self.cfg.checkpoint_every == 0) || at_end {
+            if (self.cfg.checkpoint_every > 0 && self.step % self.cfg.checkpoint_every == 0)
+                || at_end
+            {
                 self.save()?;
             }
         }
@@ -333,23 +444,45 @@ impl<'a> Trainer<'a> {
             adam_t: self.opt.t,
             balancer: self.balancer.clone(),
             best_metric: self.best_metric,
+            best_step: self.best_step,
             sha256: String::new(),
         }
     }
 
     /// Write a checkpoint of the current state (atomic; then published as latest).
     pub fn save(&self) -> Result<PathBuf> {
-        let mut tensors: Vec<(String, Tensor)> = self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        tensors.extend(self.opt.m.iter().map(|(n, t)| (format!("adam_m.{n}"), t.shallow_clone())));
-        tensors.extend(self.opt.v.iter().map(|(n, t)| (format!("adam_v.{n}"), t.shallow_clone())));
+        let mut tensors: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        tensors.extend(
+            self.opt
+                .m
+                .iter()
+                .map(|(n, t)| (format!("adam_m.{n}"), t.shallow_clone())),
+        );
+        tensors.extend(
+            self.opt
+                .v
+                .iter()
+                .map(|(n, t)| (format!("adam_v.{n}"), t.shallow_clone())),
+        );
         checkpoint::save(&self.checkpoint_dir, self.meta(), &tensors)
     }
 
     /// Restore the latest committed checkpoint, if any. Returns whether one was found.
     pub fn resume(&mut self) -> Result<bool> {
-        let Some((meta, tensors)) = checkpoint::load_latest(&self.checkpoint_dir)? else { return Ok(false) };
+        let Some((meta, tensors)) = checkpoint::load_latest(&self.checkpoint_dir)? else {
+            return Ok(false);
+        };
         let find = |name: &str| -> Result<&Tensor> {
-            tensors.get(name).ok_or_else(|| Error::Invalid(format!("checkpoint in {} lacks tensor {name}", self.checkpoint_dir.display())))
+            tensors.get(name).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "checkpoint in {} lacks tensor {name}",
+                    self.checkpoint_dir.display()
+                ))
+            })
         };
         tch::no_grad(|| -> Result<()> {
             for (i, (name, p)) in self.params.iter().enumerate() {
@@ -364,6 +497,7 @@ impl<'a> Trainer<'a> {
         self.opt.t = meta.adam_t;
         self.balancer = meta.balancer;
         self.best_metric = meta.best_metric;
+        self.best_step = meta.best_step;
         self.order_cache = None;
         tracing::info!(step = self.step, dir = %self.checkpoint_dir.display(), "resumed from checkpoint");
         Ok(true)
@@ -372,11 +506,42 @@ impl<'a> Trainer<'a> {
     pub fn aux_vars(&self) -> &nn::VarStore {
         &self.aux
     }
+
+    /// Load the best evaluated weights (if any evaluation ran) into the student.
+    pub fn restore_best(&mut self) -> Result<bool> {
+        let Some(step) = self.best_step else {
+            return Ok(false);
+        };
+        let path = checkpoint::best_path(&self.checkpoint_dir, step);
+        let tensors = crate::model::weights::read_tensors(std::slice::from_ref(&path))?;
+        crate::model::weights::load_into(
+            &mut self.student.vs,
+            &tensors,
+            &["classifier."],
+            &[],
+            &path,
+        )?;
+        Ok(true)
+    }
 }
 
 /// Accuracy of a classifier on tokenized examples with label ids.
-pub fn accuracy(model: &TaskModel, tok: &TextTokenizer, examples: &[Encoded], labels: &[i64]) -> Result<f64> {
-    let logits = infer(model, tok, examples, InferOptions { batch_size: 64, ..Default::default() }, |_, _| {})?;
+pub fn accuracy(
+    model: &TaskModel,
+    tok: &TextTokenizer,
+    examples: &[Encoded],
+    labels: &[i64],
+) -> Result<f64> {
+    let logits = infer(
+        model,
+        tok,
+        examples,
+        InferOptions {
+            batch_size: 64,
+            ..Default::default()
+        },
+        |_, _| {},
+    )?;
     let pred = logits.argmax(-1, false);
     let gold = Tensor::from_slice(labels);
     let correct = pred.eq_tensor(&gold).sum(Kind::Int64).int64_value(&[]);

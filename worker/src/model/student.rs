@@ -129,12 +129,17 @@ pub fn derive_config(teacher: &BertConfig, shape: &StudentShape) -> Result<BertC
             // Within 2.5% of the teacher's size of the target, depth wins
             // (deeper students keep more of the teacher's layer structure);
             // otherwise the closest count.
-            let near: Vec<&(f64, BertConfig)> = candidates.iter().filter(|(e, _)| *e <= 0.025 * total).collect();
+            let near: Vec<&(f64, BertConfig)> = candidates
+                .iter()
+                .filter(|(e, _)| *e <= 0.025 * total)
+                .collect();
             let pick = if near.is_empty() {
                 candidates.iter().min_by(|a, b| a.0.total_cmp(&b.0))
             } else {
                 near.into_iter().min_by(|a, b| {
-                    b.1.num_hidden_layers.cmp(&a.1.num_hidden_layers).then(a.0.total_cmp(&b.0))
+                    b.1.num_hidden_layers
+                        .cmp(&a.1.num_hidden_layers)
+                        .then(a.0.total_cmp(&b.0))
                 })
             };
             let best: Option<(f64, BertConfig)> = pick.cloned();

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# KD training-step benchmark: distill vs PyTorch, same machine, same threads,
+# interleaved runs; prints medians and the ratio (PyTorch time / distill time,
+# so > 1.0 means distill is faster).   scripts/bench/kd_step.sh [RUNS] [STEPS] [THREADS]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+runs=${1:-3}; steps=${2:-10}; threads=${3:-2}
+model=.cache/data/models/all-MiniLM-L6-v2
+data=.cache/data/rotten_tomatoes/train.jsonl
+cargo build --release -q -p distill-worker --example kd_step
+export OMP_NUM_THREADS=$threads HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+out=$(mktemp)
+for r in $(seq "$runs"); do
+  target/release/examples/kd_step $model $data "$steps" "$threads" | tee -a "$out"
+  .venv/bin/python scripts/bench/kd_step_torch.py $model $data "$steps" "$threads" 2>/dev/null | tee -a "$out"
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+r = {}
+for l in open(sys.argv[1]):
+    j = json.loads(l); r.setdefault(j["impl"], []).append(j["median_step_seconds"])
+d, p = statistics.median(r["distill"]), statistics.median(r["pytorch"])
+print(f"\nKD step (batch 32, len 64, teacher online): distill {d*1000:.0f} ms  pytorch {p*1000:.0f} ms  speed ratio {p/d:.2f}x")
+PY

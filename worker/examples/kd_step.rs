@@ -1,0 +1,73 @@
+//! Benchmark: one knowledge-distillation training step, teacher online.
+//! Teacher all-MiniLM-L6-v2 with a 2-class head, student L3-H384 initialised
+//! from it; batch 32 of real rotten-tomatoes reviews padded to 64 tokens;
+//! loss = CE + T²·KL (T = 2); backward, grad-norm clip 1.0, AdamW update.
+//! Prints one JSON line: median seconds per step over `--steps` after warmup.
+//! The PyTorch peer is scripts/bench/kd_step_torch.py; scripts/bench/kd_step.sh runs both.
+//!
+//!   cargo run --release -p distill-worker --example kd_step -- MODEL_DIR DATA.jsonl [STEPS] [THREADS]
+
+use distill_worker::data::{read_examples, Fields};
+use distill_worker::distill::adamw::{clip_grad_norm, zero_grad, AdamW};
+use distill_worker::distill::loss::{kd_kl, task_ce};
+use distill_worker::model::student::{derive_config, init_from_teacher, StudentShape};
+use distill_worker::model::{Outputs, Task, TaskModel};
+use distill_worker::tokenize::{Padding, TextTokenizer};
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let model_dir = std::path::PathBuf::from(&args[1]);
+    let data = std::path::PathBuf::from(&args[2]);
+    let steps: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
+    let threads: i32 = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(2);
+    tch::set_num_threads(threads);
+    tch::manual_seed(0);
+    let labels = vec!["rotten".to_string(), "fresh".to_string()];
+    let teacher = TaskModel::load(
+        &model_dir,
+        Task::Classification,
+        Some(labels.clone()),
+        Device::Cpu,
+    )?;
+    let cfg = derive_config(teacher.config(), &StudentShape::Preset("L3-H384".into()))?;
+    let mut student = TaskModel::new(&cfg, Task::Classification, labels, Device::Cpu)?;
+    init_from_teacher(&mut student, &teacher, &[1, 3, 5])?;
+    let tok = TextTokenizer::load(&model_dir, teacher.config(), 64)?;
+    let ex = read_examples(&data, &Fields::default())?;
+    let texts: Vec<&str> = ex.iter().take(32).map(|e| e.text.as_str()).collect();
+    let enc = tok.encode(&texts, None)?;
+    let refs: Vec<_> = enc.iter().collect();
+    let batch = tok.batch(&refs, Padding::Fixed, Device::Cpu);
+    let gold = Tensor::from_slice(
+        &ex.iter()
+            .take(32)
+            .map(|e| (e.label.as_deref() == Some("fresh")) as i64)
+            .collect::<Vec<_>>(),
+    );
+    let mut params: Vec<(String, Tensor)> = student.vs.variables().into_iter().collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = AdamW::new(&params, 0.01);
+    let mut times = vec![];
+    for i in 0..steps + 2 {
+        let t0 = Instant::now();
+        zero_grad(&params);
+        let t_logits = tch::no_grad(|| teacher.forward_t(&batch, Outputs::default(), false).output);
+        let s_logits = student.forward_t(&batch, Outputs::default(), true).output;
+        let loss = task_ce(&s_logits, &gold) + kd_kl(&s_logits, &t_logits, 2.0);
+        loss.backward();
+        clip_grad_norm(&params, 1.0);
+        opt.step(&params, 5e-5);
+        let _ = loss.double_value(&[]);
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{}",
+        serde_json::json!({"impl": "distill", "median_step_seconds": times[times.len() / 2], "steps": steps, "threads": threads})
+    );
+    Ok(())
+}

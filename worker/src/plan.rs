@@ -1,0 +1,89 @@
+//! `plan`: check a job's files and derive what it will do, without training.
+//! Every problem found here is reported before any compute is spent.
+
+use crate::data::{read_examples, Fields};
+use crate::model::student::{derive_config, StudentShape};
+use crate::model::{weights, BertConfig};
+use crate::tokenize::TextTokenizer;
+use crate::{Error, Result};
+use distill_spec::{JobSpec, StudentSize, TrainingLength};
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub teacher: serde_json::Value,
+    pub student: serde_json::Value,
+    pub data: serde_json::Value,
+    pub steps: u64,
+}
+
+pub fn plan(spec: &JobSpec) -> Result<Plan> {
+    let dir = Path::new(&spec.teacher.path);
+    let cfg = BertConfig::from_dir(dir)?;
+    let files = weights::weight_files(dir)?;
+    // Parse the weight headers (catches corrupt or truncated files).
+    let tensors = weights::read_tensors(&files)?;
+    let emb_rows = tensors
+        .iter()
+        .find(|(n, _)| n.ends_with("word_embeddings.weight"))
+        .map(|(_, t)| t.size()[0]);
+    if emb_rows.is_some_and(|r| r != cfg.vocab_size) {
+        return Err(Error::Weights {
+            path: files[0].clone(),
+            message: format!(
+                "word embeddings have {} rows but config.json vocab_size is {}",
+                emb_rows.unwrap(),
+                cfg.vocab_size
+            ),
+        });
+    }
+    let tok = TextTokenizer::load(dir, &cfg, spec.data.max_length as usize)?;
+    let shape = match &spec.student.size {
+        StudentSize::Explicit(a) => StudentShape::Explicit {
+            layers: a.layers as i64,
+            hidden: a.hidden_size as i64,
+            heads: a.num_heads as i64,
+            intermediate: a.intermediate_size as i64,
+        },
+        StudentSize::Ratio { compression_ratio } => {
+            StudentShape::CompressionRatio(*compression_ratio)
+        }
+    };
+    let s = derive_config(&cfg, &shape)?;
+    let fields = Fields {
+        text: spec.data.text_field.clone(),
+        text_pair: spec.data.text_pair_field.clone(),
+        label: Some(spec.data.label_field.clone()),
+    };
+    let mut counts = serde_json::Map::new();
+    let mut n_train = 0;
+    for (name, path) in [
+        ("train", &spec.data.train),
+        ("unlabelled", &spec.data.unlabelled),
+        ("eval", &spec.data.eval),
+        ("test", &spec.data.test),
+    ] {
+        if let Some(p) = path {
+            let ex = read_examples(Path::new(p), &fields)?;
+            if name == "train" || name == "unlabelled" {
+                n_train += ex.len();
+            }
+            counts.insert(name.into(), ex.len().into());
+        }
+    }
+    let per_step = (spec.training.batch_size * spec.training.grad_accum) as u64;
+    let steps = match spec.training.length {
+        TrainingLength::Steps(s) => s,
+        TrainingLength::Epochs(e) => (n_train as u64).div_ceil(per_step) * e as u64,
+    };
+    Ok(Plan {
+        teacher: serde_json::json!({"path": dir, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+            "params": cfg.encoder_params(), "vocab": cfg.vocab_size, "tokenizer_vocab": tok.vocab_size()}),
+        student: serde_json::json!({"layers": s.num_hidden_layers, "hidden": s.hidden_size, "heads": s.num_attention_heads,
+            "intermediate": s.intermediate_size, "params": s.encoder_params(),
+            "kept_fraction": s.encoder_params() as f64 / cfg.encoder_params() as f64}),
+        data: counts.into(),
+        steps,
+    })
+}
