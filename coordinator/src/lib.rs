@@ -14,13 +14,18 @@
 //! - [`job`]: the job lifecycle state machine (pure `JobState::apply`);
 //! - [`ledger`]: jobs persisted one key each, revision-guarded transitions;
 //! - [`tasks`]: teacher-signal shard tasks, leased with attempt fencing;
+//! - [`scheduler`]: the pure queue policy (which job gets which worker);
+//! - [`driver`]: the main loop over a closed `Event` enum that applies it,
+//!   plans jobs into shards and moves them along;
 //! - [`server`]: the gRPC `JobService`/`WorkerService` and [`serve`];
 //! - [`error`]: `CoordinatorError` and its one mapping to gRPC codes;
 //! - [`testing`]: a real etcd on loopback for tests, poll-with-timeout.
 
+pub mod driver;
 pub mod error;
 pub mod job;
 pub mod ledger;
+pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod tasks;

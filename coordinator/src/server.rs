@@ -18,6 +18,7 @@ use pb::worker_service_server::{WorkerService, WorkerServiceServer};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use crate::driver::{self, Event, LoopHandle, Shutdown, ASSIGNMENTS};
 use crate::error::CoordinatorError;
 use crate::job::{JobEvent, JobState};
 use crate::ledger::{JobRecord, Ledger, Versioned};
@@ -94,17 +95,37 @@ pub async fn serve<S: Store>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
-    let svc = Coordinator::new(store, config);
+    let (handle, inbox) = driver::channel();
+    let token = Shutdown::new();
+    let scheduler = tokio::spawn(driver::run(
+        store.clone(),
+        config.heartbeat_interval,
+        inbox,
+        token.clone(),
+    ));
+    let svc = Coordinator::new(store, config, handle);
     tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
-    tonic::transport::Server::builder()
+    let stop = token.clone();
+    let served = tonic::transport::Server::builder()
         .add_service(JobServiceServer::new(svc.clone()))
         .add_service(WorkerServiceServer::new(svc))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = stop.cancelled() => {}
+                }
+            },
         )
         .await
-        .map_err(|e| CoordinatorError::Internal(format!("grpc server: {e}")))
+        .map_err(|e| CoordinatorError::Internal(format!("grpc server: {e}")));
+    token.cancel();
+    match scheduler.await {
+        Ok(r) => r?,
+        Err(e) => return Err(CoordinatorError::Internal(format!("scheduler: {e}"))),
+    }
+    served
 }
 
 /// Both services over one store.
@@ -113,15 +134,37 @@ pub struct Coordinator<S> {
     ledger: Ledger<S>,
     tasks: Tasks<S>,
     config: Config,
+    events: LoopHandle,
 }
 
 impl<S: Store> Coordinator<S> {
-    pub fn new(store: S, config: Config) -> Self {
+    pub fn new(store: S, config: Config, events: LoopHandle) -> Self {
         Self {
             ledger: Ledger::new(store.clone()),
             tasks: Tasks::new(store),
             config,
+            events,
         }
+    }
+
+    /// The job `session` is assigned to, asking the main loop to schedule
+    /// it first when it has none.
+    async fn assignment(&self, session: &str) -> Result<Option<String>, CoordinatorError> {
+        let key = format!("{ASSIGNMENTS}{session}");
+        if let Some(kv) = self.store().get(&key).await? {
+            return Ok(Some(String::from_utf8_lossy(&kv.value).into()));
+        }
+        let idle = Event::WorkerIdle {
+            session_id: session.to_string(),
+        };
+        self.events
+            .send_and_wait(idle, self.config.heartbeat_interval * 2)
+            .await;
+        Ok(self
+            .store()
+            .get(&key)
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into()))
     }
 
     fn store(&self) -> &S {
@@ -323,6 +366,9 @@ impl<S: Store> JobService for Coordinator<S> {
             .ledger
             .submit(&submit.spec, submit.priority, submit.request_id.as_deref())
             .await?;
+        self.events.send(Event::JobSubmitted {
+            job_id: job.value.id.clone(),
+        });
         Ok(Response::new(pb::SubmitJobResponse {
             job: Some((&job).into()),
         }))
@@ -430,6 +476,9 @@ impl<S: Store> JobService for Coordinator<S> {
             .ledger
             .transition(required("job_id", &r.job_id)?, JobEvent::Cancel { reason })
             .await?;
+        self.events.send(Event::JobCancelled {
+            job_id: job.value.id.clone(),
+        });
         Ok(Response::new((&job).into()))
     }
 }
@@ -461,6 +510,9 @@ impl<S: Store> WorkerService for Coordinator<S> {
             .await
             .map_err(CoordinatorError::from)?;
         tracing::info!(worker = name, session = session_id, "worker registered");
+        self.events.send(Event::WorkerRegistered {
+            session_id: session_id.clone(),
+        });
         Ok(Response::new(pb::RegisterResponse {
             session_id,
             heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
@@ -498,6 +550,24 @@ impl<S: Store> WorkerService for Coordinator<S> {
                 self.config.task_lease.as_millis() as i64,
             )
             .await?;
+        let mut lost = lost;
+        let mut finished: Vec<&str> = Vec::new();
+        for (job_id, _, _) in &running {
+            if finished.contains(&job_id.as_str()) {
+                continue;
+            }
+            if let Some(job) = self.ledger.get(job_id).await? {
+                if job.value.state.is_terminal() {
+                    finished.push(job_id);
+                }
+            }
+        }
+        // Tasks of a finished (cancelled, failed) job stop at once.
+        for r in &running {
+            if finished.contains(&r.0.as_str()) && !lost.contains(r) {
+                lost.push(r.clone());
+            }
+        }
         let abort = lost
             .into_iter()
             .map(|(job_id, task_id, attempt)| pb::TaskRef {
@@ -519,24 +589,29 @@ impl<S: Store> WorkerService for Coordinator<S> {
         let session = req.into_inner().session_id;
         self.session_lease(required("session_id", &session)?)
             .await?;
-        // Queue policy: higher priority first, then submission order.
-        let (mut jobs, _) = self.ledger.list().await?;
-        jobs.retain(|j| j.value.state == JobState::Labelling);
-        jobs.sort_by_key(|j| (std::cmp::Reverse(j.value.priority), j.value.seq));
-        let ids: Vec<String> = jobs.iter().map(|j| j.value.id.clone()).collect();
-        let lease_ms = self.config.task_lease.as_millis() as i64;
+        // The main loop decides which job a worker serves (queue policy in
+        // `scheduler`); here the worker only takes that job's tasks.
         let retry_after_ms = self.config.heartbeat_interval.as_millis() as u64;
-        let Some(t) = self.tasks.lease(&ids, &session, lease_ms).await? else {
-            return Ok(Response::new(pb::LeaseTaskResponse {
+        let none = || {
+            Ok(Response::new(pb::LeaseTaskResponse {
                 task: None,
                 retry_after_ms,
-            }));
+            }))
         };
-        let spec_json = jobs
-            .iter()
-            .find(|j| j.value.id == t.job_id)
-            .map(|j| j.value.spec_json.clone())
-            .unwrap_or_default();
+        let Some(job_id) = self.assignment(&session).await? else {
+            return none();
+        };
+        let Some(job) = self.ledger.get(&job_id).await? else {
+            return none();
+        };
+        if job.value.state != JobState::Labelling {
+            return none();
+        }
+        let lease_ms = self.config.task_lease.as_millis() as i64;
+        let Some(t) = self.tasks.lease(&[job_id], &session, lease_ms).await? else {
+            return none();
+        };
+        let spec_json = job.value.spec_json;
         let deadline = match &t.state {
             crate::tasks::TaskState::Leased { deadline_ms, .. } => *deadline_ms as u64,
             _ => 0,
@@ -571,6 +646,9 @@ impl<S: Store> WorkerService for Coordinator<S> {
             .report(&r.job_id, &r.task_id, r.attempt, r.outcome)
             .await?;
         self.after_report(&r.job_id, &reported).await?;
+        self.events.send(Event::TaskReported {
+            job_id: r.job_id.clone(),
+        });
         Ok(Response::new(pb::ReportTaskResponse {
             committed: reported == Reported::Committed,
         }))

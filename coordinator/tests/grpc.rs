@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use distill_coordinator::job::{JobEvent, JobState};
+use distill_coordinator::job::JobState;
 use distill_coordinator::ledger::Ledger;
 use distill_coordinator::tasks::{TaskState, Tasks};
 use distill_coordinator::testing::{wait_for, EtcdServer};
@@ -18,6 +18,11 @@ use tonic::Code;
 
 const SPEC: &str =
     "task = \"text_classification\"\n[teacher]\npath = \"t\"\n[data]\ntrain = \"d.jsonl\"\n";
+/// Ten samples in two shards, for up to two workers.
+const GOOD: &str = concat!(
+    "task = \"text_classification\"\n[teacher]\npath = \"t\"\n[data]\ntrain = \"d.jsonl\"\n",
+    "num_samples = 10\nshard_size = 5\n[cluster]\nmax_workers = 2\n"
+);
 
 fn success(session: &str, task: &pb::TaskRef) -> pb::ReportTaskRequest {
     pb::ReportTaskRequest {
@@ -108,7 +113,7 @@ async fn jobs_and_workers_over_grpc() {
 
     // A good spec.
     let req = pb::SubmitJobRequest {
-        spec: SPEC.into(),
+        spec: GOOD.into(),
         format: pb::SpecFormat::Toml as i32,
         priority: 1,
         request_id: "r1".into(),
@@ -149,17 +154,26 @@ async fn jobs_and_workers_over_grpc() {
         Code::InvalidArgument
     );
 
-    // Plan it into two shards (the planner is not built yet: drive the ledger).
+    let register = |name: &str| pb::RegisterRequest {
+        worker_name: name.into(),
+        version: "test".into(),
+        ..Default::default()
+    };
+    // The job waits for a worker; once one registers, the scheduler starts
+    // it and plans it into two shards.
+    let a = workers.register(register("a")).await.unwrap().into_inner();
+    assert_eq!((a.heartbeat_interval_ms, a.session_timeout_ms), (200, 1000));
     let ledger = Ledger::new(store.clone());
-    ledger.transition(&id, JobEvent::Start).await.unwrap();
-    ledger
-        .transition(&id, JobEvent::Planned { labelling: true })
-        .await
-        .unwrap();
-    Tasks::new(store.clone())
-        .create_shards(&id, 10, 5)
-        .await
-        .unwrap();
+    wait_for(Duration::from_secs(10), "the job to be planned", || {
+        let ledger = ledger.clone();
+        let id = id.clone();
+        async move {
+            let j = ledger.get(&id).await.unwrap().unwrap().value;
+            (j.state == JobState::Labelling).then_some(())
+        }
+    })
+    .await
+    .unwrap();
     let mut watch = jobs
         .watch_job(pb::WatchJobRequest { job_id: id.clone() })
         .await
@@ -172,13 +186,6 @@ async fn jobs_and_workers_over_grpc() {
         "watch starts with the current state"
     );
 
-    let register = |name: &str| pb::RegisterRequest {
-        worker_name: name.into(),
-        version: "test".into(),
-        ..Default::default()
-    };
-    let a = workers.register(register("a")).await.unwrap().into_inner();
-    assert_eq!((a.heartbeat_interval_ms, a.session_timeout_ms), (200, 1000));
     let lease = |s: &str| pb::LeaseTaskRequest {
         session_id: s.into(),
     };

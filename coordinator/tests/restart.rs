@@ -15,8 +15,7 @@ use distill_proto::v1 as pb;
 use pb::worker_service_client::WorkerServiceClient;
 use tonic::transport::Channel;
 
-const SPEC: &str =
-    "task = \"text_classification\"\n[teacher]\npath = \"t\"\n[data]\ntrain = \"d.jsonl\"\n";
+const SPEC: &str = "task = \"text_classification\"\n[teacher]\npath = \"t\"\n[data]\ntrain = \"d.jsonl\"\n[cluster]\nmax_workers = 64\n";
 
 /// A running coordinator and how to stop it.
 struct Running {

@@ -48,6 +48,8 @@ pub struct RawData {
     pub label_field: Option<String>,
     pub labels: Option<Vec<String>>,
     pub max_length: Option<i64>,
+    pub shard_size: Option<i64>,
+    pub num_samples: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

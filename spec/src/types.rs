@@ -70,6 +70,13 @@ pub struct Data {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub labels: Option<Vec<String>>,
     pub max_length: u32,
+    /// Samples per teacher-signal shard (one task each).
+    pub shard_size: u64,
+    /// Samples in train + unlabelled, when the user states it; otherwise the
+    /// coordinator counts the non-empty lines of those JSONL files at
+    /// planning (cheap: no parsing, no tokenizing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_samples: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

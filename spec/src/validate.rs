@@ -243,6 +243,10 @@ fn data(c: &mut Check, task: Task, d: RawData) -> Data {
             .unwrap_or_else(|| "label".into()),
         labels: d.labels,
         max_length: c.int("data.max_length", d.max_length, 128, 1, 8192),
+        shard_size: c.int("data.shard_size", d.shard_size, 1024, 1, 100_000_000),
+        num_samples: d
+            .num_samples
+            .map(|n| c.int("data.num_samples", Some(n), 1, 1, i64::MAX)),
     }
 }
 

@@ -313,3 +313,26 @@ fn missing_file_is_an_io_error() {
         .to_string()
         .starts_with("cannot read job spec /nonexistent/job.toml"));
 }
+
+#[test]
+fn sharding_fields_default_and_are_checked() {
+    let spec = from_toml_str(MINIMAL).unwrap();
+    assert_eq!((spec.data.shard_size, spec.data.num_samples), (1024, None));
+    let spec = from_toml_str(&format!("{MINIMAL}shard_size = 7\nnum_samples = 100\n")).unwrap();
+    assert_eq!(
+        (spec.data.shard_size, spec.data.num_samples),
+        (7, Some(100))
+    );
+    let e = one_error(&format!("{MINIMAL}shard_size = 0\n"));
+    assert_eq!(e.field, "data.shard_size");
+    assert_eq!(e.message, "must be a positive integer, got 0");
+    let e = one_error(&format!("{MINIMAL}num_samples = -3\n"));
+    assert_eq!(e.field, "data.num_samples");
+    let back = from_json_str(
+        &from_toml_str(&format!("{MINIMAL}num_samples = 5\n"))
+            .unwrap()
+            .to_json(),
+    )
+    .unwrap();
+    assert_eq!(back.data.num_samples, Some(5));
+}
