@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up (if needed), build, and run the quick-start job end to end on the real
+# teacher: fine-tune all-MiniLM-L6-v2 on rotten-tomatoes sentiment, distil a
+# 3-layer student, train the same student on labels alone for comparison,
+# evaluate on the test split, export, and print the result table.
+# Output: runs/sentiment-quickstart/ (re-running resumes from checkpoints).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bash scripts/setup.sh
+cargo build --release --bin distill
+target/release/distill plan cluster-configs/sentiment-quickstart.toml
+time target/release/distill run cluster-configs/sentiment-quickstart.toml --baseline "$@"
