@@ -19,7 +19,9 @@
 //!   plans jobs into shards and moves them along;
 //! - [`server`]: the gRPC `JobService`/`WorkerService` and [`serve`];
 //! - [`error`]: `CoordinatorError` and its one mapping to gRPC codes;
-//! - [`testing`]: a real etcd on loopback for tests, poll-with-timeout.
+//! - [`testing`]: a real etcd on loopback for tests, poll-with-timeout;
+//! - [`sim`]: simulated workers and clients (endpoint-list failover) for
+//!   integration tests and load benchmarks.
 
 pub mod driver;
 pub mod error;
@@ -27,6 +29,7 @@ pub mod job;
 pub mod ledger;
 pub mod scheduler;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod tasks;
 pub mod testing;
