@@ -21,6 +21,7 @@ pub mod infer;
 pub mod model;
 pub mod pipeline;
 pub mod plan;
+pub mod signal;
 pub mod tokenize;
 
 pub use error::{Error, Result};

@@ -417,17 +417,8 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
     }
     let offline = spec.distill.teacher_signal == TeacherSignal::Offline;
     let teacher_output = if offline {
-        eprintln!(
-            "teacher signal: computing offline for {} examples",
-            examples.len()
-        );
-        Some(infer(
-            &teacher,
-            &tok,
-            &examples,
-            InferOptions::default(),
-            |_, _| {},
-        )?)
+        let served_dir = if out.join("teacher/.complete").exists() { out.join("teacher") } else { teacher_dir.clone() };
+        Some(offline_signal(&teacher, &served_dir, &tok, &examples, &out.join("teacher-signal"))?)
     } else {
         None
     };
@@ -569,6 +560,38 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
     )?;
     write_atomic(&out.join("report.md"), render(&report).as_bytes())?;
     Ok(report)
+}
+
+/// Shards of this many examples make up the offline teacher signal.
+pub const SHARD_SIZE: usize = 1024;
+
+/// The offline teacher signal for `examples`, from content-addressed shards
+/// under `signal_dir` (see `crate::signal`): finished shards are reused,
+/// missing ones computed and written.
+fn offline_signal(teacher: &TaskModel, teacher_dir: &Path, tok: &TextTokenizer, examples: &[Encoded], signal_dir: &Path) -> Result<Tensor> {
+    use crate::signal::{read_shard, write_shard, ShardSpec, TeacherId};
+    let id = TeacherId::of(teacher_dir)?;
+    let kind = if teacher.task == Task::Classification { "logits" } else { "embeddings" };
+    let (mut parts, mut reused) = (vec![], 0);
+    let n_shards = examples.len().div_ceil(SHARD_SIZE);
+    for start in (0..examples.len()).step_by(SHARD_SIZE) {
+        let end = (start + SHARD_SIZE).min(examples.len());
+        let spec = ShardSpec { teacher: &id, kind, max_length: tok.max_length, start, end };
+        let t = match read_shard(signal_dir, &spec, examples)? {
+            Some(t) => {
+                reused += 1;
+                t
+            }
+            None => {
+                let t = infer(teacher, tok, &examples[start..end], InferOptions::default(), |_, _| {})?;
+                write_shard(signal_dir, &spec, examples, &t)?;
+                t
+            }
+        };
+        parts.push(t);
+    }
+    eprintln!("teacher signal: {n_shards} shards of up to {SHARD_SIZE} examples ({reused} reused) in {}", signal_dir.display());
+    Ok(Tensor::cat(&parts, 0))
 }
 
 fn eval_fn<'a>(
