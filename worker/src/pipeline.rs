@@ -20,9 +20,7 @@ use crate::model::student::{
 use crate::model::{Task, TaskModel};
 use crate::tokenize::{Encoded, TextTokenizer};
 use crate::{Error, Result};
-use distill_spec::{
-    JobSpec, LayerMap, StudentInit, StudentSize, TeacherSignal, TrainingLength, Weight,
-};
+use distill_spec::{JobSpec, LayerMap, StudentInit, TeacherSignal, TrainingLength, Weight};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -123,13 +121,19 @@ fn weight(w: Weight) -> TermWeight {
     }
 }
 
-fn train_config(spec: &JobSpec, n_train: usize, layer_map: Vec<i64>) -> TrainConfig {
+/// Optimizer steps of a job over `n_train` training examples.
+pub fn total_steps(spec: &JobSpec, n_train: usize) -> u64 {
     let t = &spec.training;
     let per_step = (t.batch_size * t.grad_accum) as u64;
-    let total = match t.length {
+    match t.length {
         TrainingLength::Steps(s) => s,
         TrainingLength::Epochs(e) => (n_train as u64).div_ceil(per_step) * e as u64,
-    };
+    }
+}
+
+fn train_config(spec: &JobSpec, n_train: usize, layer_map: Vec<i64>) -> TrainConfig {
+    let t = &spec.training;
+    let total = total_steps(spec, n_train);
     let d = &spec.distill;
     TrainConfig {
         total_steps: total,
@@ -367,17 +371,7 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
     };
 
     // Student shape, layer map and initialisation.
-    let shape = match &spec.student.size {
-        StudentSize::Explicit(a) => StudentShape::Explicit {
-            layers: a.layers as i64,
-            hidden: a.hidden_size as i64,
-            heads: a.num_heads as i64,
-            intermediate: a.intermediate_size as i64,
-        },
-        StudentSize::Ratio { compression_ratio } => {
-            StudentShape::CompressionRatio(*compression_ratio)
-        }
-    };
+    let shape = StudentShape::from(&spec.student.size);
     let scfg = derive_config(teacher.config(), &shape)?;
     let (lt, ls) = (teacher.config().num_hidden_layers, scfg.num_hidden_layers);
     let layer_map: Vec<i64> = match (&spec.student.layer_map, &spec.distill.layer_map) {
@@ -417,8 +411,18 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
     }
     let offline = spec.distill.teacher_signal == TeacherSignal::Offline;
     let teacher_output = if offline {
-        let served_dir = if out.join("teacher/.complete").exists() { out.join("teacher") } else { teacher_dir.clone() };
-        Some(offline_signal(&teacher, &served_dir, &tok, &examples, &out.join("teacher-signal"))?)
+        let served_dir = if out.join("teacher/.complete").exists() {
+            out.join("teacher")
+        } else {
+            teacher_dir.clone()
+        };
+        Some(offline_signal(
+            &teacher,
+            &served_dir,
+            &tok,
+            &examples,
+            &out.join("teacher-signal"),
+        )?)
     } else {
         None
     };
@@ -568,29 +572,54 @@ pub const SHARD_SIZE: usize = 1024;
 /// The offline teacher signal for `examples`, from content-addressed shards
 /// under `signal_dir` (see `crate::signal`): finished shards are reused,
 /// missing ones computed and written.
-fn offline_signal(teacher: &TaskModel, teacher_dir: &Path, tok: &TextTokenizer, examples: &[Encoded], signal_dir: &Path) -> Result<Tensor> {
+fn offline_signal(
+    teacher: &TaskModel,
+    teacher_dir: &Path,
+    tok: &TextTokenizer,
+    examples: &[Encoded],
+    signal_dir: &Path,
+) -> Result<Tensor> {
     use crate::signal::{read_shard, write_shard, ShardSpec, TeacherId};
     let id = TeacherId::of(teacher_dir)?;
-    let kind = if teacher.task == Task::Classification { "logits" } else { "embeddings" };
+    let kind = if teacher.task == Task::Classification {
+        "logits"
+    } else {
+        "embeddings"
+    };
     let (mut parts, mut reused) = (vec![], 0);
     let n_shards = examples.len().div_ceil(SHARD_SIZE);
     for start in (0..examples.len()).step_by(SHARD_SIZE) {
         let end = (start + SHARD_SIZE).min(examples.len());
-        let spec = ShardSpec { teacher: &id, kind, max_length: tok.max_length, start, end };
+        let spec = ShardSpec {
+            teacher: &id,
+            kind,
+            max_length: tok.max_length,
+            start,
+            end,
+        };
         let t = match read_shard(signal_dir, &spec, examples)? {
             Some(t) => {
                 reused += 1;
                 t
             }
             None => {
-                let t = infer(teacher, tok, &examples[start..end], InferOptions::default(), |_, _| {})?;
+                let t = infer(
+                    teacher,
+                    tok,
+                    &examples[start..end],
+                    InferOptions::default(),
+                    |_, _| {},
+                )?;
                 write_shard(signal_dir, &spec, examples, &t)?;
                 t
             }
         };
         parts.push(t);
     }
-    eprintln!("teacher signal: {n_shards} shards of up to {SHARD_SIZE} examples ({reused} reused) in {}", signal_dir.display());
+    eprintln!(
+        "teacher signal: {n_shards} shards of up to {SHARD_SIZE} examples ({reused} reused) in {}",
+        signal_dir.display()
+    );
     Ok(Tensor::cat(&parts, 0))
 }
 

@@ -6,7 +6,7 @@ use crate::model::student::{derive_config, StudentShape};
 use crate::model::{weights, BertConfig};
 use crate::tokenize::TextTokenizer;
 use crate::{Error, Result};
-use distill_spec::{JobSpec, StudentSize, TrainingLength};
+use distill_spec::JobSpec;
 use serde::Serialize;
 use std::path::Path;
 
@@ -39,17 +39,7 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
         });
     }
     let tok = TextTokenizer::load(dir, &cfg, spec.data.max_length as usize)?;
-    let shape = match &spec.student.size {
-        StudentSize::Explicit(a) => StudentShape::Explicit {
-            layers: a.layers as i64,
-            hidden: a.hidden_size as i64,
-            heads: a.num_heads as i64,
-            intermediate: a.intermediate_size as i64,
-        },
-        StudentSize::Ratio { compression_ratio } => {
-            StudentShape::CompressionRatio(*compression_ratio)
-        }
-    };
+    let shape = StudentShape::from(&spec.student.size);
     let s = derive_config(&cfg, &shape)?;
     let fields = Fields {
         text: spec.data.text_field.clone(),
@@ -72,11 +62,7 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
             counts.insert(name.into(), ex.len().into());
         }
     }
-    let per_step = (spec.training.batch_size * spec.training.grad_accum) as u64;
-    let steps = match spec.training.length {
-        TrainingLength::Steps(s) => s,
-        TrainingLength::Epochs(e) => (n_train as u64).div_ceil(per_step) * e as u64,
-    };
+    let steps = crate::pipeline::total_steps(spec, n_train);
     Ok(Plan {
         teacher: serde_json::json!({"path": dir, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
             "params": cfg.encoder_params(), "vocab": cfg.vocab_size, "tokenizer_vocab": tok.vocab_size()}),

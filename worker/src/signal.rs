@@ -52,7 +52,9 @@ fn sha256_bytes(b: &[u8]) -> String {
 }
 
 fn sha256_path(p: &Path) -> Result<String> {
-    Ok(sha256_bytes(&std::fs::read(p).map_err(|e| Error::io(p, e))?))
+    Ok(sha256_bytes(
+        &std::fs::read(p).map_err(|e| Error::io(p, e))?,
+    ))
 }
 
 /// Hashes that identify a teacher: its weight files and its tokenizer.
@@ -68,7 +70,10 @@ impl TeacherId {
         for f in weight_files(dir)? {
             h.update(std::fs::read(&f).map_err(|e| Error::io(&f, e))?);
         }
-        Ok(TeacherId { teacher_sha256: hex::encode(h.finalize()), tokenizer_sha256: sha256_path(&dir.join("tokenizer.json"))? })
+        Ok(TeacherId {
+            teacher_sha256: hex::encode(h.finalize()),
+            tokenizer_sha256: sha256_path(&dir.join("tokenizer.json"))?,
+        })
     }
 }
 
@@ -101,7 +106,12 @@ impl ShardSpec<'_> {
         let key = sha256_bytes(
             format!(
                 "v{FORMAT_VERSION}|{}|{}|{data}|{}|{}|{}|{}",
-                self.teacher.teacher_sha256, self.teacher.tokenizer_sha256, self.kind, self.max_length, self.start, self.end
+                self.teacher.teacher_sha256,
+                self.teacher.tokenizer_sha256,
+                self.kind,
+                self.max_length,
+                self.start,
+                self.end
             )
             .as_bytes(),
         );
@@ -127,25 +137,43 @@ pub fn shard_dir(signal_dir: &Path, key: &str) -> PathBuf {
 }
 
 /// Write a shard's signal (`[end-start, width]`); returns its directory.
-pub fn write_shard(signal_dir: &Path, spec: &ShardSpec, examples: &[Encoded], signal: &Tensor) -> Result<PathBuf> {
+pub fn write_shard(
+    signal_dir: &Path,
+    spec: &ShardSpec,
+    examples: &[Encoded],
+    signal: &Tensor,
+) -> Result<PathBuf> {
     let mut m = spec.expected(examples);
     let size = signal.size();
     if size.len() != 2 || size[0] as usize != m.rows {
-        return Err(Error::Invalid(format!("shard signal has shape {size:?}, expected [{}, width]", m.rows)));
+        return Err(Error::Invalid(format!(
+            "shard signal has shape {size:?}, expected [{}, width]",
+            m.rows
+        )));
     }
     m.width = size[1];
     let dir = shard_dir(signal_dir, &m.key);
     let file = dir.join("signal.safetensors");
-    write_safetensors(&file, &[("signal".into(), signal.to_kind(tch::Kind::Float))])?;
+    write_safetensors(
+        &file,
+        &[("signal".into(), signal.to_kind(tch::Kind::Float))],
+    )?;
     m.file_sha256 = sha256_path(&file)?;
     // The manifest is written last: a shard without one does not exist.
-    write_atomic(&dir.join("manifest.json"), serde_json::to_string_pretty(&m).unwrap().as_bytes())?;
+    write_atomic(
+        &dir.join("manifest.json"),
+        serde_json::to_string_pretty(&m).unwrap().as_bytes(),
+    )?;
     Ok(dir)
 }
 
 /// Read a shard if it exists and is exactly what `spec` asks for.
 /// `Ok(None)`: not computed yet. `Err`: present but wrong (refused).
-pub fn read_shard(signal_dir: &Path, spec: &ShardSpec, examples: &[Encoded]) -> Result<Option<Tensor>> {
+pub fn read_shard(
+    signal_dir: &Path,
+    spec: &ShardSpec,
+    examples: &[Encoded],
+) -> Result<Option<Tensor>> {
     let want = spec.expected(examples);
     let dir = shard_dir(signal_dir, &want.key);
     let mpath = dir.join("manifest.json");
@@ -154,16 +182,34 @@ pub fn read_shard(signal_dir: &Path, spec: &ShardSpec, examples: &[Encoded]) -> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(&mpath, e)),
     };
-    let got: SignalManifest = serde_json::from_str(&text)
-        .map_err(|e| Error::Data { path: mpath.clone(), message: format!("invalid shard manifest: {e}") })?;
+    let got: SignalManifest = serde_json::from_str(&text).map_err(|e| Error::Data {
+        path: mpath.clone(),
+        message: format!("invalid shard manifest: {e}"),
+    })?;
     let checks = [
         ("version", got.version.to_string(), want.version.to_string()),
         ("key", got.key.clone(), want.key.clone()),
-        ("teacher_sha256", got.teacher_sha256.clone(), want.teacher_sha256.clone()),
-        ("tokenizer_sha256", got.tokenizer_sha256.clone(), want.tokenizer_sha256.clone()),
-        ("data_sha256", got.data_sha256.clone(), want.data_sha256.clone()),
+        (
+            "teacher_sha256",
+            got.teacher_sha256.clone(),
+            want.teacher_sha256.clone(),
+        ),
+        (
+            "tokenizer_sha256",
+            got.tokenizer_sha256.clone(),
+            want.tokenizer_sha256.clone(),
+        ),
+        (
+            "data_sha256",
+            got.data_sha256.clone(),
+            want.data_sha256.clone(),
+        ),
         ("kind", got.kind.clone(), want.kind.clone()),
-        ("max_length", got.max_length.to_string(), want.max_length.to_string()),
+        (
+            "max_length",
+            got.max_length.to_string(),
+            want.max_length.to_string(),
+        ),
         ("start", got.start.to_string(), want.start.to_string()),
         ("end", got.end.to_string(), want.end.to_string()),
     ];
@@ -178,12 +224,24 @@ pub fn read_shard(signal_dir: &Path, spec: &ShardSpec, examples: &[Encoded]) -> 
     let file = dir.join("signal.safetensors");
     let sum = sha256_path(&file)?;
     if sum != got.file_sha256 {
-        return Err(Error::Data { path: file, message: format!("checksum {sum} does not match the manifest's {}", got.file_sha256) });
+        return Err(Error::Data {
+            path: file,
+            message: format!(
+                "checksum {sum} does not match the manifest's {}",
+                got.file_sha256
+            ),
+        });
     }
     let t = read_tensors(std::slice::from_ref(&file))?;
-    let s = t.get("signal").ok_or_else(|| Error::Data { path: file.clone(), message: "no tensor named signal".into() })?;
+    let s = t.get("signal").ok_or_else(|| Error::Data {
+        path: file.clone(),
+        message: "no tensor named signal".into(),
+    })?;
     if s.size() != [got.rows as i64, got.width] {
-        return Err(Error::Data { path: file, message: format!("signal shape {:?} disagrees with the manifest", s.size()) });
+        return Err(Error::Data {
+            path: file,
+            message: format!("signal shape {:?} disagrees with the manifest", s.size()),
+        });
     }
     Ok(Some(s.shallow_clone()))
 }

@@ -7,11 +7,10 @@ mod common;
 
 use common::*;
 use distill_worker::model::export::export;
-use distill_worker::model::weights::{read_tensors, write_safetensors};
+use distill_worker::model::weights::read_tensors;
 use distill_worker::model::{Batch, Outputs, Task, TaskModel};
 use distill_worker::tokenize::{Padding, TextTokenizer};
 use std::collections::BTreeMap;
-use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-5;
@@ -34,18 +33,6 @@ fn random_batch(vocab: i64, seed: i64) -> Batch {
         attention_mask: mask,
         token_type_ids: types,
     }
-}
-
-fn save_batch(b: &Batch, path: &Path) {
-    write_safetensors(
-        path,
-        &[
-            ("input_ids".into(), b.input_ids.shallow_clone()),
-            ("attention_mask".into(), b.attention_mask.shallow_clone()),
-            ("token_type_ids".into(), b.token_type_ids.shallow_clone()),
-        ],
-    )
-    .unwrap();
 }
 
 /// Compare everything distill computes against the reference file.

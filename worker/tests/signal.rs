@@ -15,24 +15,72 @@ fn shards_roundtrip_and_mismatches_are_refused() {
     let dir = minilm_dir();
     let teacher = TaskModel::load(&dir, Task::Embedding, None, Device::Cpu).unwrap();
     let tok = TextTokenizer::load(&dir, teacher.config(), 64).unwrap();
-    let texts = ["a quiet triumph", "tedious and overlong", "the cast is superb", "never finds its footing"];
+    let texts = [
+        "a quiet triumph",
+        "tedious and overlong",
+        "the cast is superb",
+        "never finds its footing",
+    ];
     let ex = tok.encode(&texts, None).unwrap();
     let id = TeacherId::of(&dir).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let spec = ShardSpec { teacher: &id, kind: "embeddings", max_length: 64, start: 1, end: 4 };
-    assert!(read_shard(tmp.path(), &spec, &ex).unwrap().is_none(), "nothing computed yet");
-    let sig = infer(&teacher, &tok, &ex[1..4], InferOptions::default(), |_, _| {}).unwrap();
+    let spec = ShardSpec {
+        teacher: &id,
+        kind: "embeddings",
+        max_length: 64,
+        start: 1,
+        end: 4,
+    };
+    assert!(
+        read_shard(tmp.path(), &spec, &ex).unwrap().is_none(),
+        "nothing computed yet"
+    );
+    let sig = infer(
+        &teacher,
+        &tok,
+        &ex[1..4],
+        InferOptions::default(),
+        |_, _| {},
+    )
+    .unwrap();
     let written = write_shard(tmp.path(), &spec, &ex, &sig).unwrap();
-    let back = read_shard(tmp.path(), &spec, &ex).unwrap().expect("shard found by key");
+    let back = read_shard(tmp.path(), &spec, &ex)
+        .unwrap()
+        .expect("shard found by key");
     assert!(back.equal(&sig));
 
     // Different data, settings or teacher: a different key, so nothing stale is found.
-    let other = tok.encode(&["a quiet triumph", "tedious", "the cast is superb", "never finds its footing"], None).unwrap();
+    let other = tok
+        .encode(
+            &[
+                "a quiet triumph",
+                "tedious",
+                "the cast is superb",
+                "never finds its footing",
+            ],
+            None,
+        )
+        .unwrap();
     assert!(read_shard(tmp.path(), &spec, &other).unwrap().is_none());
-    let spec32 = ShardSpec { max_length: 32, ..spec.clone() };
+    let spec32 = ShardSpec {
+        max_length: 32,
+        ..spec.clone()
+    };
     assert!(read_shard(tmp.path(), &spec32, &ex).unwrap().is_none());
-    let other_teacher = TeacherId { teacher_sha256: "0".repeat(64), ..id.clone() };
-    assert!(read_shard(tmp.path(), &ShardSpec { teacher: &other_teacher, ..spec.clone() }, &ex).unwrap().is_none());
+    let other_teacher = TeacherId {
+        teacher_sha256: "0".repeat(64),
+        ..id.clone()
+    };
+    assert!(read_shard(
+        tmp.path(),
+        &ShardSpec {
+            teacher: &other_teacher,
+            ..spec.clone()
+        },
+        &ex
+    )
+    .unwrap()
+    .is_none());
 
     // A manifest that disagrees with what the job needs is refused, naming the field.
     let mpath = written.join("manifest.json");
@@ -41,11 +89,22 @@ fn shards_roundtrip_and_mismatches_are_refused() {
     m["tokenizer_sha256"] = "f".repeat(64).into();
     std::fs::write(&mpath, m.to_string()).unwrap();
     let e = read_shard(tmp.path(), &spec, &ex).unwrap_err().to_string();
-    assert!(e.contains("manifest.json") && e.contains("tokenizer_sha256") && e.contains("refusing"), "{e}");
+    assert!(
+        e.contains("manifest.json") && e.contains("tokenizer_sha256") && e.contains("refusing"),
+        "{e}"
+    );
 
     // A tampered signal file is refused by its checksum.
     std::fs::write(&mpath, good).unwrap();
-    let f = shard_dir(tmp.path(), &serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&mpath).unwrap()).unwrap()["key"].as_str().unwrap().to_string()).join("signal.safetensors");
+    let f = shard_dir(
+        tmp.path(),
+        &serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&mpath).unwrap())
+            .unwrap()["key"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
+    .join("signal.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;

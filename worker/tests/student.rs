@@ -7,7 +7,7 @@ use distill_worker::model::export::export;
 use distill_worker::model::student::{
     derive_config, init_from_teacher, uniform_layer_map, StudentShape,
 };
-use distill_worker::model::weights::{read_tensors, write_safetensors};
+use distill_worker::model::weights::read_tensors;
 use distill_worker::model::{Outputs, Task, TaskModel};
 use distill_worker::tokenize::{Padding, TextTokenizer};
 use tch::Device;
@@ -47,21 +47,7 @@ fn half_size_student_loads_in_transformers() {
     let refs: Vec<_> = enc.iter().collect();
     let batch = tok.batch(&refs, Padding::Dynamic, Device::Cpu);
     let inputs = tmp.path().join("inputs.safetensors");
-    write_safetensors(
-        &inputs,
-        &[
-            ("input_ids".into(), batch.input_ids.shallow_clone()),
-            (
-                "attention_mask".into(),
-                batch.attention_mask.shallow_clone(),
-            ),
-            (
-                "token_type_ids".into(),
-                batch.token_type_ids.shallow_clone(),
-            ),
-        ],
-    )
-    .unwrap();
+    save_batch(&batch, &inputs);
     let reference_out = tmp.path().join("ref.safetensors");
     reference(&[
         "run",

@@ -37,6 +37,24 @@ pub enum StudentShape {
     CompressionRatio(f64),
 }
 
+impl From<&distill_spec::StudentSize> for StudentShape {
+    /// The job spec resolves presets to explicit sizes; a ratio stays a ratio
+    /// (it needs the teacher's config).
+    fn from(s: &distill_spec::StudentSize) -> Self {
+        match s {
+            distill_spec::StudentSize::Explicit(a) => StudentShape::Explicit {
+                layers: a.layers as i64,
+                hidden: a.hidden_size as i64,
+                heads: a.num_heads as i64,
+                intermediate: a.intermediate_size as i64,
+            },
+            distill_spec::StudentSize::Ratio { compression_ratio } => {
+                StudentShape::CompressionRatio(*compression_ratio)
+            }
+        }
+    }
+}
+
 /// Parse `L<layers>-H<hidden>`.
 pub fn parse_preset(s: &str) -> Result<(i64, i64)> {
     let bad = || {

@@ -68,3 +68,16 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
         .max()
         .double_value(&[])
 }
+
+/// Write a batch's inputs for `reference.py run`.
+pub fn save_batch(b: &distill_worker::model::Batch, path: &Path) {
+    distill_worker::model::weights::write_safetensors(
+        path,
+        &[
+            ("input_ids".into(), b.input_ids.shallow_clone()),
+            ("attention_mask".into(), b.attention_mask.shallow_clone()),
+            ("token_type_ids".into(), b.token_type_ids.shallow_clone()),
+        ],
+    )
+    .unwrap();
+}
