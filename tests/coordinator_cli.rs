@@ -36,6 +36,7 @@ impl Coordinator {
                 "--session-timeout-ms",
                 "2000",
             ])
+            .args(["--leader-ttl-ms", "2000"])
             .env("DISTILL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -67,6 +68,21 @@ impl Coordinator {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
     }
+}
+
+/// The coordinators' logs, for a failure message.
+fn logs(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for name in ["a.log", "b.log"] {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        out += &format!("--- {name} (last 40 lines)\n");
+        for l in tail.into_iter().rev() {
+            out += l;
+            out += "\n";
+        }
+    }
+    out
 }
 
 fn spec(samples: u64, workers: u32) -> String {
@@ -185,10 +201,77 @@ async fn sigkilled_coordinator_restarts_and_finishes_the_job_exactly_once() {
         },
     )
     .await
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(dir.path())));
     let p = done.progress.unwrap();
     assert_eq!((p.shards_committed, p.shards_total), (SAMPLES, SAMPLES));
     let logs = finish(stop, handles).await;
     assert_exactly_once(&etcd, &id, SAMPLES, &logs).await;
     second.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standby_takes_over_when_the_leader_is_killed() {
+    use distill_coordinator::store::Store;
+    const SAMPLES: u64 = 80;
+    let etcd = EtcdServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Coordinator::spawn(etcd.endpoint(), "127.0.0.1:0", &dir.path().join("a.log")).await;
+    let b = Coordinator::spawn(etcd.endpoint(), "127.0.0.1:0", &dir.path().join("b.log")).await;
+    let endpoints = vec![a.url(), b.url()];
+    let store = etcd.store("/cli/").await.unwrap();
+    let leader_addr = || {
+        let store = store.clone();
+        async move {
+            let kv = store.get("leader").await.ok()??;
+            Some(String::from_utf8(kv.value).unwrap())
+        }
+    };
+    let leader = wait_for(
+        Duration::from_secs(20),
+        "a leader to be elected",
+        leader_addr,
+    )
+    .await
+    .unwrap();
+    let (leader, standby) = if leader == a.addr { (a, b) } else { (b, a) };
+
+    // The standby refuses (UNAVAILABLE): a client that only knows it keeps
+    // failing over and gets nothing.
+    let mut only_standby = SimClient::new(vec![standby.url()]);
+    let refused =
+        tokio::time::timeout(Duration::from_secs(1), only_standby.get("job-000001")).await;
+    assert!(refused.is_err(), "the standby must not answer: {refused:?}");
+
+    let mut client = SimClient::new(endpoints.clone());
+    let id = client.submit(&spec(SAMPLES, 4), 0).await.unwrap().job_id;
+    let stop = Shutdown::new();
+    let handles = workers(4, &endpoints, &stop);
+    let before = wait_committed(&client, &id, 10).await;
+    assert_eq!(before.state, pb::JobState::Labelling as i32);
+    leader.kill().await;
+
+    let done = wait_for(
+        Duration::from_secs(60),
+        "the standby to finish the job",
+        || {
+            let mut client = client.clone();
+            let id = id.clone();
+            async move {
+                let j = client.get(&id).await.ok()?;
+                (j.state == pb::JobState::Training as i32).then_some(j)
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(dir.path())));
+    let p = done.progress.unwrap();
+    assert_eq!((p.shards_committed, p.shards_total), (SAMPLES, SAMPLES));
+    let logs = finish(stop, handles).await;
+    assert_exactly_once(&etcd, &id, SAMPLES, &logs).await;
+    assert_eq!(
+        leader_addr().await.as_deref(),
+        Some(standby.addr.as_str()),
+        "the standby leads"
+    );
+    standby.kill().await;
 }

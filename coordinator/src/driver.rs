@@ -159,7 +159,7 @@ pub(crate) fn session_lease(session: &str) -> Option<i64> {
 pub async fn run<S: Store>(
     store: S,
     tick: Duration,
-    mut inbox: LoopInbox,
+    inbox: &mut LoopInbox,
     shutdown: Shutdown,
 ) -> Result<(), CoordinatorError> {
     let mut driver = Driver::new(store.clone());

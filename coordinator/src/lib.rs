@@ -18,12 +18,15 @@
 //! - [`driver`]: the main loop over a closed `Event` enum that applies it,
 //!   plans jobs into shards and moves them along;
 //! - [`server`]: the gRPC `JobService`/`WorkerService` and [`serve`];
+//! - [`election`]: leader election through a lease-guarded key; only the
+//!   leader runs the main loop and answers RPCs;
 //! - [`error`]: `CoordinatorError` and its one mapping to gRPC codes;
 //! - [`testing`]: a real etcd on loopback for tests, poll-with-timeout;
 //! - [`sim`]: simulated workers and clients (endpoint-list failover) for
 //!   integration tests and load benchmarks.
 
 pub mod driver;
+pub mod election;
 pub mod error;
 pub mod job;
 pub mod ledger;

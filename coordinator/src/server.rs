@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::driver::{self, Event, LoopHandle, Shutdown, ASSIGNMENTS};
+use crate::election::Election;
 use crate::error::CoordinatorError;
 use crate::job::{JobEvent, JobState};
 use crate::ledger::{JobRecord, Ledger, Versioned};
@@ -35,6 +36,8 @@ pub struct Config {
     pub session_timeout: Duration,
     /// A task lease lasts this long past the last heartbeat that renewed it.
     pub task_lease: Duration,
+    /// A standby takes over at most this long after the leader dies.
+    pub leader_ttl: Duration,
 }
 
 impl Default for Config {
@@ -44,6 +47,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(1),
             session_timeout: Duration::from_secs(5),
             task_lease: Duration::from_secs(5),
+            leader_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -97,18 +101,38 @@ pub async fn serve<S: Store>(
 ) -> Result<(), CoordinatorError> {
     let (handle, inbox) = driver::channel();
     let token = Shutdown::new();
-    let scheduler = tokio::spawn(driver::run(
+    let me = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let election = Election::new(store.clone(), config.leader_ttl, me);
+    let gate = election.state.clone();
+    let leadership = tokio::spawn(lead(
         store.clone(),
+        election,
         config.heartbeat_interval,
         inbox,
         token.clone(),
     ));
     let svc = Coordinator::new(store, config, handle);
     tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
+    // Only the leader answers; a standby refuses with UNAVAILABLE (naming
+    // the leader) so that clients with an endpoint list move on.
+    let check = move |req: Request<()>| {
+        if gate.is_leader() {
+            Ok(req)
+        } else {
+            let e = gate.refusal();
+            Err(Status::new(e.code(), e.to_string()))
+        }
+    };
     let stop = token.clone();
     let served = tonic::transport::Server::builder()
-        .add_service(JobServiceServer::new(svc.clone()))
-        .add_service(WorkerServiceServer::new(svc))
+        .add_service(JobServiceServer::with_interceptor(
+            svc.clone(),
+            check.clone(),
+        ))
+        .add_service(WorkerServiceServer::with_interceptor(svc, check))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {
@@ -121,11 +145,49 @@ pub async fn serve<S: Store>(
         .await
         .map_err(|e| CoordinatorError::Internal(format!("grpc server: {e}")));
     token.cancel();
-    match scheduler.await {
-        Ok(r) => r?,
-        Err(e) => return Err(CoordinatorError::Internal(format!("scheduler: {e}"))),
+    if let Err(e) = leadership.await {
+        return Err(CoordinatorError::Internal(format!("leadership task: {e}")));
     }
     served
+}
+
+/// Campaigns, runs the main loop while leading, and campaigns again after
+/// losing leadership, until `token` fires (then resigns).
+async fn lead<S: Store>(
+    store: S,
+    election: Election<S>,
+    tick: Duration,
+    mut inbox: driver::LoopInbox,
+    token: Shutdown,
+) {
+    while !token.is_cancelled() {
+        let lease = match election.campaign(&token).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign failed; retrying");
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(tick) => continue,
+                }
+            }
+        };
+        let term = Shutdown::new();
+        let hold = election.hold(lease, &token);
+        let run = driver::run(store.clone(), tick, &mut inbox, term.clone());
+        tokio::pin!(hold, run);
+        tokio::select! {
+            _ = &mut hold => {
+                term.cancel();
+                let _ = run.await;
+            }
+            _ = &mut run => {
+                // The loop ends only when every handle is gone: shutting down.
+                hold.await;
+                return;
+            }
+        }
+    }
 }
 
 /// Both services over one store.

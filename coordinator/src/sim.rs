@@ -45,13 +45,8 @@ impl Endpoints {
                 .ok()?
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(10));
-            match ep.connect().await {
-                Ok(c) => self.channel = Some(c),
-                Err(_) => {
-                    self.next();
-                    return None;
-                }
-            }
+            // On failure the caller moves on to the next endpoint.
+            self.channel = Some(ep.connect().await.ok()?);
         }
         self.channel.clone()
     }
@@ -87,11 +82,19 @@ impl Endpoints {
     }
 }
 
-/// Whether an error means "try another endpoint".
+/// Whether an error means "try another endpoint": anything but an answer
+/// about the request itself. A connection cut mid-call (a coordinator
+/// killed) surfaces as `UNKNOWN`, `INTERNAL` or `CANCELLED` depending on
+/// where the stream broke.
 fn failover(s: &Status) -> bool {
     matches!(
         s.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Internal
+            | Code::DeadlineExceeded
+            | Code::Aborted
     )
 }
 
@@ -237,13 +240,14 @@ impl SimWorker {
                 }
             };
             let r = task.r#ref.clone().unwrap_or_default();
+            let mut expired = false;
             if !self.work.is_zero() {
                 tokio::time::sleep(self.work).await;
                 let hb = self.heartbeat(vec![r.clone()]).await?;
-                if hb.reregister {
-                    self.session = None;
-                }
-                if hb.abort.contains(&r) && !hb.reregister {
+                // An expired session still reports what it finished: the
+                // attempt number alone decides whether the output counts.
+                expired = hb.reregister;
+                if hb.abort.contains(&r) && !expired {
                     continue;
                 }
             }
@@ -252,6 +256,9 @@ impl SimWorker {
                 Ok(false) => log.discarded += 1,
                 Err(s) if s.code() == Code::FailedPrecondition => log.stale += 1,
                 Err(s) => return Err(s),
+            }
+            if expired {
+                self.session = None;
             }
         }
     }

@@ -122,3 +122,17 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until the coordinator at `url` (`http://host:port`) accepts
+/// connections and leads (answers instead of refusing as a standby).
+pub async fn wait_serving(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    use distill_proto::v1::job_service_client::JobServiceClient;
+    wait_for(timeout, &format!("{url} to lead"), || async move {
+        let mut c = JobServiceClient::connect(url.to_string()).await.ok()?;
+        c.list_jobs(distill_proto::v1::ListJobsRequest::default())
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await
+}

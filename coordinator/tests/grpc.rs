@@ -44,6 +44,7 @@ async fn jobs_and_workers_over_grpc() {
         heartbeat_interval: Duration::from_millis(200),
         session_timeout: Duration::from_secs(1),
         task_lease: Duration::from_millis(1500),
+        ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
@@ -56,7 +57,12 @@ async fn jobs_and_workers_over_grpc() {
         "the coordinator to accept connections",
         || {
             let addr = addr.clone();
-            async move { JobServiceClient::connect(addr).await.ok() }
+            async move {
+                distill_coordinator::testing::wait_serving(&addr, Duration::from_secs(10))
+                    .await
+                    .ok()?;
+                JobServiceClient::connect(addr).await.ok()
+            }
         },
     )
     .await

@@ -40,7 +40,12 @@ async fn connect(addr: &str) -> WorkerServiceClient<Channel> {
         "the coordinator to accept connections",
         || {
             let addr = addr.to_string();
-            async move { WorkerServiceClient::connect(addr).await.ok() }
+            async move {
+                distill_coordinator::testing::wait_serving(&addr, Duration::from_secs(10))
+                    .await
+                    .ok()?;
+                WorkerServiceClient::connect(addr).await.ok()
+            }
         },
     )
     .await

@@ -92,7 +92,12 @@ async fn queue_policy_planning_and_prompt_release_on_cancel() {
     }));
     let mut jobs = wait_for(Duration::from_secs(10), "the coordinator", || {
         let addr = addr.clone();
-        async move { JobServiceClient::connect(addr).await.ok() }
+        async move {
+            distill_coordinator::testing::wait_serving(&addr, Duration::from_secs(10))
+                .await
+                .ok()?;
+            JobServiceClient::connect(addr).await.ok()
+        }
     })
     .await
     .unwrap();

@@ -41,6 +41,10 @@ pub struct Args {
     /// (default: the session timeout).
     #[arg(long)]
     pub task_lease_ms: Option<u64>,
+    /// With several coordinators on one etcd: a standby takes over at most
+    /// this long after the leader dies.
+    #[arg(long, default_value_t = 5000)]
+    pub leader_ttl_ms: u64,
 }
 
 impl Args {
@@ -72,7 +76,7 @@ impl Args {
                 .task_lease_ms
                 .map(Duration::from_millis)
                 .unwrap_or(session_timeout),
-            ..Config::default()
+            leader_ttl: Duration::from_millis(self.leader_ttl_ms.max(1000)),
         })
     }
 }
