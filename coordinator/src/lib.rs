@@ -14,6 +14,8 @@
 //! - [`job`]: the job lifecycle state machine (pure `JobState::apply`);
 //! - [`ledger`]: jobs persisted one key each, revision-guarded transitions;
 //! - [`tasks`]: teacher-signal shard tasks, leased with attempt fencing;
+//! - [`groups`]: training groups with a monotonic generation (fencing) and
+//!   checkpoint commits visible only once committed;
 //! - [`scheduler`]: the pure queue policy (which job gets which worker);
 //! - [`driver`]: the main loop over a closed `Event` enum that applies it,
 //!   plans jobs into shards and moves them along;
@@ -25,9 +27,11 @@
 //! - [`sim`]: simulated workers and clients (endpoint-list failover) for
 //!   integration tests and load benchmarks.
 
+mod convert;
 pub mod driver;
 pub mod election;
 pub mod error;
+pub mod groups;
 pub mod job;
 pub mod ledger;
 pub mod scheduler;

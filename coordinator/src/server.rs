@@ -18,13 +18,15 @@ use pb::worker_service_server::{WorkerService, WorkerServiceServer};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use crate::convert::{parse_session, required, Report, Submit};
 use crate::driver::{self, Event, LoopHandle, Shutdown, ASSIGNMENTS};
 use crate::election::Election;
 use crate::error::CoordinatorError;
+use crate::groups::{Commit, Groups};
 use crate::job::{JobEvent, JobState};
-use crate::ledger::{JobRecord, Ledger, Versioned};
+use crate::ledger::{Ledger, Versioned};
 use crate::store::{EmbeddedStore, EtcdStore, LeaseId, Store, StoreError};
-use crate::tasks::{Outcome, Reported, Tasks};
+use crate::tasks::{Reported, Tasks};
 
 /// Timing knobs of the worker protocol.
 #[derive(Debug, Clone)]
@@ -282,136 +284,6 @@ impl<S: Store> Coordinator<S> {
             Reported::AlreadyCommitted | Reported::WillRetry => {}
         }
         Ok(())
-    }
-}
-
-fn parse_session(id: &str) -> Result<LeaseId, CoordinatorError> {
-    id.strip_prefix("s-")
-        .and_then(|h| i64::from_str_radix(h, 16).ok())
-        .ok_or_else(|| {
-            CoordinatorError::InvalidArgument(format!("session_id: \"{id}\" is not a session id"))
-        })
-}
-
-fn required<'a>(field: &str, v: &'a str) -> Result<&'a str, CoordinatorError> {
-    if v.trim().is_empty() {
-        Err(CoordinatorError::InvalidArgument(format!(
-            "{field}: missing"
-        )))
-    } else {
-        Ok(v)
-    }
-}
-
-fn state_to_pb(s: &JobState) -> pb::JobState {
-    match s {
-        JobState::Pending => pb::JobState::Pending,
-        JobState::Planning => pb::JobState::Planning,
-        JobState::Labelling => pb::JobState::Labelling,
-        JobState::Training => pb::JobState::Training,
-        JobState::Quantizing => pb::JobState::Quantizing,
-        JobState::Evaluating => pb::JobState::Evaluating,
-        JobState::Succeeded => pb::JobState::Succeeded,
-        JobState::Failed { .. } => pb::JobState::Failed,
-        JobState::Cancelled { .. } => pb::JobState::Cancelled,
-    }
-}
-
-impl From<&Versioned<JobRecord>> for pb::Job {
-    fn from(v: &Versioned<JobRecord>) -> Self {
-        let j = &v.value;
-        pb::Job {
-            job_id: j.id.clone(),
-            state: state_to_pb(&j.state) as i32,
-            spec_json: j.spec_json.clone(),
-            priority: j.priority,
-            submitted_at_ms: j.submitted_at_ms,
-            updated_at_ms: j.updated_at_ms,
-            reason: j.state.reason().unwrap_or_default().to_string(),
-            progress: Some(pb::Progress {
-                shards_total: j.progress.shards_total,
-                shards_committed: j.progress.shards_committed,
-                steps_total: j.progress.steps_total,
-                steps_done: j.progress.steps_done,
-                checkpoint_step: j.progress.checkpoint_step,
-            }),
-            revision: v.revision,
-        }
-    }
-}
-
-/// A checked `SubmitJobRequest`.
-struct Submit {
-    spec: distill_spec::JobSpec,
-    priority: i32,
-    request_id: Option<String>,
-}
-
-impl TryFrom<pb::SubmitJobRequest> for Submit {
-    type Error = CoordinatorError;
-    fn try_from(r: pb::SubmitJobRequest) -> Result<Self, CoordinatorError> {
-        let format = match pb::SpecFormat::try_from(r.format) {
-            Ok(pb::SpecFormat::Json) => distill_spec::Format::Json,
-            Ok(pb::SpecFormat::Toml | pb::SpecFormat::Unspecified) => distill_spec::Format::Toml,
-            Err(_) => {
-                return Err(CoordinatorError::InvalidArgument(format!(
-                    "format: unknown value {}",
-                    r.format
-                )))
-            }
-        };
-        required("spec", &r.spec)?;
-        let spec = distill_spec::parse(&r.spec, format)?;
-        Ok(Submit {
-            spec,
-            priority: r.priority,
-            request_id: (!r.request_id.is_empty()).then_some(r.request_id),
-        })
-    }
-}
-
-/// A checked `ReportTaskRequest`.
-struct Report {
-    session_id: String,
-    job_id: String,
-    task_id: String,
-    attempt: u64,
-    outcome: Outcome,
-}
-
-impl TryFrom<pb::ReportTaskRequest> for Report {
-    type Error = CoordinatorError;
-    fn try_from(r: pb::ReportTaskRequest) -> Result<Self, CoordinatorError> {
-        use pb::report_task_request::Outcome as O;
-        let task = r
-            .r#ref
-            .ok_or_else(|| CoordinatorError::InvalidArgument("ref: missing".into()))?;
-        if task.attempt == 0 {
-            return Err(CoordinatorError::InvalidArgument(
-                "ref.attempt: missing (attempts start at 1)".into(),
-            ));
-        }
-        let outcome = match r
-            .outcome
-            .ok_or_else(|| CoordinatorError::InvalidArgument("outcome: missing".into()))?
-        {
-            O::Success(s) => Outcome::Success {
-                manifest_uri: required("success.manifest_uri", &s.manifest_uri)?.to_string(),
-                manifest_sha256: s.manifest_sha256,
-                samples: s.samples,
-            },
-            O::Failure(f) => Outcome::Failure {
-                reason: f.reason,
-                retryable: f.retryable,
-            },
-        };
-        Ok(Report {
-            session_id: required("session_id", &r.session_id)?.to_string(),
-            job_id: required("ref.job_id", &task.job_id)?.to_string(),
-            task_id: required("ref.task_id", &task.task_id)?.to_string(),
-            attempt: task.attempt,
-            outcome,
-        })
     }
 }
 
@@ -718,19 +590,58 @@ impl<S: Store> WorkerService for Coordinator<S> {
 
     async fn join_group(
         &self,
-        _req: Request<pb::JoinGroupRequest>,
+        req: Request<pb::JoinGroupRequest>,
     ) -> Result<Response<pb::JoinGroupResponse>, Status> {
-        Err(Status::unimplemented(
-            "training groups are not implemented yet",
-        ))
+        let r = req.into_inner();
+        let session = required("session_id", &r.session_id)?;
+        let job = required("job_id", &r.job_id)?;
+        self.session_lease(session).await?;
+        let joined = Groups::new(self.store().clone()).join(session, job).await?;
+        let (checkpoint_uri, checkpoint_step) = joined
+            .checkpoint
+            .map(|c| (c.uri, c.step))
+            .unwrap_or_default();
+        Ok(Response::new(pb::JoinGroupResponse {
+            generation: joined.group.generation,
+            rank: joined.rank,
+            world_size: joined.group.members.len() as u32,
+            peers: joined
+                .group
+                .members
+                .into_iter()
+                .map(|m| m.collective_address)
+                .collect(),
+            checkpoint_uri,
+            checkpoint_step,
+        }))
     }
 
     async fn commit_checkpoint(
         &self,
-        _req: Request<pb::CommitCheckpointRequest>,
+        req: Request<pb::CommitCheckpointRequest>,
     ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
-        Err(Status::unimplemented(
-            "checkpoint commits are not implemented yet",
-        ))
+        let r = req.into_inner();
+        if r.generation == 0 {
+            return Err(CoordinatorError::InvalidArgument(
+                "generation: missing (generations start at 1)".into(),
+            )
+            .into());
+        }
+        if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(
+                CoordinatorError::InvalidArgument("sha256: must be 64 hex digits".into()).into(),
+            );
+        }
+        let commit = Commit {
+            session: required("session_id", &r.session_id)?.to_string(),
+            job_id: required("job_id", &r.job_id)?.to_string(),
+            generation: r.generation,
+            step: r.step,
+            uri: required("checkpoint_uri", &r.checkpoint_uri)?.to_string(),
+            sha256: r.sha256,
+        };
+        self.session_lease(&commit.session).await?;
+        Groups::new(self.store().clone()).commit(&commit).await?;
+        Ok(Response::new(pb::CommitCheckpointResponse {}))
     }
 }

@@ -1,0 +1,192 @@
+//! Training groups over gRPC with a real etcd: members share a generation
+//! and get ranks; a worker's death opens a new generation; a checkpoint
+//! commit from a stale generation is refused; checkpoints only move forward
+//! and are visible (to joins and to clients) only once committed.
+
+use std::time::Duration;
+
+use distill_coordinator::testing::{wait_for, wait_serving, EtcdServer};
+use distill_coordinator::{serve, Config};
+use distill_proto::v1 as pb;
+use pb::job_service_client::JobServiceClient;
+use pb::worker_service_client::WorkerServiceClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const SPEC: &str = "task = \"text_classification\"\n[teacher]\npath = \"t\"\n[data]\ntrain = \"d.jsonl\"\n[distill]\nteacher_signal = \"online\"\n[cluster]\nmin_workers = 2\nmax_workers = 2\n";
+
+async fn register(w: &mut WorkerServiceClient<Channel>, name: &str) -> String {
+    w.register(pb::RegisterRequest {
+        worker_name: name.into(),
+        version: "test".into(),
+        collective_address: format!("{name}:29500"),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .session_id
+}
+
+fn commit(session: &str, job: &str, generation: u64, step: u64) -> pb::CommitCheckpointRequest {
+    pb::CommitCheckpointRequest {
+        session_id: session.into(),
+        job_id: job.into(),
+        generation,
+        step,
+        checkpoint_uri: format!("ckpt/{job}/{step}"),
+        sha256: "ab".repeat(32),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn generations_fence_checkpoint_commits() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let store = etcd.store("/groups/").await.unwrap();
+    let config = Config {
+        heartbeat_interval: Duration::from_millis(200),
+        session_timeout: Duration::from_secs(1),
+        ..Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(store.clone(), config, listener, async move {
+        let _ = stopped.await;
+    }));
+    wait_serving(&addr, Duration::from_secs(10)).await.unwrap();
+    let mut jobs = JobServiceClient::connect(addr.clone()).await.unwrap();
+    let mut w = WorkerServiceClient::connect(addr.clone()).await.unwrap();
+    let job = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: SPEC.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap()
+        .job_id;
+    let a = register(&mut w, "a").await;
+    let join = |session: &str| pb::JoinGroupRequest {
+        session_id: session.into(),
+        job_id: job.clone(),
+    };
+    // One worker: the job cannot start (min 2), so there is no group yet.
+    let early = w.join_group(join(&a)).await.unwrap_err();
+    assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
+    let b = register(&mut w, "b").await;
+    // An online teacher: planning goes straight to training.
+    wait_for(Duration::from_secs(10), "the job to train", || {
+        let mut w = w.clone();
+        let a = a.clone();
+        let req = join(&a);
+        async move { w.join_group(req).await.ok() }
+    })
+    .await
+    .unwrap();
+    let ja = w.join_group(join(&a)).await.unwrap().into_inner();
+    let jb = w.join_group(join(&b)).await.unwrap().into_inner();
+    assert_eq!(
+        ja.generation, jb.generation,
+        "same membership, same generation"
+    );
+    assert_eq!((ja.world_size, jb.world_size), (2, 2));
+    assert_ne!(ja.rank, jb.rank);
+    assert_eq!(ja.peers, jb.peers);
+    let mut peers = ja.peers.clone();
+    peers.sort();
+    assert_eq!(peers, ["a:29500", "b:29500"]);
+    assert_eq!(
+        (ja.checkpoint_uri.as_str(), ja.checkpoint_step),
+        ("", 0),
+        "nothing committed yet"
+    );
+    let g1 = ja.generation;
+
+    w.commit_checkpoint(commit(&a, &job, g1, 10)).await.unwrap();
+    w.commit_checkpoint(commit(&a, &job, g1, 10))
+        .await
+        .expect("a retried commit is a no-op");
+    let back = w
+        .commit_checkpoint(commit(&b, &job, g1, 5))
+        .await
+        .unwrap_err();
+    assert_eq!(back.code(), Code::FailedPrecondition);
+    assert!(
+        back.message().contains("stale checkpoint step"),
+        "{}",
+        back.message()
+    );
+    let bad = w
+        .commit_checkpoint(pb::CommitCheckpointRequest {
+            sha256: "x".into(),
+            ..commit(&a, &job, g1, 11)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let seen = jobs
+        .get_job(pb::GetJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.progress.unwrap().checkpoint_step, 10);
+
+    // b dies (stops heartbeating); a keeps its session alive and rejoins:
+    // a new generation of one, resuming from the committed checkpoint.
+    let rejoined = wait_for(
+        Duration::from_secs(10),
+        "a new generation without b",
+        || {
+            let mut w = w.clone();
+            let (a, req) = (a.clone(), join(&a));
+            async move {
+                w.heartbeat(pb::HeartbeatRequest {
+                    session_id: a,
+                    running: vec![],
+                })
+                .await
+                .unwrap();
+                let j = w.join_group(req).await.unwrap().into_inner();
+                (j.generation > g1).then_some(j)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((rejoined.world_size, rejoined.rank), (1, 0));
+    assert_eq!(
+        (rejoined.checkpoint_uri.as_str(), rejoined.checkpoint_step),
+        (format!("ckpt/{job}/10").as_str(), 10)
+    );
+
+    // The old generation is fenced off; the new one commits.
+    let stale = w
+        .commit_checkpoint(commit(&a, &job, g1, 20))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert!(
+        stale.message().contains("stale group generation"),
+        "{}",
+        stale.message()
+    );
+    w.commit_checkpoint(commit(&a, &job, rejoined.generation, 20))
+        .await
+        .unwrap();
+    let seen = jobs
+        .get_job(pb::GetJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.progress.unwrap().checkpoint_step, 20);
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
