@@ -161,6 +161,7 @@ pub async fn run<S: Store>(
     tick: Duration,
     inbox: &mut LoopInbox,
     shutdown: Shutdown,
+    metrics: crate::metrics::Metrics,
 ) -> Result<(), CoordinatorError> {
     let mut driver = Driver::new(store.clone());
     let mut ticker = tokio::time::interval(tick);
@@ -178,6 +179,9 @@ pub async fn run<S: Store>(
             ev = async { sessions.as_mut()?.next().await } => match ev {
                 Some(Ok(ev)) if ev.kind == EventKind::Delete => {
                     let session_id = ev.kv.key.trim_start_matches(SESSIONS).to_string();
+                    metrics
+                        .session_expiries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     batch.push(Event::WorkerExpired { session_id });
                 }
                 Some(Ok(_)) => batch.push(Event::Tick),

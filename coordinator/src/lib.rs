@@ -22,11 +22,14 @@
 //! - [`server`]: the gRPC `JobService`/`WorkerService` and [`serve`];
 //! - [`election`]: leader election through a lease-guarded key; only the
 //!   leader runs the main loop and answers RPCs;
+//! - [`auth`]: bearer tokens per role (clients vs workers);
+//! - [`metrics`]: Prometheus `/metrics` (store gauges, counters, latencies);
 //! - [`error`]: `CoordinatorError` and its one mapping to gRPC codes;
 //! - [`testing`]: a real etcd on loopback for tests, poll-with-timeout;
 //! - [`sim`]: simulated workers and clients (endpoint-list failover) for
 //!   integration tests and load benchmarks.
 
+pub mod auth;
 mod convert;
 pub mod driver;
 pub mod election;
@@ -34,6 +37,7 @@ pub mod error;
 pub mod groups;
 pub mod job;
 pub mod ledger;
+pub mod metrics;
 pub mod scheduler;
 pub mod server;
 pub mod sim;
@@ -42,4 +46,4 @@ pub mod tasks;
 pub mod testing;
 
 pub use error::CoordinatorError;
-pub use server::{serve, serve_with, Config, StoreConfig};
+pub use server::{serve, serve_full, serve_with, Config, StoreConfig};

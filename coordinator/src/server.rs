@@ -18,6 +18,7 @@ use pb::worker_service_server::{WorkerService, WorkerServiceServer};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Role, Tokens};
 use crate::convert::{parse_session, required, Report, Submit};
 use crate::driver::{self, Event, LoopHandle, Shutdown, ASSIGNMENTS};
 use crate::election::Election;
@@ -25,6 +26,7 @@ use crate::error::CoordinatorError;
 use crate::groups::{Commit, Groups};
 use crate::job::{JobEvent, JobState};
 use crate::ledger::{Ledger, Versioned};
+use crate::metrics::{serve_metrics, Metrics};
 use crate::store::{EmbeddedStore, EtcdStore, LeaseId, Store, StoreError};
 use crate::tasks::{Reported, Tasks};
 
@@ -40,6 +42,8 @@ pub struct Config {
     pub task_lease: Duration,
     /// A standby takes over at most this long after the leader dies.
     pub leader_ttl: Duration,
+    /// Bearer tokens of the client and worker APIs (unset: open).
+    pub tokens: Tokens,
 }
 
 impl Default for Config {
@@ -50,6 +54,7 @@ impl Default for Config {
             session_timeout: Duration::from_secs(5),
             task_lease: Duration::from_secs(5),
             leader_ttl: Duration::from_secs(5),
+            tokens: Tokens::default(),
         }
     }
 }
@@ -72,6 +77,7 @@ pub async fn serve_with(
     store: StoreConfig,
     config: Config,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
     match store {
@@ -79,16 +85,24 @@ pub async fn serve_with(
             endpoints,
             namespace,
         } => {
-            serve(
+            serve_full(
                 EtcdStore::connect(&endpoints, &namespace).await?,
                 config,
                 listener,
+                metrics,
                 shutdown,
             )
             .await
         }
         StoreConfig::Embedded { dir } => {
-            serve(EmbeddedStore::open(&dir)?, config, listener, shutdown).await
+            serve_full(
+                EmbeddedStore::open(&dir)?,
+                config,
+                listener,
+                metrics,
+                shutdown,
+            )
+            .await
         }
     }
 }
@@ -101,6 +115,17 @@ pub async fn serve<S: Store>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
+    serve_full(store, config, listener, None, shutdown).await
+}
+
+/// [`serve`], plus Prometheus `GET /metrics` on `metrics` when given.
+pub async fn serve_full<S: Store>(
+    store: S,
+    config: Config,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
     let (handle, inbox) = driver::channel();
     let token = Shutdown::new();
     let me = listener
@@ -109,32 +134,56 @@ pub async fn serve<S: Store>(
         .unwrap_or_default();
     let election = Election::new(store.clone(), config.leader_ttl, me);
     let gate = election.state.clone();
+    let counters = Metrics::default();
     let leadership = tokio::spawn(lead(
         store.clone(),
         election,
         config.heartbeat_interval,
         inbox,
         token.clone(),
+        counters.clone(),
     ));
-    let svc = Coordinator::new(store, config, handle);
+    let scrape = metrics.map(|l| {
+        tokio::spawn(serve_metrics(
+            store.clone(),
+            counters.clone(),
+            l,
+            token.clone(),
+        ))
+    });
+    let tokens = config.tokens.clone();
+    let mut svc = Coordinator::new(store, config, handle);
+    svc.metrics = counters;
     tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
     // Only the leader answers; a standby refuses with UNAVAILABLE (naming
     // the leader) so that clients with an endpoint list move on.
-    let check = move |req: Request<()>| {
-        if gate.is_leader() {
-            Ok(req)
-        } else {
-            let e = gate.refusal();
-            Err(Status::new(e.code(), e.to_string()))
+    // Tokens first: an unauthenticated caller learns nothing, not even who
+    // leads.
+    let check = move |role: Role| {
+        let (gate, tokens) = (gate.clone(), tokens.clone());
+        move |req: Request<()>| {
+            let header = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            let refused = match tokens.check(role, header) {
+                Err(e) => e,
+                Ok(()) if gate.is_leader() => return Ok(req),
+                Ok(()) => gate.refusal(),
+            };
+            Err(Status::new(refused.code(), refused.to_string()))
         }
     };
     let stop = token.clone();
     let served = tonic::transport::Server::builder()
         .add_service(JobServiceServer::with_interceptor(
             svc.clone(),
-            check.clone(),
+            check(Role::Client),
         ))
-        .add_service(WorkerServiceServer::with_interceptor(svc, check))
+        .add_service(WorkerServiceServer::with_interceptor(
+            svc,
+            check(Role::Worker),
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {
@@ -147,6 +196,9 @@ pub async fn serve<S: Store>(
         .await
         .map_err(|e| CoordinatorError::Internal(format!("grpc server: {e}")));
     token.cancel();
+    if let Some(scrape) = scrape {
+        let _ = scrape.await;
+    }
     if let Err(e) = leadership.await {
         return Err(CoordinatorError::Internal(format!("leadership task: {e}")));
     }
@@ -161,6 +213,7 @@ async fn lead<S: Store>(
     tick: Duration,
     mut inbox: driver::LoopInbox,
     token: Shutdown,
+    metrics: Metrics,
 ) {
     while !token.is_cancelled() {
         let lease = match election.campaign(&token).await {
@@ -176,7 +229,13 @@ async fn lead<S: Store>(
         };
         let term = Shutdown::new();
         let hold = election.hold(lease, &token);
-        let run = driver::run(store.clone(), tick, &mut inbox, term.clone());
+        let run = driver::run(
+            store.clone(),
+            tick,
+            &mut inbox,
+            term.clone(),
+            metrics.clone(),
+        );
         tokio::pin!(hold, run);
         tokio::select! {
             _ = &mut hold => {
@@ -199,6 +258,7 @@ pub struct Coordinator<S> {
     tasks: Tasks<S>,
     config: Config,
     events: LoopHandle,
+    metrics: Metrics,
 }
 
 impl<S: Store> Coordinator<S> {
@@ -208,6 +268,7 @@ impl<S: Store> Coordinator<S> {
             tasks: Tasks::new(store),
             config,
             events,
+            metrics: Metrics::default(),
         }
     }
 
@@ -295,6 +356,7 @@ impl<S: Store> JobService for Coordinator<S> {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let _timer = self.metrics.time("submit_job");
         let submit = Submit::try_from(req.into_inner())?;
         let job = self
             .ledger
@@ -309,6 +371,7 @@ impl<S: Store> JobService for Coordinator<S> {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let _timer = self.metrics.time("get_job");
         let id = req.into_inner().job_id;
         let job = self
             .ledger
@@ -322,6 +385,7 @@ impl<S: Store> JobService for Coordinator<S> {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let _timer = self.metrics.time("list_jobs");
         let states = req.into_inner().states;
         let (jobs, _) = self.ledger.list().await?;
         let jobs = jobs
@@ -338,6 +402,7 @@ impl<S: Store> JobService for Coordinator<S> {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let _timer = self.metrics.time("watch_job");
         let id = req.into_inner().job_id;
         let job = self
             .ledger
@@ -400,6 +465,7 @@ impl<S: Store> JobService for Coordinator<S> {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let _timer = self.metrics.time("cancel_job");
         let r = req.into_inner();
         let reason = if r.reason.is_empty() {
             "cancelled by client".to_string()
@@ -423,6 +489,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let _timer = self.metrics.time("register");
         let r = req.into_inner();
         let name = required("worker_name", &r.worker_name)?.to_string();
         let lease = self
@@ -458,6 +525,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let _timer = self.metrics.time("heartbeat");
         let r = req.into_inner();
         let lease = parse_session(required("session_id", &r.session_id)?)?;
         match self.store().keepalive(lease).await {
@@ -520,6 +588,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
         &self,
         req: Request<pb::LeaseTaskRequest>,
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
+        let _timer = self.metrics.time("lease_task");
         let session = req.into_inner().session_id;
         self.session_lease(required("session_id", &session)?)
             .await?;
@@ -542,9 +611,14 @@ impl<S: Store> WorkerService for Coordinator<S> {
             return none();
         }
         let lease_ms = self.config.task_lease.as_millis() as i64;
-        let Some(t) = self.tasks.lease(&[job_id], &session, lease_ms).await? else {
+        let Some((t, took_over)) = self.tasks.lease(&[job_id], &session, lease_ms).await? else {
             return none();
         };
+        if took_over {
+            self.metrics
+                .task_lease_expiries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let spec_json = job.value.spec_json;
         let deadline = match &t.state {
             crate::tasks::TaskState::Leased { deadline_ms, .. } => *deadline_ms as u64,
@@ -573,6 +647,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
         &self,
         req: Request<pb::ReportTaskRequest>,
     ) -> Result<Response<pb::ReportTaskResponse>, Status> {
+        let _timer = self.metrics.time("report_task");
         let r = Report::try_from(req.into_inner())?;
         parse_session(&r.session_id)?;
         let reported = self
@@ -592,6 +667,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
         &self,
         req: Request<pb::JoinGroupRequest>,
     ) -> Result<Response<pb::JoinGroupResponse>, Status> {
+        let _timer = self.metrics.time("join_group");
         let r = req.into_inner();
         let session = required("session_id", &r.session_id)?;
         let job = required("job_id", &r.job_id)?;
@@ -620,6 +696,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
         &self,
         req: Request<pb::CommitCheckpointRequest>,
     ) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
+        let _timer = self.metrics.time("commit_checkpoint");
         let r = req.into_inner();
         if r.generation == 0 {
             return Err(CoordinatorError::InvalidArgument(

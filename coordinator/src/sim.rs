@@ -27,6 +27,8 @@ struct Endpoints {
     list: Vec<String>,
     current: usize,
     channel: Option<Channel>,
+    /// Sent as `authorization: Bearer <token>` when set.
+    token: Option<String>,
 }
 
 impl Endpoints {
@@ -36,6 +38,7 @@ impl Endpoints {
             list,
             current: 0,
             channel: None,
+            token: None,
         }
     }
 
@@ -60,14 +63,16 @@ impl Endpoints {
     /// errors that mean "not here" (down, or a standby).
     async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Channel, Option<String>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let deadline = Instant::now() + FAILOVER_DEADLINE;
         let mut pause = Duration::from_millis(10);
         loop {
             let result = match self.channel().await {
-                Some(ch) => f(ch).await.map(tonic::Response::into_inner),
+                Some(ch) => f(ch, self.token.clone())
+                    .await
+                    .map(tonic::Response::into_inner),
                 None => Err(Status::unavailable("cannot connect")),
             };
             match result {
@@ -131,6 +136,12 @@ impl SimWorker {
         }
     }
 
+    /// Authenticates with the worker bearer token.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.endpoints.token = Some(token.into());
+        self
+    }
+
     pub fn session(&self) -> Option<&str> {
         self.session.as_deref()
     }
@@ -148,8 +159,8 @@ impl SimWorker {
         };
         let r = self
             .endpoints
-            .call(|ch| {
-                let req = req.clone();
+            .call(|ch, token| {
+                let req = authed(req.clone(), token);
                 async move { WorkerServiceClient::new(ch).register(req).await }
             })
             .await?;
@@ -170,8 +181,8 @@ impl SimWorker {
             running,
         };
         self.endpoints
-            .call(|ch| {
-                let req = req.clone();
+            .call(|ch, token| {
+                let req = authed(req.clone(), token);
                 async move { WorkerServiceClient::new(ch).heartbeat(req).await }
             })
             .await
@@ -182,8 +193,8 @@ impl SimWorker {
             session_id: self.session_id(),
         };
         self.endpoints
-            .call(|ch| {
-                let req = req.clone();
+            .call(|ch, token| {
+                let req = authed(req.clone(), token);
                 async move { WorkerServiceClient::new(ch).lease_task(req).await }
             })
             .await
@@ -202,8 +213,8 @@ impl SimWorker {
             r#ref: Some(r),
         };
         self.endpoints
-            .call(|ch| {
-                let req = req.clone();
+            .call(|ch, token| {
+                let req = authed(req.clone(), token);
                 async move { WorkerServiceClient::new(ch).report_task(req).await }
             })
             .await
@@ -277,6 +288,12 @@ impl SimClient {
         }
     }
 
+    /// Authenticates with the client bearer token.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.endpoints.token = Some(token.into());
+        self
+    }
+
     pub async fn submit(&mut self, spec: &str, priority: i32) -> Result<pb::Job, Status> {
         let req = pb::SubmitJobRequest {
             spec: spec.into(),
@@ -290,8 +307,8 @@ impl SimClient {
             ),
         };
         self.endpoints
-            .call(|ch| {
-                let req = req.clone();
+            .call(|ch, token| {
+                let req = authed(req.clone(), token);
                 async move { JobServiceClient::new(ch).submit_job(req).await }
             })
             .await
@@ -303,8 +320,8 @@ impl SimClient {
             job_id: job_id.into(),
         };
         self.endpoints
-            .call(|ch| {
-                let req = req.clone();
+            .call(|ch, token| {
+                let req = authed(req.clone(), token);
                 async move { JobServiceClient::new(ch).get_job(req).await }
             })
             .await
@@ -316,8 +333,8 @@ impl SimClient {
             reason: reason.into(),
         };
         self.endpoints
-            .call(|ch| {
-                let req = req.clone();
+            .call(|ch, token| {
+                let req = authed(req.clone(), token);
                 async move { JobServiceClient::new(ch).cancel_job(req).await }
             })
             .await
@@ -331,4 +348,13 @@ fn now_nanos() -> usize {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as usize)
         .unwrap_or_default()
+}
+
+/// `msg` with `authorization: Bearer <token>` when a token is set.
+fn authed<T>(msg: T, token: Option<String>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+        req.metadata_mut().insert("authorization", t);
+    }
+    req
 }

@@ -168,13 +168,14 @@ impl<S: Store> Tasks<S> {
 
     /// Leases the first available task of any job in `jobs` to `session`
     /// until `now + lease_ms`: a pending task past its backoff, or a leased
-    /// one whose deadline passed (its holder is presumed dead).
+    /// one whose deadline passed (its holder is presumed dead; then the
+    /// flag returned is true).
     pub async fn lease(
         &self,
         jobs: &[String],
         session: &str,
         lease_ms: i64,
-    ) -> Result<Option<TaskRecord>, CoordinatorError> {
+    ) -> Result<Option<(TaskRecord, bool)>, CoordinatorError> {
         for job in jobs {
             for t in self.list(job).await? {
                 let now = now_ms();
@@ -206,7 +207,8 @@ impl<S: Store> Tasks<S> {
                         session,
                         "task leased"
                     );
-                    return Ok(Some(rec));
+                    let took_over = matches!(t.value.state, TaskState::Leased { .. });
+                    return Ok(Some((rec, took_over)));
                 }
                 // Lost the race for this task: try the next one.
             }

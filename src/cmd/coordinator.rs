@@ -2,14 +2,16 @@
 //!
 //! Keeps its state in etcd (`--etcd`, cluster mode) or in the embedded
 //! on-disk store (`--state-dir`), binds `--listen` (port 0 picks a free
-//! port), prints `{"listening":"HOST:PORT"}` as one JSON line on stdout once
-//! it accepts connections, and serves until SIGINT or SIGTERM. Everything it
+//! port), prints `{"listening":"HOST:PORT"}` (plus `"metrics"` with
+//! `--metrics-listen`) as one JSON line on stdout once it accepts
+//! connections, and serves until SIGINT or SIGTERM. Everything it
 //! knows is in the store, so a restart (or a SIGKILL) loses nothing.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use distill_coordinator::auth::Tokens;
 use distill_coordinator::{serve_with, Config, StoreConfig};
 
 #[derive(clap::Args, Debug)]
@@ -45,6 +47,15 @@ pub struct Args {
     /// this long after the leader dies.
     #[arg(long, default_value_t = 5000)]
     pub leader_ttl_ms: u64,
+    /// Bearer token clients must present (job API); unset: open.
+    #[arg(long, env = "DISTILL_CLIENT_TOKEN", hide_env_values = true)]
+    pub client_token: Option<String>,
+    /// Bearer token workers must present (worker API); unset: open.
+    #[arg(long, env = "DISTILL_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+    /// Serve Prometheus `GET /metrics` on this address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Args {
@@ -77,6 +88,10 @@ impl Args {
                 .map(Duration::from_millis)
                 .unwrap_or(session_timeout),
             leader_ttl: Duration::from_millis(self.leader_ttl_ms.max(1000)),
+            tokens: Tokens {
+                client: self.client_token.clone(),
+                worker: self.worker_token.clone(),
+            },
         })
     }
 }
@@ -91,10 +106,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen).await?;
         let addr = listener.local_addr()?;
-        println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+        let metrics = match a.metrics_listen {
+            Some(m) => Some(tokio::net::TcpListener::bind(m).await?),
+            None => None,
+        };
+        let mut ready = serde_json::json!({ "listening": addr.to_string() });
+        if let Some(m) = &metrics {
+            ready["metrics"] = m.local_addr()?.to_string().into();
+        }
+        println!("{ready}");
         use std::io::Write;
         std::io::stdout().flush()?;
-        serve_with(store, config, listener, shutdown_signal()).await?;
+        serve_with(store, config, listener, metrics, shutdown_signal()).await?;
         Ok(())
     })
 }
