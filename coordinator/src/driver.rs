@@ -246,7 +246,7 @@ impl<S: Store> Driver<S> {
         })
     }
 
-    async fn pass(&mut self, events: &[Event], first: bool) -> Result<(), CoordinatorError> {
+    async fn pass(&mut self, _events: &[Event], first: bool) -> Result<(), CoordinatorError> {
         let (jobs, _) = self.ledger.list().await?;
         let (sessions, _) = self.store.range(SESSIONS).await?;
         let (assigned, _) = self.store.range(ASSIGNMENTS).await?;
@@ -291,17 +291,10 @@ impl<S: Store> Driver<S> {
         for job in jobs.iter().filter(|j| j.value.state == JobState::Planning) {
             self.plan(job).await?;
         }
-        // A commit and the job's progress are two writes: after a crash
-        // between them (first pass) or a report, re-count.
-        let reported: Vec<&str> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::TaskReported { job_id } => Some(job_id.as_str()),
-                _ => None,
-            })
-            .collect();
-        for job in jobs.iter().filter(|j| j.value.state == JobState::Labelling) {
-            if first || reported.contains(&job.value.id.as_str()) {
+        // Progress moves with each commit (one transaction); re-count only
+        // when taking over, in case the store holds an older layout.
+        if first {
+            for job in jobs.iter().filter(|j| j.value.state == JobState::Labelling) {
                 self.reconcile_labelling(&job.value.id).await?;
             }
         }

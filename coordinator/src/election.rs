@@ -19,8 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::driver::Shutdown;
+use crate::driver::{self, Shutdown};
 use crate::error::CoordinatorError;
+use crate::metrics::Metrics;
 use crate::store::{EventKind, LeaseId, Store, StoreError};
 
 const LEADER: &str = "leader";
@@ -169,6 +170,52 @@ impl<S: Store> Election<S> {
             if !still_mine || last_renewed.elapsed() > self.ttl * 2 / 3 {
                 self.state.set(false, "");
                 tracing::warn!("lost leadership; standing by");
+                return;
+            }
+        }
+    }
+}
+
+/// Campaigns, runs the main loop while leading, and campaigns again after
+/// losing leadership, until `token` fires (then resigns).
+pub(crate) async fn lead<S: Store>(
+    store: S,
+    election: Election<S>,
+    tick: Duration,
+    mut inbox: driver::LoopInbox,
+    token: Shutdown,
+    metrics: Metrics,
+) {
+    while !token.is_cancelled() {
+        let lease = match election.campaign(&token).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign failed; retrying");
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(tick) => continue,
+                }
+            }
+        };
+        let term = Shutdown::new();
+        let hold = election.hold(lease, &token);
+        let run = driver::run(
+            store.clone(),
+            tick,
+            &mut inbox,
+            term.clone(),
+            metrics.clone(),
+        );
+        tokio::pin!(hold, run);
+        tokio::select! {
+            _ = &mut hold => {
+                term.cancel();
+                let _ = run.await;
+            }
+            _ = &mut run => {
+                // The loop ends only when every handle is gone: shutting down.
+                hold.await;
                 return;
             }
         }

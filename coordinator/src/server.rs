@@ -135,7 +135,7 @@ pub async fn serve_full<S: Store>(
     let election = Election::new(store.clone(), config.leader_ttl, me);
     let gate = election.state.clone();
     let counters = Metrics::default();
-    let leadership = tokio::spawn(lead(
+    let leadership = tokio::spawn(crate::election::lead(
         store.clone(),
         election,
         config.heartbeat_interval,
@@ -185,7 +185,8 @@ pub async fn serve_full<S: Store>(
             check(Role::Worker),
         ))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // No Nagle: small replies must not wait for a delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 tokio::select! {
                     _ = shutdown => {}
@@ -203,52 +204,6 @@ pub async fn serve_full<S: Store>(
         return Err(CoordinatorError::Internal(format!("leadership task: {e}")));
     }
     served
-}
-
-/// Campaigns, runs the main loop while leading, and campaigns again after
-/// losing leadership, until `token` fires (then resigns).
-async fn lead<S: Store>(
-    store: S,
-    election: Election<S>,
-    tick: Duration,
-    mut inbox: driver::LoopInbox,
-    token: Shutdown,
-    metrics: Metrics,
-) {
-    while !token.is_cancelled() {
-        let lease = match election.campaign(&token).await {
-            Ok(Some(lease)) => lease,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "campaign failed; retrying");
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(tick) => continue,
-                }
-            }
-        };
-        let term = Shutdown::new();
-        let hold = election.hold(lease, &token);
-        let run = driver::run(
-            store.clone(),
-            tick,
-            &mut inbox,
-            term.clone(),
-            metrics.clone(),
-        );
-        tokio::pin!(hold, run);
-        tokio::select! {
-            _ = &mut hold => {
-                term.cancel();
-                let _ = run.await;
-            }
-            _ = &mut run => {
-                // The loop ends only when every handle is gone: shutting down.
-                hold.await;
-                return;
-            }
-        }
-    }
 }
 
 /// Both services over one store.
@@ -315,24 +270,8 @@ impl<S: Store> Coordinator<S> {
         reported: &Reported,
     ) -> Result<(), CoordinatorError> {
         match reported {
-            Reported::Committed => {
-                let tasks = self.tasks.list(job_id).await?;
-                let committed = tasks
-                    .iter()
-                    .filter(|t| matches!(t.value.state, crate::tasks::TaskState::Committed { .. }))
-                    .count() as u64;
-                let total = tasks.len() as u64;
-                self.ledger
-                    .update(job_id, |j| {
-                        j.progress.shards_total = total;
-                        j.progress.shards_committed = committed;
-                        if committed == total && j.state == JobState::Labelling {
-                            j.state = j.state.clone().apply(JobEvent::Labelled)?;
-                        }
-                        Ok(())
-                    })
-                    .await?;
-            }
+            // The commit moved the job's progress in its own transaction.
+            Reported::Committed => {}
             Reported::TaskFailed { reason } => {
                 let event = JobEvent::Fail {
                     reason: reason.clone(),

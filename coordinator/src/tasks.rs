@@ -18,7 +18,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use crate::error::CoordinatorError;
+use crate::job::{JobEvent, JobState};
 use crate::ledger::{now_ms, Versioned};
 use crate::store::{Store, Txn};
 
@@ -111,15 +115,25 @@ pub fn shards(total: u64, size: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Tasks read per page when looking for one to lease.
+const PAGE: usize = 64;
+
 /// The task table over any [`Store`].
 #[derive(Debug, Clone)]
 pub struct Tasks<S> {
     store: S,
+    /// Per job, a key before which every task is committed or failed (so
+    /// never leasable again): leasing starts there instead of at the first
+    /// shard. Only a hint; a new process starts from the beginning.
+    cursors: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl<S: Store> Tasks<S> {
     pub fn new(store: S) -> Self {
-        Self { store }
+        Self {
+            store,
+            cursors: Arc::default(),
+        }
     }
 
     /// Creates the job's shard tasks; idempotent (existing tasks are kept).
@@ -177,40 +191,60 @@ impl<S: Store> Tasks<S> {
         lease_ms: i64,
     ) -> Result<Option<(TaskRecord, bool)>, CoordinatorError> {
         for job in jobs {
-            for t in self.list(job).await? {
-                let now = now_ms();
-                let available = match &t.value.state {
-                    TaskState::Pending { not_before_ms } => *not_before_ms <= now,
-                    TaskState::Leased { deadline_ms, .. } => *deadline_ms <= now,
-                    _ => false,
-                };
-                if !available {
-                    continue;
+            let prefix = format!("{TASKS}{job}/");
+            let start = self.cursors.lock().ok().and_then(|c| c.get(job).cloned());
+            let mut from = start.unwrap_or_else(|| prefix.clone());
+            let mut finished_so_far = true;
+            loop {
+                let page = self.store.range_page(&prefix, &from, PAGE).await?;
+                let full = page.len() == PAGE;
+                for kv in &page {
+                    let t = decode(&kv.key, &kv.value)?;
+                    let now = now_ms();
+                    let available = match &t.state {
+                        TaskState::Pending { not_before_ms } => *not_before_ms <= now,
+                        TaskState::Leased { deadline_ms, .. } => *deadline_ms <= now,
+                        TaskState::Committed { .. } | TaskState::Failed { .. } => {
+                            if finished_so_far {
+                                if let Ok(mut c) = self.cursors.lock() {
+                                    c.insert(job.clone(), format!("{}\0", kv.key));
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    finished_so_far = false;
+                    if !available {
+                        continue;
+                    }
+                    let mut rec = t.clone();
+                    rec.attempt += 1;
+                    rec.state = TaskState::Leased {
+                        session: session.to_string(),
+                        deadline_ms: now + lease_ms,
+                    };
+                    if self
+                        .store
+                        .put_if(&kv.key, encode(&rec), kv.mod_revision)
+                        .await?
+                        .is_some()
+                    {
+                        tracing::debug!(
+                            job = rec.job_id,
+                            task = rec.task_id,
+                            attempt = rec.attempt,
+                            session,
+                            "task leased"
+                        );
+                        let took_over = matches!(t.state, TaskState::Leased { .. });
+                        return Ok(Some((rec, took_over)));
+                    }
+                    // Lost the race for this task: try the next one.
                 }
-                let mut rec = t.value.clone();
-                rec.attempt += 1;
-                rec.state = TaskState::Leased {
-                    session: session.to_string(),
-                    deadline_ms: now + lease_ms,
-                };
-                let k = key(&rec.job_id, &rec.task_id);
-                if self
-                    .store
-                    .put_if(&k, encode(&rec), t.revision)
-                    .await?
-                    .is_some()
-                {
-                    tracing::info!(
-                        job = rec.job_id,
-                        task = rec.task_id,
-                        attempt = rec.attempt,
-                        session,
-                        "task leased"
-                    );
-                    let took_over = matches!(t.value.state, TaskState::Leased { .. });
-                    return Ok(Some((rec, took_over)));
+                match page.last() {
+                    Some(last) if full => from = format!("{}\0", last.key),
+                    _ => break,
                 }
-                // Lost the race for this task: try the next one.
             }
         }
         Ok(None)
@@ -285,6 +319,7 @@ impl<S: Store> Tasks<S> {
                     ),
                 });
             }
+            let mut txn = Txn::new().when(&k, kv.mod_revision);
             let reported = match outcome.clone() {
                 Outcome::Success {
                     manifest_uri,
@@ -296,6 +331,24 @@ impl<S: Store> Tasks<S> {
                         manifest_sha256,
                         samples,
                     };
+                    // The job's progress moves in the same transaction
+                    // (a per-job counter: no re-count of every task), and
+                    // the last shard ends labelling.
+                    let jkey = format!("jobs/{job}");
+                    if let Some(jkv) = self.store.get(&jkey).await? {
+                        let mut j = crate::ledger::decode(&jkey, &jkv.value)?;
+                        j.progress.shards_committed += 1;
+                        if j.progress.shards_committed >= j.progress.shards_total
+                            && j.state == JobState::Labelling
+                        {
+                            j.state = j.state.clone().apply(JobEvent::Labelled)?;
+                        }
+                        j.updated_at_ms = now_ms();
+                        txn = txn.when(&jkey, jkv.mod_revision).put(
+                            &jkey,
+                            serde_json::to_vec(&j).expect("a job record always serialises"),
+                        );
+                    }
                     Reported::Committed
                 }
                 Outcome::Failure { reason, retryable } => {
@@ -318,12 +371,7 @@ impl<S: Store> Tasks<S> {
                     }
                 }
             };
-            if self
-                .store
-                .txn(Txn::new().when(&k, kv.mod_revision).put(&k, encode(&rec)))
-                .await?
-                .committed()
-            {
+            if self.store.txn(txn.put(&k, encode(&rec))).await?.committed() {
                 return Ok(reported);
             }
         }

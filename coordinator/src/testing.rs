@@ -88,7 +88,7 @@ impl EtcdServer {
 
     /// A store handle whose keys live under `namespace`.
     pub async fn store(&self, namespace: &str) -> anyhow::Result<EtcdStore> {
-        Ok(EtcdStore::connect(&[self.endpoint.clone()], namespace).await?)
+        Ok(EtcdStore::connect(std::slice::from_ref(&self.endpoint), namespace).await?)
     }
 
     /// Kills the server now (it is also killed on drop).

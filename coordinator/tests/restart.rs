@@ -70,6 +70,13 @@ async fn labelling_job(store: &EtcdStore, shards: u64) -> String {
         .create_shards(&id, shards, 1)
         .await
         .unwrap();
+    ledger
+        .update(&id, |j| {
+            j.progress.shards_total = shards;
+            Ok(())
+        })
+        .await
+        .unwrap();
     id
 }
 

@@ -197,6 +197,24 @@ pub async fn range_by_prefix<S: Store>(s: S) {
         "range revision covers what it read"
     );
     assert!(s.range("nothing/").await.unwrap().0.is_empty());
+    let page = |from: &'static str, limit| {
+        let s = s.clone();
+        async move {
+            let kvs = s.range_page("jobs/", from, limit).await.unwrap();
+            kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        page("jobs/", 2).await,
+        ["jobs/1", "jobs/10"],
+        "a page from the start"
+    );
+    assert_eq!(
+        page("jobs/10", 5).await,
+        ["jobs/10", "jobs/2"],
+        "from a key, inclusive"
+    );
+    assert!(page("jobs/3", 5).await.is_empty(), "past the prefix's end");
 }
 
 pub async fn lease_expiry_removes_keys<S: Store>(s: S) {

@@ -445,6 +445,22 @@ impl Store for EmbeddedStore {
         Ok((kvs, st.revision))
     }
 
+    async fn range_page(
+        &self,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let st = self.lock();
+        Ok(st
+            .kvs
+            .range(from.max(prefix).to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(_, v)| v.clone())
+            .collect())
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         let mut st = self.lock();
         let holds = txn.compares.iter().all(|c| match c {

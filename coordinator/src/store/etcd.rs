@@ -100,6 +100,24 @@ impl Store for EtcdStore {
         Ok((kvs, rev))
     }
 
+    async fn range_page(
+        &self,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let opts = GetOptions::new()
+            .with_range(prefix_end(&self.full(prefix)))
+            .with_limit(limit as i64);
+        let resp = self
+            .client
+            .clone()
+            .get(self.full(from.max(prefix)), Some(opts))
+            .await
+            .map_err(unavailable)?;
+        resp.kvs().iter().map(|kv| self.convert(kv)).collect()
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         let compares: Vec<EtcdCompare> = txn
             .compares

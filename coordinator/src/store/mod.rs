@@ -193,6 +193,15 @@ pub trait Store: Clone + Send + Sync + 'static {
         prefix: &str,
     ) -> impl Future<Output = Result<(Vec<KeyValue>, Revision), StoreError>> + Send;
 
+    /// At most `limit` keys under `prefix` from key `from` (inclusive) on,
+    /// sorted: a page of a large prefix.
+    fn range_page(
+        &self,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<KeyValue>, StoreError>> + Send;
+
     /// Applies `txn` atomically if all its compares hold.
     fn txn(&self, txn: Txn) -> impl Future<Output = Result<TxnOutcome, StoreError>> + Send;
 
