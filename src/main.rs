@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show what libtorch sees on this machine (version, CUDA devices, threads).
+    /// Show what libtorch sees on this machine (CUDA devices, cuDNN, CPU threads).
     Doctor(cmd::doctor::Args),
     /// Run a model over a JSONL file and write one output row per input line
     /// (classification logits or sentence embeddings) to a safetensors file.
