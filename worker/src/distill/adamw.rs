@@ -36,7 +36,8 @@ impl AdamW {
     }
 
     /// Apply one update from the parameters' `.grad()` (parameters without a
-    /// gradient are skipped).
+    /// gradient are skipped). Every state tensor is updated in place; the only
+    /// temporaries per parameter are `g²` and the denominator.
     pub fn step(&mut self, params: &[(String, Tensor)], lr: f64) {
         self.t += 1;
         let (b1, b2) = (self.beta1, self.beta2);
@@ -50,15 +51,21 @@ impl AdamW {
                 }
                 let m = &mut self.m[i].1;
                 let v = &mut self.v[i].1;
-                let _ = m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
-                let _ = v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
-                let denom = (&*v / bc2).sqrt() + self.eps;
-                let mut update = (&*m / bc1) / denom;
-                if p.dim() >= 2 && self.weight_decay > 0.0 {
-                    update = update + p * self.weight_decay;
+                let _ = m.lerp_(&g, 1.0 - b1);
+                let _ = v.lerp_(&(&g * &g), 1.0 - b2);
+                if lr == 0.0 {
+                    continue; // moments advance; the parameter does not move
                 }
                 let mut p = p.shallow_clone();
-                let _ = p.g_sub_(&(update * lr));
+                if p.dim() >= 2 && self.weight_decay > 0.0 {
+                    let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                }
+                // p += m / d with d = (√(v/bc2) + ε) · (−bc1/lr), i.e. p −= lr/bc1 · m / (√v̂ + ε).
+                let mut d = v.sqrt();
+                let _ = d.g_div_scalar_(bc2.sqrt());
+                let _ = d.g_add_scalar_(self.eps);
+                let _ = d.g_mul_scalar_(-bc1 / lr);
+                let _ = p.addcdiv_(m, &d);
             }
         });
     }
@@ -66,14 +73,20 @@ impl AdamW {
 
 /// Global L2 norm of the gradients.
 pub fn grad_norm(params: &[(String, Tensor)]) -> f64 {
-    let mut sq = 0.0;
-    for (_, p) in params {
-        let g = p.grad();
-        if g.defined() {
-            sq += g.square().sum(tch::Kind::Double).double_value(&[]);
-        }
+    let norms: Vec<Tensor> = params
+        .iter()
+        .map(|(_, p)| p.grad())
+        .filter(|g| g.defined())
+        .map(|g| g.norm())
+        .collect();
+    if norms.is_empty() {
+        return 0.0;
     }
-    sq.sqrt()
+    // One reduction and one host sync for all parameters.
+    Tensor::stack(&norms, 0)
+        .to_kind(tch::Kind::Double)
+        .norm()
+        .double_value(&[])
 }
 
 /// Scale gradients so their global norm is at most `max_norm`; returns the
