@@ -13,19 +13,40 @@ fn root() -> PathBuf {
 fn make_teacher(dir: &Path) {
     let out = Command::new(root().join(".venv/bin/python"))
         .arg(root().join("scripts/parity/reference.py"))
-        .args(["make-random", dir.to_str().unwrap(), "--seed", "3", "--layers", "2", "--hidden", "32", "--heads", "4"])
+        .args([
+            "make-random",
+            dir.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--layers",
+            "2",
+            "--hidden",
+            "32",
+            "--heads",
+            "4",
+        ])
         .args(["--intermediate", "64", "--vocab", "60", "--labels", "2"])
         .output()
         .expect("run python (scripts/setup.sh makes .venv)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn write_data(path: &Path, n: usize, offset: usize) {
     let mut s = String::new();
     for i in 0..n {
         let k = i + offset;
-        let words: Vec<String> = (0..(2 + k % 6)).map(|j| format!("w{}", 5 + (k * 11 + j * 7) % 50)).collect();
-        s.push_str(&format!("{{\"text\": \"{}\", \"label\": \"class_{}\"}}\n", words.join(" "), k % 2));
+        let words: Vec<String> = (0..(2 + k % 6))
+            .map(|j| format!("w{}", 5 + (k * 11 + j * 7) % 50))
+            .collect();
+        s.push_str(&format!(
+            "{{\"text\": \"{}\", \"label\": \"class_{}\"}}\n",
+            words.join(" "),
+            k % 2
+        ));
     }
     std::fs::write(path, s).unwrap();
 }
@@ -74,7 +95,14 @@ seed = 3
 
 fn distill_run(spec: &Path, out: &Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(["run", spec.to_str().unwrap(), "--output", out.to_str().unwrap(), "--threads", "1"])
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--threads",
+            "1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -83,7 +111,11 @@ fn distill_run(spec: &Path, out: &Path) -> std::process::Child {
 
 fn finish(child: std::process::Child) {
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "distill run failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "distill run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -108,19 +140,29 @@ fn sigkill_mid_training_then_resume_matches_uninterrupted() {
                 break;
             }
         }
-        assert!(child.try_wait().unwrap().is_none(), "run finished before it could be killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run finished before it could be killed"
+        );
         assert!(Instant::now() < deadline, "no checkpoint published in time");
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!d.join("b/student/model.safetensors").exists(), "the killed run must not have finished");
+    assert!(
+        !d.join("b/student/model.safetensors").exists(),
+        "the killed run must not have finished"
+    );
     let killed_at = std::fs::read_to_string(&latest).unwrap();
 
     finish(distill_run(&spec, &d.join("b")));
     let a = std::fs::read(d.join("a/student/model.safetensors")).unwrap();
     let b = std::fs::read(d.join("b/student/model.safetensors")).unwrap();
-    assert!(a == b, "student after kill at {killed_at} + resume differs from the uninterrupted run");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("b/report.json")).unwrap()).unwrap();
+    assert!(
+        a == b,
+        "student after kill at {killed_at} + resume differs from the uninterrupted run"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("b/report.json")).unwrap()).unwrap();
     assert!(report["student"]["metric"].as_f64().unwrap() >= 0.0);
 }
