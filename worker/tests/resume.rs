@@ -13,7 +13,11 @@ use distill_worker::model::student::{derive_config, init_from_teacher, StudentSh
 use distill_worker::model::{Task, TaskModel};
 use distill_worker::tokenize::TextTokenizer;
 use std::path::Path;
-use tch::Device;
+use tch::{Device, Kind, Tensor};
+
+/// libtorch's RNG is process-global and the trainer reseeds it every step:
+/// the tests of this file must not train at the same time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn config() -> TrainConfig {
     TrainConfig {
@@ -133,6 +137,7 @@ fn run(
 
 #[test]
 fn resume_is_bitwise_exact() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tmp.path().join("teacher");
     reference(&[
@@ -174,4 +179,127 @@ fn resume_is_bitwise_exact() {
         moved |= !a.equal(b);
     }
     assert!(moved, "training changed the weights");
+}
+
+/// A corrupt (NaN) offline teacher signal: every step is skipped; after
+/// `max_bad_steps` in a row the weights roll back to the last checkpoint and
+/// training moves on past the bad batches instead of looping; with no
+/// checkpoint at all it stops with an error that says so.
+#[test]
+fn non_finite_steps_are_skipped_and_rolled_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("teacher");
+    reference(&[
+        "make-random",
+        model_dir.to_str().unwrap(),
+        "--seed",
+        "5",
+        "--layers",
+        "2",
+        "--hidden",
+        "32",
+        "--heads",
+        "4",
+        "--intermediate",
+        "64",
+        "--vocab",
+        "60",
+        "--labels",
+        "2",
+    ]);
+    let teacher = TaskModel::load(&model_dir, Task::Classification, None, Device::Cpu).unwrap();
+    let tok = TextTokenizer::load(&model_dir, teacher.config(), 16).unwrap();
+    let good = data(&tok);
+    let n = good.examples.len() as i64;
+    let signal = tch::no_grad(|| {
+        let refs: Vec<_> = good.examples.iter().collect();
+        teacher
+            .forward_t(
+                &tok.batch(
+                    &refs,
+                    distill_worker::tokenize::Padding::Dynamic,
+                    Device::Cpu,
+                ),
+                Default::default(),
+                false,
+            )
+            .output
+    });
+    let bad = TrainData {
+        examples: good.examples.clone(),
+        labels: good.labels.clone(),
+        teacher_output: Some(Tensor::full([n, 2], f64::NAN, (Kind::Float, Device::Cpu))),
+    };
+    let good = TrainData {
+        teacher_output: Some(signal),
+        ..good
+    };
+    let mut cfg = config();
+    cfg.weights = [
+        TermWeight::Fixed(1.0),
+        TermWeight::Fixed(1.0),
+        TermWeight::Fixed(0.0),
+        TermWeight::Fixed(0.0),
+        TermWeight::Fixed(0.0),
+    ];
+    cfg.checkpoint_every = 0;
+
+    // No checkpoint yet: a clear error, not a hang or silent corruption.
+    let mut s = student(&teacher);
+    let mut tr = Trainer::new(
+        &mut s,
+        None,
+        Some(32),
+        &tok,
+        cfg.clone(),
+        tmp.path().join("none"),
+    )
+    .unwrap();
+    let e = tr
+        .train_until(6, &bad, None, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no checkpoint to roll back to"), "{e}");
+    drop(tr);
+
+    // Two good steps (checkpoint at step 2), then the bad signal.
+    let mut s = student(&teacher);
+    let mut tr = Trainer::new(&mut s, None, Some(32), &tok, cfg, tmp.path().join("ck")).unwrap();
+    tr.train_until(2, &good, None, |_| {}).unwrap();
+    drop(tr);
+    let at_checkpoint = weights(&s);
+    let mut tr = Trainer::new(
+        &mut s,
+        None,
+        Some(32),
+        &tok,
+        config_offline(),
+        tmp.path().join("ck"),
+    )
+    .unwrap();
+    assert!(tr.resume().unwrap());
+    let mut logs = vec![];
+    tr.train_until(7, &bad, None, |l| logs.push(l.clone()))
+        .unwrap();
+    assert_eq!(tr.step, 7, "the cursor moved past the bad batches");
+    drop(tr);
+    assert_eq!(logs.len(), 5, "steps 2..7 each ran once: no rollback loop");
+    assert!(logs.iter().all(|l| l.skipped));
+    for ((n, a), (_, b)) in weights(&s).iter().zip(&at_checkpoint) {
+        assert!(a.equal(b), "{n} changed although every step was skipped");
+    }
+}
+
+fn config_offline() -> TrainConfig {
+    let mut cfg = config();
+    cfg.weights = [
+        TermWeight::Fixed(1.0),
+        TermWeight::Fixed(1.0),
+        TermWeight::Fixed(0.0),
+        TermWeight::Fixed(0.0),
+        TermWeight::Fixed(0.0),
+    ];
+    cfg.checkpoint_every = 0;
+    cfg
 }

@@ -405,8 +405,10 @@ impl<'a> Trainer<'a> {
                     }
                     bad = 0;
                 }
-                // The data cursor moves on: the bad batch is not retried forever.
-                self.step += 1;
+                // Weights and optimizer may have rolled back, but the data
+                // cursor moves on past the bad batches: they are not retried
+                // forever.
+                self.step = step + 1;
                 continue;
             }
             bad = 0;
