@@ -135,14 +135,12 @@ fn run(
     weights(&s)
 }
 
-#[test]
-fn resume_is_bitwise_exact() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let model_dir = tmp.path().join("teacher");
+/// The random teacher both tests train against, made by transformers.
+fn make_teacher(root: &Path) -> std::path::PathBuf {
+    let dir = root.join("teacher");
     reference(&[
         "make-random",
-        model_dir.to_str().unwrap(),
+        dir.to_str().unwrap(),
         "--seed",
         "5",
         "--layers",
@@ -158,6 +156,14 @@ fn resume_is_bitwise_exact() {
         "--labels",
         "2",
     ]);
+    dir
+}
+
+#[test]
+fn resume_is_bitwise_exact() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = make_teacher(tmp.path());
     let straight = run(&model_dir, &tmp.path().join("a"), None, false);
     let _ = run(&model_dir, &tmp.path().join("b"), Some(4), false);
     let resumed = run(&model_dir, &tmp.path().join("b"), None, true);
@@ -189,25 +195,7 @@ fn resume_is_bitwise_exact() {
 fn non_finite_steps_are_skipped_and_rolled_back() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let model_dir = tmp.path().join("teacher");
-    reference(&[
-        "make-random",
-        model_dir.to_str().unwrap(),
-        "--seed",
-        "5",
-        "--layers",
-        "2",
-        "--hidden",
-        "32",
-        "--heads",
-        "4",
-        "--intermediate",
-        "64",
-        "--vocab",
-        "60",
-        "--labels",
-        "2",
-    ]);
+    let model_dir = make_teacher(tmp.path());
     let teacher = TaskModel::load(&model_dir, Task::Classification, None, Device::Cpu).unwrap();
     let tok = TextTokenizer::load(&model_dir, teacher.config(), 16).unwrap();
     let good = data(&tok);
@@ -235,15 +223,7 @@ fn non_finite_steps_are_skipped_and_rolled_back() {
         teacher_output: Some(signal),
         ..good
     };
-    let mut cfg = config();
-    cfg.weights = [
-        TermWeight::Fixed(1.0),
-        TermWeight::Fixed(1.0),
-        TermWeight::Fixed(0.0),
-        TermWeight::Fixed(0.0),
-        TermWeight::Fixed(0.0),
-    ];
-    cfg.checkpoint_every = 0;
+    let cfg = config_offline();
 
     // No checkpoint yet: a clear error, not a hang or silent corruption.
     let mut s = student(&teacher);
