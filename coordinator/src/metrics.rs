@@ -1,5 +1,6 @@
-//! Prometheus metrics in the text exposition format, served over plain
-//! HTTP on their own listener (`GET /metrics`).
+//! Prometheus metrics in the text exposition format, served over HTTP/1.1
+//! (HTTPS when the coordinator has TLS) on their own listener
+//! (`GET /metrics`).
 //!
 //! Gauges that describe state — jobs by state, tasks by state, live
 //! workers — are read from the store at scrape time, so every coordinator
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::driver::{Shutdown, SESSIONS};
@@ -158,15 +159,18 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` (HTTP/1.1, one request per connection) on
-/// `listener` until `shutdown` fires.
+/// `listener` until `shutdown` fires; over TLS when `tls` is given (a
+/// failed handshake, e.g. no client certificate under mutual TLS, closes
+/// that connection only).
 pub async fn serve_metrics<S: Store>(
     store: S,
     metrics: Metrics,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: Shutdown,
 ) {
     loop {
-        let (mut conn, _) = tokio::select! {
+        let (conn, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
             c = listener.accept() => match c {
                 Ok(c) => c,
@@ -176,28 +180,43 @@ pub async fn serve_metrics<S: Store>(
                 }
             },
         };
-        let (store, metrics) = (store.clone(), metrics.clone());
+        let (store, metrics, tls) = (store.clone(), metrics.clone(), tls.clone());
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if head.starts_with("GET /metrics ") {
-                ("200 OK", metrics.render(&store).await)
-            } else {
-                ("404 Not Found", "not found\n".to_string())
-            };
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(reply.as_bytes()).await;
-            let _ = conn.shutdown().await;
+            let limit = std::time::Duration::from_secs(5);
+            match tls {
+                None => answer(conn, &store, &metrics).await,
+                Some(tls) => match tokio::time::timeout(limit, tls.accept(conn)).await {
+                    Ok(Ok(conn)) => answer(conn, &store, &metrics).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "metrics TLS handshake failed"),
+                    Err(_) => tracing::debug!("metrics TLS handshake timed out"),
+                },
+            }
         });
     }
+}
+
+/// Reads one request from `conn` and answers it.
+async fn answer<S: Store, C: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: C,
+    store: &S,
+    metrics: &Metrics,
+) {
+    let mut buf = vec![0u8; 4096];
+    let n = match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await
+    {
+        Ok(Ok(n)) => n,
+        _ => return,
+    };
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let (status, body) = if head.starts_with("GET /metrics ") {
+        ("200 OK", metrics.render(store).await)
+    } else {
+        ("404 Not Found", "not found\n".to_string())
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(reply.as_bytes()).await;
+    let _ = conn.shutdown().await;
 }

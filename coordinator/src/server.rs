@@ -29,6 +29,7 @@ use crate::ledger::{Ledger, Versioned};
 use crate::metrics::{serve_metrics, Metrics};
 use crate::store::{EmbeddedStore, EtcdStore, LeaseId, Store, StoreError};
 use crate::tasks::{Reported, Tasks};
+use crate::tls::ServerTls;
 
 /// Timing knobs of the worker protocol.
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ pub struct Config {
     pub leader_ttl: Duration,
     /// Bearer tokens of the client and worker APIs (unset: open).
     pub tokens: Tokens,
+    /// TLS on both listeners (gRPC and metrics); unset: plaintext.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for Config {
@@ -55,6 +58,7 @@ impl Default for Config {
             task_lease: Duration::from_secs(5),
             leader_ttl: Duration::from_secs(5),
             tokens: Tokens::default(),
+            tls: None,
         }
     }
 }
@@ -148,10 +152,12 @@ pub async fn serve_full<S: Store>(
             store.clone(),
             counters.clone(),
             l,
+            config.tls.as_ref().map(|t| t.metrics.clone()),
             token.clone(),
         ))
     });
     let tokens = config.tokens.clone();
+    let tls = config.tls.clone();
     let mut svc = Coordinator::new(store, config, handle);
     svc.metrics = counters;
     tracing::info!(addr = ?listener.local_addr().ok(), "coordinator serving");
@@ -175,7 +181,13 @@ pub async fn serve_full<S: Store>(
         }
     };
     let stop = token.clone();
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls.grpc)
+            .map_err(|e| CoordinatorError::Internal(format!("grpc TLS: {e}")))?;
+    }
+    let served = builder
         .add_service(JobServiceServer::with_interceptor(
             svc.clone(),
             check(Role::Client),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use distill_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
 use pb::worker_service_client::WorkerServiceClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::Code;
 /// Re-exported so tests of crates without a tonic dependency can name it.
 pub use tonic::Status;
@@ -29,6 +29,8 @@ struct Endpoints {
     channel: Option<Channel>,
     /// Sent as `authorization: Bearer <token>` when set.
     token: Option<String>,
+    /// TLS for `https://` endpoints.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Endpoints {
@@ -39,6 +41,7 @@ impl Endpoints {
             current: 0,
             channel: None,
             token: None,
+            tls: None,
         }
     }
 
@@ -48,6 +51,10 @@ impl Endpoints {
                 .ok()?
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(10));
+            let ep = match &self.tls {
+                Some(tls) => ep.tls_config(tls.clone()).ok()?,
+                None => ep,
+            };
             // On failure the caller moves on to the next endpoint.
             self.channel = Some(ep.connect().await.ok()?);
         }
@@ -139,6 +146,12 @@ impl SimWorker {
     /// Authenticates with the worker bearer token.
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.endpoints.token = Some(token.into());
+        self
+    }
+
+    /// Connects over TLS (endpoints must be `https://`).
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.endpoints.tls = Some(tls);
         self
     }
 
@@ -291,6 +304,12 @@ impl SimClient {
     /// Authenticates with the client bearer token.
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.endpoints.token = Some(token.into());
+        self
+    }
+
+    /// Connects over TLS (endpoints must be `https://`).
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.endpoints.tls = Some(tls);
         self
     }
 

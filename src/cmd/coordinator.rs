@@ -4,7 +4,9 @@
 //! on-disk store (`--state-dir`), binds `--listen` (port 0 picks a free
 //! port), prints `{"listening":"HOST:PORT"}` (plus `"metrics"` with
 //! `--metrics-listen`) as one JSON line on stdout once it accepts
-//! connections, and serves until SIGINT or SIGTERM. Everything it
+//! connections, and serves until SIGINT or SIGTERM. With `--tls-cert`
+//! and `--tls-key` both listeners speak TLS; `--tls-client-ca` makes it
+//! mutual. Everything it
 //! knows is in the store, so a restart (or a SIGKILL) loses nothing.
 
 use std::net::SocketAddr;
@@ -12,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use distill_coordinator::auth::Tokens;
+use distill_coordinator::tls::ServerTlsFiles;
 use distill_coordinator::{serve_with, Config, StoreConfig};
 
 #[derive(clap::Args, Debug)]
@@ -53,9 +56,19 @@ pub struct Args {
     /// Bearer token workers must present (worker API); unset: open.
     #[arg(long, env = "DISTILL_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
-    /// Serve Prometheus `GET /metrics` on this address.
+    /// Serve Prometheus `GET /metrics` on this address (HTTPS with TLS).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// PEM certificate chain: serve TLS on every listener (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): require every client (workers, clients,
+    /// scrapers) to present a certificate signed by it (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Args {
@@ -91,6 +104,17 @@ impl Args {
             tokens: Tokens {
                 client: self.client_token.clone(),
                 worker: self.worker_token.clone(),
+            },
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    ServerTlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: self.tls_client_ca.clone(),
+                    }
+                    .load()?,
+                ),
+                _ => None,
             },
         })
     }
