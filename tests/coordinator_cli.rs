@@ -138,12 +138,13 @@ async fn assert_exactly_once(etcd: &EtcdServer, id: &str, samples: u64, logs: &[
             TaskState::Committed {
                 samples,
                 manifest_uri,
+                by_attempt,
                 ..
             } => {
                 total += samples;
                 assert!(
-                    manifest_uri.ends_with(&format!("/{}", t.value.attempt)),
-                    "committed by its current attempt: {t:?}"
+                    manifest_uri.ends_with(&format!("/{by_attempt}")),
+                    "the output of the attempt that committed: {t:?}"
                 );
             }
             other => panic!("{} not committed: {other:?}", t.value.task_id),

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub session_expiries: Arc<AtomicU64>,
     /// Task leases taken over after their deadline passed.
     pub task_lease_expiries: Arc<AtomicU64>,
+    /// Backup attempts started for straggling tasks.
+    pub speculative_leases: Arc<AtomicU64>,
     rpc: Arc<Mutex<BTreeMap<&'static str, Histogram>>>,
 }
 
@@ -126,6 +128,12 @@ impl Metrics {
             out,
             "distill_lease_expiries_total{{kind=\"task\"}} {}",
             self.task_lease_expiries.load(Ordering::Relaxed)
+        );
+        out += "# HELP distill_speculative_leases_total Backup attempts of straggling tasks.\n# TYPE distill_speculative_leases_total counter\n";
+        let _ = writeln!(
+            out,
+            "distill_speculative_leases_total {}",
+            self.speculative_leases.load(Ordering::Relaxed)
         );
         out += "# HELP distill_rpc_duration_seconds gRPC handler latency.\n# TYPE distill_rpc_duration_seconds histogram\n";
         if let Ok(m) = self.rpc.lock() {

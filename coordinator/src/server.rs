@@ -28,7 +28,7 @@ use crate::job::{JobEvent, JobState};
 use crate::ledger::{Ledger, Versioned};
 use crate::metrics::{serve_metrics, Metrics};
 use crate::store::{EmbeddedStore, EtcdStore, LeaseId, Store, StoreError};
-use crate::tasks::{Reported, Tasks};
+use crate::tasks::{LeaseKind, Reported, Speculation, TaskState, Tasks};
 use crate::tls::ServerTls;
 
 /// Timing knobs of the worker protocol.
@@ -47,6 +47,8 @@ pub struct Config {
     pub tokens: Tokens,
     /// TLS on both listeners (gRPC and metrics); unset: plaintext.
     pub tls: Option<ServerTls>,
+    /// When stragglers get a speculative backup (`None`: never).
+    pub speculation: Option<Speculation>,
 }
 
 impl Default for Config {
@@ -59,6 +61,7 @@ impl Default for Config {
             leader_ttl: Duration::from_secs(5),
             tokens: Tokens::default(),
             tls: None,
+            speculation: Some(Speculation::default()),
         }
     }
 }
@@ -232,7 +235,7 @@ impl<S: Store> Coordinator<S> {
     pub fn new(store: S, config: Config, events: LoopHandle) -> Self {
         Self {
             ledger: Ledger::new(store.clone()),
-            tasks: Tasks::new(store),
+            tasks: Tasks::new(store).with_speculation(config.speculation),
             config,
             events,
             metrics: Metrics::default(),
@@ -562,17 +565,24 @@ impl<S: Store> WorkerService for Coordinator<S> {
             return none();
         }
         let lease_ms = self.config.task_lease.as_millis() as i64;
-        let Some((t, took_over)) = self.tasks.lease(&[job_id], &session, lease_ms).await? else {
+        let Some((t, kind)) = self.tasks.lease(&[job_id], &session, lease_ms).await? else {
             return none();
         };
-        if took_over {
-            self.metrics
-                .task_lease_expiries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let counter = match kind {
+            LeaseKind::Fresh => None,
+            LeaseKind::TookOver => Some(&self.metrics.task_lease_expiries),
+            LeaseKind::Speculative => Some(&self.metrics.speculative_leases),
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let spec_json = job.value.spec_json;
         let deadline = match &t.state {
-            crate::tasks::TaskState::Leased { deadline_ms, .. } => *deadline_ms as u64,
+            TaskState::Leased { holder, backup } => backup
+                .iter()
+                .chain(std::iter::once(holder))
+                .find(|h| h.attempt == t.attempt)
+                .map_or(0, |h| h.deadline_ms as u64),
             _ => 0,
         };
         let task = pb::Task {

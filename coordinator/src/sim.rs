@@ -111,7 +111,9 @@ fn failover(s: &Status) -> bool {
 }
 
 /// A simulated worker: one session, leases tasks and "runs" each for
-/// `work`, heartbeating meanwhile, then reports success.
+/// `work`, heartbeating (with the task) at the interval the coordinator
+/// gave at registration, then reports success; a task the coordinator
+/// aborts (committed by another attempt, cancelled) is dropped.
 #[derive(Debug, Clone)]
 pub struct SimWorker {
     pub name: String,
@@ -119,6 +121,7 @@ pub struct SimWorker {
     session: Option<String>,
     /// Simulated time per task.
     pub work: Duration,
+    heartbeat_every: Duration,
 }
 
 /// What a simulated worker did.
@@ -130,6 +133,8 @@ pub struct WorkLog {
     pub discarded: usize,
     /// Reports refused as stale.
     pub stale: usize,
+    /// Tasks dropped mid-work because a heartbeat said abort.
+    pub aborted: Vec<(String, String, u64)>,
     pub registrations: usize,
 }
 
@@ -140,6 +145,7 @@ impl SimWorker {
             endpoints: Endpoints::new(endpoints),
             session: None,
             work: Duration::ZERO,
+            heartbeat_every: Duration::from_secs(1),
         }
     }
 
@@ -178,6 +184,9 @@ impl SimWorker {
             })
             .await?;
         self.session = Some(r.session_id.clone());
+        if r.heartbeat_interval_ms > 0 {
+            self.heartbeat_every = Duration::from_millis(r.heartbeat_interval_ms);
+        }
         Ok(r)
     }
 
@@ -265,15 +274,34 @@ impl SimWorker {
             };
             let r = task.r#ref.clone().unwrap_or_default();
             let mut expired = false;
-            if !self.work.is_zero() {
-                tokio::time::sleep(self.work).await;
+            let mut left = self.work;
+            let mut aborted = false;
+            while !left.is_zero() {
+                let step = if expired {
+                    left
+                } else {
+                    left.min(self.heartbeat_every)
+                };
+                tokio::select! {
+                    _ = &mut stop => return Ok(log),
+                    _ = tokio::time::sleep(step) => {}
+                }
+                left -= step;
+                if expired {
+                    break;
+                }
                 let hb = self.heartbeat(vec![r.clone()]).await?;
-                // An expired session still reports what it finished: the
+                // An expired session still finishes and reports: the
                 // attempt number alone decides whether the output counts.
                 expired = hb.reregister;
-                if hb.abort.contains(&r) && !expired {
-                    continue;
+                aborted = hb.abort.contains(&r) && !expired;
+                if aborted {
+                    break;
                 }
+            }
+            if aborted {
+                log.aborted.push((r.job_id, r.task_id, r.attempt));
+                continue;
             }
             match self.report_success(&task).await {
                 Ok(true) => log.committed.push((r.job_id, r.task_id, r.attempt)),

@@ -12,6 +12,13 @@
 //!   exactly once;
 //! - a lease not renewed by heartbeats before its deadline lets another
 //!   worker lease the task with a new attempt (the old holder becomes stale);
+//! - a straggler is re-executed speculatively: when a worker asks for work
+//!   and nothing is pending, a task whose only holder has run for longer
+//!   than [`Speculation::factor`] × the median duration of the job's
+//!   committed tasks (and at least [`Speculation::min_age_ms`]) gets a
+//!   *backup* holder with its own, newer attempt. Both attempts are valid;
+//!   the first success commits, the other is told to discard its output
+//!   (and its next heartbeat aborts it);
 //! - a failure puts the task back with a backoff; after
 //!   [`MAX_FAILURES`] failures (or one non-retryable) the task fails, and
 //!   with it the job, with a reason naming the shard.
@@ -39,18 +46,71 @@ pub enum TaskState {
     Pending {
         not_before_ms: i64,
     },
+    /// Held by `holder`, and by a speculative `backup` while the holder
+    /// straggles.
     Leased {
-        session: String,
-        deadline_ms: i64,
+        holder: Holder,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backup: Option<Holder>,
     },
     Committed {
         manifest_uri: String,
         manifest_sha256: String,
         samples: u64,
+        /// The attempt whose output this is.
+        #[serde(default)]
+        by_attempt: u64,
+        /// From the committing attempt's lease to its commit.
+        #[serde(default)]
+        duration_ms: i64,
     },
     Failed {
         reason: String,
     },
+}
+
+/// One worker's lease on a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub session: String,
+    /// This holder's fencing token.
+    pub attempt: u64,
+    pub deadline_ms: i64,
+    /// When this attempt was leased.
+    pub since_ms: i64,
+}
+
+/// When a straggling task gets a backup attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Speculation {
+    /// A holder older than `factor` × the median committed duration of the
+    /// job's tasks is a straggler.
+    pub factor: f64,
+    /// Never speculate on a holder younger than this.
+    pub min_age_ms: i64,
+    /// Committed tasks needed before a median is trusted.
+    pub min_committed: usize,
+}
+
+impl Default for Speculation {
+    fn default() -> Self {
+        Self {
+            factor: 2.0,
+            min_age_ms: 1_000,
+            min_committed: 3,
+        }
+    }
+}
+
+/// How a lease was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseKind {
+    /// A pending task.
+    Fresh,
+    /// Every holder's lease had expired (presumed dead).
+    TookOver,
+    /// A backup of a straggler, running alongside its holder.
+    Speculative,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +120,8 @@ pub struct TaskRecord {
     /// Sample indices `[shard_start, shard_end)` of the job's global order.
     pub shard_start: u64,
     pub shard_end: u64,
-    /// Bumped on every lease; the fencing token.
+    /// The highest attempt handed out; bumped on every lease (including
+    /// backups), so attempt numbers are never reused.
     pub attempt: u64,
     pub failures: u32,
     #[serde(flatten)]
@@ -126,14 +187,23 @@ pub struct Tasks<S> {
     /// never leasable again): leasing starts there instead of at the first
     /// shard. Only a hint; a new process starts from the beginning.
     cursors: Arc<Mutex<HashMap<String, String>>>,
+    speculation: Option<Speculation>,
 }
 
 impl<S: Store> Tasks<S> {
+    /// A task table that does not speculate.
     pub fn new(store: S) -> Self {
         Self {
             store,
             cursors: Arc::default(),
+            speculation: None,
         }
+    }
+
+    /// Backs up stragglers as `speculation` says (`None`: never).
+    pub fn with_speculation(mut self, speculation: Option<Speculation>) -> Self {
+        self.speculation = speculation;
+        self
     }
 
     /// Creates the job's shard tasks; idempotent (existing tasks are kept).
@@ -182,69 +252,179 @@ impl<S: Store> Tasks<S> {
 
     /// Leases the first available task of any job in `jobs` to `session`
     /// until `now + lease_ms`: a pending task past its backoff, or a leased
-    /// one whose deadline passed (its holder is presumed dead; then the
-    /// flag returned is true).
+    /// one whose every holder's deadline passed (presumed dead:
+    /// [`LeaseKind::TookOver`]). When none is available and speculation is
+    /// on, a straggler's backup ([`LeaseKind::Speculative`]).
     pub async fn lease(
         &self,
         jobs: &[String],
         session: &str,
         lease_ms: i64,
-    ) -> Result<Option<(TaskRecord, bool)>, CoordinatorError> {
+    ) -> Result<Option<(TaskRecord, LeaseKind)>, CoordinatorError> {
         for job in jobs {
-            let prefix = format!("{TASKS}{job}/");
-            let start = self.cursors.lock().ok().and_then(|c| c.get(job).cloned());
-            let mut from = start.unwrap_or_else(|| prefix.clone());
-            let mut finished_so_far = true;
-            loop {
-                let page = self.store.range_page(&prefix, &from, PAGE).await?;
-                let full = page.len() == PAGE;
-                for kv in &page {
-                    let t = decode(&kv.key, &kv.value)?;
-                    let now = now_ms();
-                    let available = match &t.state {
-                        TaskState::Pending { not_before_ms } => *not_before_ms <= now,
-                        TaskState::Leased { deadline_ms, .. } => *deadline_ms <= now,
-                        TaskState::Committed { .. } | TaskState::Failed { .. } => {
-                            if finished_so_far {
-                                if let Ok(mut c) = self.cursors.lock() {
-                                    c.insert(job.clone(), format!("{}\0", kv.key));
-                                }
+            if let Some(got) = self.lease_available(job, session, lease_ms).await? {
+                return Ok(Some(got));
+            }
+        }
+        if let Some(spec) = self.speculation {
+            for job in jobs {
+                if let Some(got) = self.lease_backup(job, session, lease_ms, spec).await? {
+                    return Ok(Some(got));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn lease_available(
+        &self,
+        job: &str,
+        session: &str,
+        lease_ms: i64,
+    ) -> Result<Option<(TaskRecord, LeaseKind)>, CoordinatorError> {
+        let prefix = format!("{TASKS}{job}/");
+        let start = self.cursors.lock().ok().and_then(|c| c.get(job).cloned());
+        let mut from = start.unwrap_or_else(|| prefix.clone());
+        let mut finished_so_far = true;
+        loop {
+            let page = self.store.range_page(&prefix, &from, PAGE).await?;
+            let full = page.len() == PAGE;
+            for kv in &page {
+                let t = decode(&kv.key, &kv.value)?;
+                let now = now_ms();
+                let kind = match &t.state {
+                    TaskState::Pending { not_before_ms } if *not_before_ms <= now => {
+                        LeaseKind::Fresh
+                    }
+                    TaskState::Leased { holder, backup }
+                        if holder.deadline_ms <= now
+                            && backup.as_ref().is_none_or(|b| b.deadline_ms <= now) =>
+                    {
+                        LeaseKind::TookOver
+                    }
+                    TaskState::Committed { .. } | TaskState::Failed { .. } => {
+                        if finished_so_far {
+                            if let Ok(mut c) = self.cursors.lock() {
+                                c.insert(job.to_string(), format!("{}\0", kv.key));
                             }
-                            continue;
                         }
-                    };
-                    finished_so_far = false;
-                    if !available {
                         continue;
                     }
-                    let mut rec = t.clone();
-                    rec.attempt += 1;
-                    rec.state = TaskState::Leased {
-                        session: session.to_string(),
-                        deadline_ms: now + lease_ms,
-                    };
-                    if self
-                        .store
-                        .put_if(&kv.key, encode(&rec), kv.mod_revision)
-                        .await?
-                        .is_some()
-                    {
-                        tracing::debug!(
-                            job = rec.job_id,
-                            task = rec.task_id,
-                            attempt = rec.attempt,
-                            session,
-                            "task leased"
-                        );
-                        let took_over = matches!(t.state, TaskState::Leased { .. });
-                        return Ok(Some((rec, took_over)));
+                    _ => {
+                        finished_so_far = false;
+                        continue;
                     }
-                    // Lost the race for this task: try the next one.
+                };
+                finished_so_far = false;
+                let mut rec = t.clone();
+                rec.attempt += 1;
+                rec.state = TaskState::Leased {
+                    holder: Holder {
+                        session: session.to_string(),
+                        attempt: rec.attempt,
+                        deadline_ms: now + lease_ms,
+                        since_ms: now,
+                    },
+                    backup: None,
+                };
+                if self
+                    .store
+                    .put_if(&kv.key, encode(&rec), kv.mod_revision)
+                    .await?
+                    .is_some()
+                {
+                    tracing::debug!(
+                        job = rec.job_id,
+                        task = rec.task_id,
+                        attempt = rec.attempt,
+                        session,
+                        ?kind,
+                        "task leased"
+                    );
+                    return Ok(Some((rec, kind)));
                 }
-                match page.last() {
-                    Some(last) if full => from = format!("{}\0", last.key),
-                    _ => break,
+                // Lost the race for this task: try the next one.
+            }
+            match page.last() {
+                Some(last) if full => from = format!("{}\0", last.key),
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// A backup lease on the job's oldest straggler, if one qualifies: held
+    /// by another session, without a live backup, older than the threshold.
+    async fn lease_backup(
+        &self,
+        job: &str,
+        session: &str,
+        lease_ms: i64,
+        spec: Speculation,
+    ) -> Result<Option<(TaskRecord, LeaseKind)>, CoordinatorError> {
+        let all = self.list(job).await?;
+        let mut durations: Vec<i64> = all
+            .iter()
+            .filter_map(|t| match &t.value.state {
+                TaskState::Committed { duration_ms, .. } => Some(*duration_ms),
+                _ => None,
+            })
+            .collect();
+        if durations.len() < spec.min_committed.max(1) {
+            return Ok(None);
+        }
+        durations.sort_unstable();
+        let median = durations[durations.len() / 2];
+        let threshold = ((median as f64 * spec.factor) as i64).max(spec.min_age_ms);
+        let now = now_ms();
+        let mut stragglers: Vec<_> = all
+            .iter()
+            .filter_map(|t| match &t.value.state {
+                TaskState::Leased { holder, backup }
+                    if holder.session != session
+                        && holder.deadline_ms > now
+                        && now - holder.since_ms > threshold
+                        && backup.as_ref().is_none_or(|b| b.deadline_ms <= now) =>
+                {
+                    Some((holder.since_ms, t))
                 }
+                _ => None,
+            })
+            .collect();
+        stragglers.sort_by_key(|(since, _)| *since);
+        for (_, t) in stragglers {
+            let mut rec = t.value.clone();
+            let TaskState::Leased { holder, .. } = &rec.state else {
+                continue;
+            };
+            let holder = holder.clone();
+            rec.attempt += 1;
+            rec.state = TaskState::Leased {
+                holder: holder.clone(),
+                backup: Some(Holder {
+                    session: session.to_string(),
+                    attempt: rec.attempt,
+                    deadline_ms: now + lease_ms,
+                    since_ms: now,
+                }),
+            };
+            if self
+                .store
+                .put_if(&key(job, &rec.task_id), encode(&rec), t.revision)
+                .await?
+                .is_some()
+            {
+                tracing::info!(
+                    job,
+                    task = rec.task_id,
+                    straggler = holder.session,
+                    straggler_attempt = holder.attempt,
+                    running_ms = now - holder.since_ms,
+                    median_ms = median,
+                    backup = session,
+                    attempt = rec.attempt,
+                    "speculative backup of a straggler"
+                );
+                return Ok(Some((rec, LeaseKind::Speculative)));
             }
         }
         Ok(None)
@@ -266,24 +446,25 @@ impl<S: Store> Tasks<S> {
                     break false;
                 };
                 let mut rec = decode(&k, &kv.value)?;
-                match &rec.state {
-                    TaskState::Leased { session: s, .. }
-                        if s == session && rec.attempt == *attempt =>
-                    {
-                        rec.state = TaskState::Leased {
-                            session: session.to_string(),
-                            deadline_ms: now_ms() + lease_ms,
-                        };
-                        if self
-                            .store
-                            .put_if(&k, encode(&rec), kv.mod_revision)
-                            .await?
-                            .is_some()
-                        {
-                            break true;
-                        }
-                    }
-                    _ => break false,
+                let TaskState::Leased { holder, backup } = &mut rec.state else {
+                    break false;
+                };
+                let mine = |h: &Holder| h.session == session && h.attempt == *attempt;
+                let h = if mine(holder) {
+                    holder
+                } else if let Some(b) = backup.as_mut().filter(|b| mine(b)) {
+                    b
+                } else {
+                    break false;
+                };
+                h.deadline_ms = now_ms() + lease_ms;
+                if self
+                    .store
+                    .put_if(&k, encode(&rec), kv.mod_revision)
+                    .await?
+                    .is_some()
+                {
+                    break true;
                 }
             };
             if !held {
@@ -310,15 +491,25 @@ impl<S: Store> Tasks<S> {
             if let TaskState::Committed { .. } = rec.state {
                 return Ok(Reported::AlreadyCommitted);
             }
-            if attempt != rec.attempt || !matches!(rec.state, TaskState::Leased { .. }) {
-                return Err(CoordinatorError::Stale {
-                    what: "task attempt",
-                    detail: format!(
-                        "{job}/{task} attempt {attempt} is not the current attempt {}",
-                        rec.attempt
-                    ),
-                });
-            }
+            // The reporting holder, and the other one (if any) that stays.
+            let (me, other) = match &rec.state {
+                TaskState::Leased { holder, backup } if holder.attempt == attempt => {
+                    (holder.clone(), backup.clone())
+                }
+                TaskState::Leased {
+                    holder,
+                    backup: Some(b),
+                } if b.attempt == attempt => (b.clone(), Some(holder.clone())),
+                _ => {
+                    return Err(CoordinatorError::Stale {
+                        what: "task attempt",
+                        detail: format!(
+                            "{job}/{task} attempt {attempt} is not a current attempt (latest {})",
+                            rec.attempt
+                        ),
+                    })
+                }
+            };
             let mut txn = Txn::new().when(&k, kv.mod_revision);
             let reported = match outcome.clone() {
                 Outcome::Success {
@@ -330,6 +521,8 @@ impl<S: Store> Tasks<S> {
                         manifest_uri,
                         manifest_sha256,
                         samples,
+                        by_attempt: attempt,
+                        duration_ms: now_ms() - me.since_ms,
                     };
                     // The job's progress moves in the same transaction
                     // (a per-job counter: no re-count of every task), and
@@ -353,7 +546,14 @@ impl<S: Store> Tasks<S> {
                 }
                 Outcome::Failure { reason, retryable } => {
                     rec.failures += 1;
-                    if !retryable || rec.failures >= MAX_FAILURES {
+                    if let (Some(stays), true) = (other, retryable && rec.failures < MAX_FAILURES) {
+                        // The other attempt carries on alone.
+                        rec.state = TaskState::Leased {
+                            holder: stays,
+                            backup: None,
+                        };
+                        Reported::WillRetry
+                    } else if !retryable || rec.failures >= MAX_FAILURES {
                         let reason = format!(
                             "shard {task} failed {} time(s), last: {reason}",
                             rec.failures
@@ -380,7 +580,47 @@ impl<S: Store> Tasks<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::shards;
+    use super::*;
+
+    #[test]
+    fn task_records_round_trip() {
+        let h = |s: &str, a| Holder {
+            session: s.into(),
+            attempt: a,
+            deadline_ms: 5,
+            since_ms: 1,
+        };
+        for state in [
+            TaskState::Pending { not_before_ms: 3 },
+            TaskState::Leased {
+                holder: h("a", 2),
+                backup: None,
+            },
+            TaskState::Leased {
+                holder: h("a", 2),
+                backup: Some(h("b", 3)),
+            },
+            TaskState::Committed {
+                manifest_uri: "m".into(),
+                manifest_sha256: "00".into(),
+                samples: 4,
+                by_attempt: 3,
+                duration_ms: 9,
+            },
+            TaskState::Failed { reason: "r".into() },
+        ] {
+            let rec = TaskRecord {
+                job_id: "j".into(),
+                task_id: "t".into(),
+                shard_start: 0,
+                shard_end: 4,
+                attempt: 3,
+                failures: 1,
+                state,
+            };
+            assert_eq!(decode("k", &encode(&rec)).unwrap(), rec);
+        }
+    }
 
     #[test]
     fn shards_cover_every_sample_exactly_once() {

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use distill_coordinator::auth::Tokens;
+use distill_coordinator::tasks::Speculation;
 use distill_coordinator::tls::ServerTlsFiles;
 use distill_coordinator::{serve_with, Config, StoreConfig};
 
@@ -59,6 +60,14 @@ pub struct Args {
     /// Serve Prometheus `GET /metrics` on this address (HTTPS with TLS).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Speculative re-execution: a task running longer than this many times
+    /// the median duration of its job's committed tasks gets a backup
+    /// attempt on an idle worker; the first to commit wins (0: never).
+    #[arg(long, default_value_t = 2.0)]
+    pub speculation_factor: f64,
+    /// Never back up a task that has run for less than this.
+    #[arg(long, default_value_t = 1000)]
+    pub speculation_min_ms: u64,
     /// PEM certificate chain: serve TLS on every listener (needs --tls-key).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -105,6 +114,11 @@ impl Args {
                 client: self.client_token.clone(),
                 worker: self.worker_token.clone(),
             },
+            speculation: (self.speculation_factor > 0.0).then(|| Speculation {
+                factor: self.speculation_factor,
+                min_age_ms: self.speculation_min_ms as i64,
+                ..Speculation::default()
+            }),
             tls: match (&self.tls_cert, &self.tls_key) {
                 (Some(cert), Some(key)) => Some(
                     ServerTlsFiles {
