@@ -131,7 +131,13 @@ pub fn from_json_str(src: &str) -> Result<JobSpec, SpecError> {
             message,
         }])
     })?;
-    validate::validate(raw).map_err(SpecError::Invalid)
+    validate::validate(raw).map_err(|mut errors| {
+        for e in &mut errors {
+            e.line = locate_json(src, &e.field);
+        }
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        SpecError::Invalid(errors)
+    })
 }
 
 /// Reads and parses a job file; `.json` files are JSON, everything else TOML.
@@ -219,4 +225,100 @@ fn locate(src: &str, path: &str) -> Option<usize> {
         }
     }
     line
+}
+
+/// [`locate`] for a JSON document (already known to parse): the line of the
+/// value at dotted `path` (the key's line for an object), or of its nearest
+/// written parent.
+fn locate_json(src: &str, path: &str) -> Option<usize> {
+    let b = src.as_bytes();
+    let mut pos = 0;
+    let mut line = None;
+    for seg in path.split('.') {
+        let (key, index) = match seg.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        pos = ws(b, pos);
+        if b.get(pos) != Some(&b'{') {
+            break;
+        }
+        // Members of this object until `key`.
+        let mut found = None;
+        pos += 1;
+        loop {
+            pos = ws(b, pos);
+            if b.get(pos) != Some(&b'"') {
+                break;
+            }
+            let key_start = pos;
+            let key_end = skip_value(b, pos)?;
+            let name: String = serde_json::from_str(&src[key_start..key_end]).ok()?;
+            pos = ws(b, key_end);
+            pos = ws(b, pos + 1); // the ':'
+            if name == key {
+                found = Some((key_start, pos));
+                break;
+            }
+            pos = ws(b, skip_value(b, pos)?);
+            if b.get(pos) == Some(&b',') {
+                pos += 1;
+            }
+        }
+        let Some((key_start, value_start)) = found else {
+            break;
+        };
+        pos = value_start;
+        let is_object = b.get(pos) == Some(&b'{');
+        line = Some(line_of(src, if is_object { key_start } else { pos }));
+        if let (Some(i), Some(b'[')) = (index, b.get(pos)) {
+            pos += 1;
+            for _ in 0..i {
+                pos = ws(b, skip_value(b, ws(b, pos))?);
+                pos += 1; // the ','
+            }
+            pos = ws(b, pos);
+            line = Some(line_of(src, pos));
+        }
+    }
+    line
+}
+
+fn ws(b: &[u8], mut pos: usize) -> usize {
+    while b.get(pos).is_some_and(|c| c.is_ascii_whitespace()) {
+        pos += 1;
+    }
+    pos
+}
+
+/// The end of the JSON value starting at `pos` (strings honour escapes;
+/// containers nest; scalars run to the next delimiter).
+fn skip_value(b: &[u8], pos: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut i = pos;
+    loop {
+        match *b.get(i)? {
+            b'"' => {
+                i += 1;
+                while *b.get(i)? != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' if depth > 0 => {
+                depth -= 1;
+                i += 1;
+            }
+            b'}' | b']' | b',' if depth == 0 => return Some(i),
+            c if depth == 0 && c.is_ascii_whitespace() => return Some(i),
+            _ => i += 1,
+        }
+        if depth == 0 && (b.get(pos) == Some(&b'"') || matches!(b.get(i - 1), Some(b'}' | b']'))) {
+            return Some(i);
+        }
+    }
 }

@@ -297,6 +297,47 @@ fn json_errors_name_field_and_line() {
     assert!(err.to_string().contains("unknown field `size`"), "{err}");
 }
 
+/// Validation errors (after parsing) carry JSON lines too, every one of
+/// them, in line order; a missing field gets its parent's line.
+#[test]
+fn json_validation_errors_carry_lines() {
+    let src = concat!(
+        "{\n",
+        "  \"task\": \"text_classification\",\n",
+        "  \"teacher\": {\"path\": \"t\"},\n",
+        "  \"data\": {\n",
+        "    \"train\": \"a, \\\"b\\\" {c}.jsonl\",\n",
+        "    \"labels\": [\"x\", \"x\"]\n",
+        "  },\n",
+        "  \"training\": {\n",
+        "    \"learning_rate\": 1e-4,\n",
+        "    \"batch_size\": -1\n",
+        "  },\n",
+        "  \"cluster\": {\"min_workers\": 4,\n \"max_workers\": 2}\n",
+        "}\n"
+    );
+    let err = from_json_str(src).unwrap_err();
+    let got: Vec<(String, Option<usize>)> = err
+        .problems()
+        .iter()
+        .map(|e| (e.field.clone(), e.line))
+        .collect();
+    assert!(
+        got.contains(&("training.batch_size".into(), Some(10))),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&("cluster.min_workers".into(), Some(12))),
+        "{got:?}"
+    );
+    let lines: Vec<_> = got.iter().map(|(_, l)| l.unwrap_or(usize::MAX)).collect();
+    assert!(
+        lines.windows(2).all(|w| w[0] <= w[1]),
+        "in line order: {got:?}"
+    );
+    assert!(err.to_string().contains("(line 10)"), "{err}");
+}
+
 #[test]
 fn json_and_toml_give_the_same_spec() {
     let toml_spec = from_toml_str(MINIMAL).unwrap();
