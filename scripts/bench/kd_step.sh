@@ -17,9 +17,15 @@ for r in $(seq "$runs"); do
 done
 python3 - "$out" <<'PY'
 import json, statistics, sys
-r = {}
+r, ph = {}, {}
 for l in open(sys.argv[1]):
     j = json.loads(l); r.setdefault(j["impl"], []).append(j["median_step_seconds"])
+    for k, v in j.get("phases", {}).items():
+        ph.setdefault(k, {}).setdefault(j["impl"], []).append(v)
 d, p = statistics.median(r["distill"]), statistics.median(r["pytorch"])
+print("\nwhere the time goes (median ms):  phase                 distill  pytorch  ratio")
+for k, v in ph.items():
+    a, b = statistics.median(v["distill"]), statistics.median(v["pytorch"])
+    print(f"  {k:<22} {a*1000:8.1f} {b*1000:8.1f}  {b/a:5.2f}x")
 print(f"\nKD step (batch 32, len 64, teacher online): distill {d*1000:.0f} ms  pytorch {p*1000:.0f} ms  speed ratio {p/d:.2f}x")
 PY

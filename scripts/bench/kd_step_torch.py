@@ -24,20 +24,28 @@ b = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_le
 gold = torch.tensor([1 if r["label"] == "fresh" else 0 for r in rows])
 opt = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.01)
 times = []
+phases = {k: [] for k in ("teacher_forward", "student_forward_loss", "backward", "clip_adamw")}
 for i in range(steps + 2):
     t0 = time.perf_counter()
     opt.zero_grad()
     with torch.no_grad():
         t_logits = teacher(**b).logits
+    t1 = time.perf_counter()
     s_logits = student(**b).logits
     T = 2.0
     kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="batchmean") * T * T
     loss = F.cross_entropy(s_logits, gold) + kd
+    t2 = time.perf_counter()
     loss.backward()
+    t3 = time.perf_counter()
     torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
     opt.step()
     loss.item()
+    t4 = time.perf_counter()
     if i >= 2:
-        times.append(time.perf_counter() - t0)
-times.sort()
-print(json.dumps({"impl": "pytorch", "median_step_seconds": times[len(times) // 2], "steps": steps, "threads": threads}))
+        times.append(t4 - t0)
+        for k, (a, c) in zip(phases, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
+            phases[k].append(c - a)
+med = lambda v: sorted(v)[len(v) // 2]
+print(json.dumps({"impl": "pytorch", "median_step_seconds": med(times), "steps": steps, "threads": threads,
+                  "phases": {k: med(v) for k, v in phases.items()}}))

@@ -8,7 +8,7 @@
 //!   cargo run --release -p distill-worker --example kd_step -- MODEL_DIR DATA.jsonl [STEPS] [THREADS]
 
 use distill_worker::data::{read_examples, Fields};
-use distill_worker::distill::adamw::{clip_grad_norm, zero_grad, AdamW};
+use distill_worker::distill::adamw::{clip_grad_norm, gradients, AdamW};
 use distill_worker::distill::loss::{kd_kl, task_ce};
 use distill_worker::model::student::{derive_config, init_from_teacher, StudentShape};
 use distill_worker::model::{Outputs, Task, TaskModel};
@@ -50,24 +50,41 @@ fn main() -> anyhow::Result<()> {
     params.sort_by(|a, b| a.0.cmp(&b.0));
     let mut opt = AdamW::new(&params, 0.01);
     let mut times = vec![];
+    // Per-phase wall times (CPU ops are synchronous): teacher forward,
+    // student forward + loss, backward, clip + AdamW.
+    let mut phases: [Vec<f64>; 4] = Default::default();
     for i in 0..steps + 2 {
         let t0 = Instant::now();
-        zero_grad(&params);
         let t_logits = tch::no_grad(|| teacher.forward_t(&batch, Outputs::default(), false).output);
+        let t1 = Instant::now();
         let s_logits = student.forward_t(&batch, Outputs::default(), true).output;
         let loss = task_ce(&s_logits, &gold) + kd_kl(&s_logits, &t_logits, 2.0);
-        loss.backward();
-        clip_grad_norm(&params, 1.0);
-        opt.step(&params, 5e-5);
+        let t2 = Instant::now();
+        let mut grads = gradients(&loss, &params);
+        let t3 = Instant::now();
+        clip_grad_norm(&mut grads, 1.0);
+        opt.step(&params, &grads, 5e-5);
         let _ = loss.double_value(&[]);
+        let t4 = Instant::now();
         if i >= 2 {
-            times.push(t0.elapsed().as_secs_f64());
+            times.push((t4 - t0).as_secs_f64());
+            for (p, (a, b)) in phases
+                .iter_mut()
+                .zip([(t0, t1), (t1, t2), (t2, t3), (t3, t4)])
+            {
+                p.push((b - a).as_secs_f64());
+            }
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let [a, b, c, d] = &mut phases;
     println!(
         "{}",
-        serde_json::json!({"impl": "distill", "median_step_seconds": times[times.len() / 2], "steps": steps, "threads": threads})
+        serde_json::json!({"impl": "distill", "median_step_seconds": median(&mut times), "steps": steps, "threads": threads,
+            "phases": {"teacher_forward": median(a), "student_forward_loss": median(b), "backward": median(c), "clip_adamw": median(d)}})
     );
     Ok(())
 }

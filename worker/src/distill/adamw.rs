@@ -35,24 +35,25 @@ impl AdamW {
         }
     }
 
-    /// Apply one update from the parameters' `.grad()` (parameters without a
-    /// gradient are skipped). Every state tensor is updated in place; the only
-    /// temporaries per parameter are `g²` and the denominator.
-    pub fn step(&mut self, params: &[(String, Tensor)], lr: f64) {
+    /// Apply one update from `grads` (one per parameter, as [`gradients`]
+    /// returns them; an undefined gradient skips its parameter). Every state
+    /// tensor is updated in place; the only temporaries per parameter are
+    /// `g²` and the denominator.
+    pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) {
+        assert_eq!(params.len(), grads.len(), "one gradient per parameter");
         self.t += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         tch::no_grad(|| {
-            for (i, (_, p)) in params.iter().enumerate() {
-                let g = p.grad();
+            for (i, ((_, p), g)) in params.iter().zip(grads).enumerate() {
                 if !g.defined() {
                     continue;
                 }
                 let m = &mut self.m[i].1;
                 let v = &mut self.v[i].1;
-                let _ = m.lerp_(&g, 1.0 - b1);
-                let _ = v.lerp_(&(&g * &g), 1.0 - b2);
+                let _ = m.lerp_(g, 1.0 - b1);
+                let _ = v.lerp_(&(g * g), 1.0 - b2);
                 if lr == 0.0 {
                     continue; // moments advance; the parameter does not move
                 }
@@ -71,11 +72,43 @@ impl AdamW {
     }
 }
 
+/// The gradient of `loss` with respect to each parameter, computed by the
+/// autograd engine without touching any `.grad()` field: nothing to zero
+/// before a step and no accumulation pass into stale buffers (what
+/// PyTorch's `zero_grad(set_to_none=True)` buys). A parameter that does
+/// not require grad, or that `loss` does not depend on, gets an undefined
+/// tensor.
+pub fn gradients(loss: &Tensor, params: &[(String, Tensor)]) -> Vec<Tensor> {
+    let live: Vec<usize> = (0..params.len())
+        .filter(|&i| params[i].1.requires_grad())
+        .collect();
+    let inputs: Vec<&Tensor> = live.iter().map(|&i| &params[i].1).collect();
+    let mut computed = Tensor::run_backward(&[loss], &inputs, false, false).into_iter();
+    let mut out: Vec<Tensor> = (0..params.len()).map(|_| Tensor::new()).collect();
+    for i in live {
+        out[i] = computed.next().expect("one gradient per input");
+    }
+    out
+}
+
+/// Adds `more` into `acc` (gradient accumulation over micro-batches).
+pub fn accumulate(acc: &mut [Tensor], more: Vec<Tensor>) {
+    for (a, g) in acc.iter_mut().zip(more) {
+        if !g.defined() {
+            continue;
+        }
+        if a.defined() {
+            let _ = a.g_add_(&g);
+        } else {
+            *a = g;
+        }
+    }
+}
+
 /// Global L2 norm of the gradients.
-pub fn grad_norm(params: &[(String, Tensor)]) -> f64 {
-    let norms: Vec<Tensor> = params
+pub fn grad_norm(grads: &[Tensor]) -> f64 {
+    let norms: Vec<Tensor> = grads
         .iter()
-        .map(|(_, p)| p.grad())
         .filter(|g| g.defined())
         .map(|g| g.norm())
         .collect();
@@ -91,27 +124,15 @@ pub fn grad_norm(params: &[(String, Tensor)]) -> f64 {
 
 /// Scale gradients so their global norm is at most `max_norm`; returns the
 /// norm before clipping.
-pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
-    let norm = grad_norm(params);
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> f64 {
+    let norm = grad_norm(grads);
     if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
         tch::no_grad(|| {
-            for (_, p) in params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.g_mul_scalar_(scale);
-                }
+            for g in grads.iter_mut().filter(|g| g.defined()) {
+                let _ = g.g_mul_scalar_(scale);
             }
         });
     }
     norm
-}
-
-pub fn zero_grad(params: &[(String, Tensor)]) {
-    for (_, p) in params {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.detach_().zero_();
-        }
-    }
 }

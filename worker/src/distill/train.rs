@@ -13,7 +13,7 @@
 //! A non-finite loss or gradient skips the step; `max_bad_steps` in a row
 //! roll back to the last checkpoint with a logged reason.
 
-use super::adamw::{clip_grad_norm, zero_grad, AdamW};
+use super::adamw::{accumulate, clip_grad_norm, gradients, AdamW};
 use super::checkpoint::{self, CheckpointMeta};
 use super::loss;
 use super::schedule::{learning_rate, temperature, Balancer, Decay, Term, TermWeight, TERMS};
@@ -356,7 +356,7 @@ impl<'a> Trainer<'a> {
                 self.cfg.temperature.0,
                 self.cfg.temperature.1,
             );
-            zero_grad(&self.params);
+            let mut grads: Vec<Tensor> = Vec::new();
             let mut loss_sum = 0.0;
             let mut term_sum = [None::<f64>; 5];
             for micro in 0..self.cfg.grad_accum {
@@ -365,7 +365,15 @@ impl<'a> Trainer<'a> {
                     .map(|j| self.sample(base + j, n))
                     .collect();
                 let (l, values) = self.micro_loss(&idx, data, temp);
-                (l.shallow_clone() / self.cfg.grad_accum as f64).backward();
+                let g = gradients(
+                    &(l.shallow_clone() / self.cfg.grad_accum as f64),
+                    &self.params,
+                );
+                if grads.is_empty() {
+                    grads = g;
+                } else {
+                    accumulate(&mut grads, g);
+                }
                 loss_sum += l.double_value(&[]) / self.cfg.grad_accum as f64;
                 for (acc, v) in term_sum.iter_mut().zip(values) {
                     if let Some(v) = v {
@@ -373,7 +381,7 @@ impl<'a> Trainer<'a> {
                     }
                 }
             }
-            let norm = clip_grad_norm(&self.params, self.cfg.grad_clip);
+            let norm = clip_grad_norm(&mut grads, self.cfg.grad_clip);
             let skipped = !loss_sum.is_finite() || !norm.is_finite();
             on_step(&StepLog {
                 step,
@@ -384,7 +392,7 @@ impl<'a> Trainer<'a> {
                 skipped,
             });
             if skipped {
-                zero_grad(&self.params);
+                drop(grads);
                 bad += 1;
                 tracing::warn!(
                     step,
@@ -412,7 +420,7 @@ impl<'a> Trainer<'a> {
                 continue;
             }
             bad = 0;
-            self.opt.step(&self.params, lr);
+            self.opt.step(&self.params, &grads, lr);
             for term in TERMS {
                 if let Some(v) = term_sum[term as usize] {
                     self.balancer.observe(term, v);
