@@ -94,6 +94,7 @@ pub struct RawTraining {
     pub optimizer: Option<String>,
     pub learning_rate: Option<f64>,
     pub warmup_ratio: Option<f64>,
+    pub lr_schedule: Option<String>,
     pub weight_decay: Option<f64>,
     pub grad_clip: Option<f64>,
     pub grad_accum: Option<i64>,

@@ -186,6 +186,8 @@ pub struct Training {
     pub optimizer: Optimizer,
     pub learning_rate: f64,
     pub warmup_ratio: f64,
+    /// Learning-rate decay after warmup.
+    pub lr_schedule: LrSchedule,
     pub weight_decay: f64,
     /// Global gradient-norm clip; 0 disables clipping.
     pub grad_clip: f64,
@@ -203,12 +205,20 @@ pub enum TrainingLength {
     Steps(u64),
 }
 
+/// The optimiser; AdamW (decoupled weight decay) is the one built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Optimizer {
     Adamw,
-    Adam,
-    Sgd,
+}
+
+/// Learning rate after the linear warmup: down to 0 at the last step,
+/// linearly or along a half cosine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Linear,
+    Cosine,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -502,11 +502,7 @@ fn training(c: &mut Check, t: RawTraining) -> Training {
             "training.optimizer",
             t.optimizer.as_deref(),
             Optimizer::Adamw,
-            &[
-                ("adamw", Optimizer::Adamw),
-                ("adam", Optimizer::Adam),
-                ("sgd", Optimizer::Sgd),
-            ],
+            &[("adamw", Optimizer::Adamw)],
         ),
         learning_rate: c.float(
             "training.learning_rate",
@@ -521,6 +517,15 @@ fn training(c: &mut Check, t: RawTraining) -> Training {
             0.1,
             |x| (0.0..1.0).contains(&x),
             "in [0, 1)",
+        ),
+        lr_schedule: c.word(
+            "training.lr_schedule",
+            t.lr_schedule.as_deref(),
+            LrSchedule::Linear,
+            &[
+                ("linear", LrSchedule::Linear),
+                ("cosine", LrSchedule::Cosine),
+            ],
         ),
         weight_decay: c.float(
             "training.weight_decay",

@@ -377,3 +377,24 @@ fn sharding_fields_default_and_are_checked() {
     .unwrap();
     assert_eq!(back.data.num_samples, Some(5));
 }
+
+#[test]
+fn learning_rate_schedule_and_optimizer_choices() {
+    assert_eq!(
+        from_toml_str(MINIMAL).unwrap().training.lr_schedule,
+        LrSchedule::Linear
+    );
+    let cosine =
+        from_toml_str(&format!("{MINIMAL}[training]\nlr_schedule = \"cosine\"\n")).unwrap();
+    assert_eq!(cosine.training.lr_schedule, LrSchedule::Cosine);
+    let e = one_error(&format!("{MINIMAL}[training]\nlr_schedule = \"step\"\n"));
+    assert_eq!(e.field, "training.lr_schedule");
+    assert!(
+        e.message.contains("\"linear\", \"cosine\""),
+        "{}",
+        e.message
+    );
+    // Only AdamW is built: anything else is refused, not silently ignored.
+    let e = one_error(&format!("{MINIMAL}[training]\noptimizer = \"sgd\"\n"));
+    assert_eq!((e.field.as_str(), e.line), ("training.optimizer", Some(10)));
+}

@@ -7,6 +7,7 @@
 //! Every stage checkpoints under the output directory; running the same job
 //! again resumes where it stopped (a finished stage is reused).
 
+use crate::autocast::Reduced;
 use crate::data::{read_examples, Example, Fields};
 use crate::distill::loss::IGNORE_LABEL;
 use crate::distill::schedule::{Decay, TermWeight};
@@ -20,7 +21,9 @@ use crate::model::student::{
 use crate::model::{Task, TaskModel};
 use crate::tokenize::{Encoded, TextTokenizer};
 use crate::{Error, Result};
-use distill_spec::{JobSpec, LayerMap, StudentInit, TeacherSignal, TrainingLength, Weight};
+use distill_spec::{
+    JobSpec, LayerMap, LrSchedule, Precision, StudentInit, TeacherSignal, TrainingLength, Weight,
+};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -141,7 +144,10 @@ fn train_config(spec: &JobSpec, n_train: usize, layer_map: Vec<i64>) -> TrainCon
         grad_accum: t.grad_accum as usize,
         learning_rate: t.learning_rate,
         warmup_steps: (t.warmup_ratio * total as f64).round() as u64,
-        decay: Decay::Linear,
+        decay: match t.lr_schedule {
+            LrSchedule::Linear => Decay::Linear,
+            LrSchedule::Cosine => Decay::Cosine,
+        },
         weight_decay: t.weight_decay,
         grad_clip: t.grad_clip,
         seed: t.seed,
@@ -157,6 +163,12 @@ fn train_config(spec: &JobSpec, n_train: usize, layer_map: Vec<i64>) -> TrainCon
         temperature: (d.temperature.start, d.temperature.end),
         layer_map,
         max_bad_steps: 3,
+        precision: match t.precision {
+            Precision::Fp32 => None,
+            Precision::Bf16 => Some(Reduced::Bf16),
+            // Refused in `run_local` before any work (needs loss scaling).
+            Precision::Fp16 => Some(Reduced::Fp16),
+        },
     }
 }
 
@@ -229,7 +241,18 @@ fn measure(
     Ok((metric, eps))
 }
 
+/// What this build cannot train, refused before any work starts.
+pub fn check_supported(spec: &JobSpec) -> Result<()> {
+    if spec.training.precision == Precision::Fp16 {
+        return Err(Error::Invalid(
+            "training.precision: \"fp16\" training needs loss scaling, which distill does not do yet; use \"bf16\" or \"fp32\"".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
+    check_supported(spec)?;
     let started = Instant::now();
     let out = &opts.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;

@@ -19,6 +19,7 @@ pub struct Plan {
 }
 
 pub fn plan(spec: &JobSpec) -> Result<Plan> {
+    crate::pipeline::check_supported(spec)?;
     let dir = Path::new(&spec.teacher.path);
     let cfg = BertConfig::from_dir(dir)?;
     let files = weights::weight_files(dir)?;

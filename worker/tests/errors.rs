@@ -156,3 +156,24 @@ fn bad_model_directories_are_reported_precisely() {
         "{e}"
     );
 }
+
+/// fp16 training needs loss scaling, which is not built: refused up front by
+/// `plan` and `run_local`, naming the field, instead of training badly.
+#[test]
+fn fp16_training_is_refused_naming_the_field() {
+    let spec = distill_spec::from_toml_str(
+        "task = \"text_classification\"\n[teacher]\npath = \"/nonexistent\"\n[data]\ntrain = \"t.jsonl\"\n[training]\nprecision = \"fp16\"\n",
+    )
+    .unwrap();
+    for e in [
+        distill_worker::plan::plan(&spec)
+            .err()
+            .map(|e| e.to_string()),
+        distill_worker::pipeline::check_supported(&spec)
+            .err()
+            .map(|e| e.to_string()),
+    ] {
+        let e = e.expect("refused");
+        assert!(e.starts_with("training.precision: \"fp16\""), "{e}");
+    }
+}

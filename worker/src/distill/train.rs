@@ -17,8 +17,9 @@ use super::adamw::{accumulate, clip_grad_norm, gradients, AdamW};
 use super::checkpoint::{self, CheckpointMeta};
 use super::loss;
 use super::schedule::{learning_rate, temperature, Balancer, Decay, Term, TermWeight, TERMS};
+use crate::autocast::{self, Reduced};
 use crate::infer::{infer, InferOptions};
-use crate::model::{Outputs, Task, TaskModel};
+use crate::model::{ModelOutput, Outputs, Task, TaskModel};
 use crate::tokenize::{Encoded, Padding, TextTokenizer};
 use crate::{Error, Result};
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub struct TrainConfig {
     /// Student layer i ↔ teacher layer `layer_map[i]`.
     pub layer_map: Vec<i64>,
     pub max_bad_steps: u32,
+    /// Mixed precision for the forward passes (`None`: fp32 throughout).
+    pub precision: Option<Reduced>,
 }
 
 /// Tokenized examples with label ids (`loss::IGNORE_LABEL` = unlabelled).
@@ -228,7 +231,12 @@ impl<'a> Trainer<'a> {
     }
 
     /// The weighted loss of one micro-batch and each term's unweighted value.
-    fn micro_loss(&self, idx: &[usize], data: &TrainData, temp: f64) -> (Tensor, [Option<f64>; 5]) {
+    fn micro_loss(
+        &self,
+        idx: &[usize],
+        data: &TrainData,
+        temp: f64,
+    ) -> Result<(Tensor, [Option<f64>; 5])> {
         let refs: Vec<&Encoded> = idx.iter().map(|&i| &data.examples[i]).collect();
         let device = self.student.device();
         let batch = self.tok.batch(&refs, Padding::Dynamic, device);
@@ -238,10 +246,15 @@ impl<'a> Trainer<'a> {
             hidden_states: self.active(Term::Hidden),
             attentions: self.active(Term::Attention),
         };
-        let s = self.student.forward_t(&batch, outputs, true);
-        let t = self
-            .teacher
-            .map(|t| tch::no_grad(|| t.forward_t(&batch, outputs, false)));
+        // Forward passes under autocast when asked; losses in fp32.
+        let (s, t) = autocast::maybe(device, self.cfg.precision, || {
+            let s = self.student.forward_t(&batch, outputs, true);
+            let t = self
+                .teacher
+                .map(|t| tch::no_grad(|| t.forward_t(&batch, outputs, false)));
+            (s, t)
+        })?;
+        let (s, t) = (s.into_float(), t.map(ModelOutput::into_float));
         let t_out = match (&data.teacher_output, &t) {
             (Some(all), _) if self.offline => {
                 let rows = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
@@ -309,7 +322,7 @@ impl<'a> Trainer<'a> {
                 total = total + v * w;
             }
         }
-        (total, values)
+        Ok((total, values))
     }
 
     /// Train until `total_steps`, resuming from `self.step`. `on_step` sees
@@ -364,7 +377,7 @@ impl<'a> Trainer<'a> {
                 let idx: Vec<usize> = (0..self.cfg.batch_size as u64)
                     .map(|j| self.sample(base + j, n))
                     .collect();
-                let (l, values) = self.micro_loss(&idx, data, temp);
+                let (l, values) = self.micro_loss(&idx, data, temp)?;
                 let g = gradients(
                     &(l.shallow_clone() / self.cfg.grad_accum as f64),
                     &self.params,

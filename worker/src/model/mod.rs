@@ -54,6 +54,28 @@ pub struct ModelOutput {
     pub encoder: EncoderOutput,
 }
 
+impl ModelOutput {
+    /// Every tensor as fp32 (after a mixed-precision forward, losses are
+    /// computed in fp32); differentiable, and free for tensors already fp32.
+    pub fn into_float(self) -> Self {
+        let f = |t: Tensor| {
+            if t.kind() == tch::Kind::Float {
+                t
+            } else {
+                t.to_kind(tch::Kind::Float)
+            }
+        };
+        ModelOutput {
+            output: f(self.output),
+            encoder: EncoderOutput {
+                last_hidden: f(self.encoder.last_hidden),
+                hidden_states: self.encoder.hidden_states.into_iter().map(f).collect(),
+                attentions: self.encoder.attentions.into_iter().map(f).collect(),
+            },
+        }
+    }
+}
+
 /// An encoder with its head, owning its variables.
 pub struct TaskModel {
     pub vs: nn::VarStore,
