@@ -4,11 +4,13 @@
 //! deployments can share one etcd); the prefix is stripped on the way out.
 //! Leases map one to one onto etcd leases; TTLs round up to whole seconds.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, EventType, GetOptions, PutOptions, Txn as EtcdTxn,
-    TxnOp, WatchOptions,
+    Client, Compare as EtcdCompare, CompareOp, EventType, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
 };
 
 use super::{
@@ -16,12 +18,34 @@ use super::{
     TxnOutcome, Watch, WatchEvent,
 };
 
-/// A handle on an etcd cluster; clones share the connection.
+/// A handle on an etcd cluster; clones share the connection and the
+/// open keep-alive streams.
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
     namespace: String,
+    keepers: Keepers,
 }
+
+/// One open keep-alive stream per lease, reused by every renewal of that
+/// lease (a worker heartbeats its session lease every second; opening a
+/// fresh bidirectional stream each time was the main cost of a heartbeat).
+/// A stream that errors, and a lease revoked or found expired, is dropped;
+/// streams idle for [`KEEPER_IDLE`] are closed when the table grows.
+type Keepers = Arc<Mutex<HashMap<LeaseId, Arc<tokio::sync::Mutex<Keeper>>>>>;
+
+struct Keeper {
+    keeper: LeaseKeeper,
+    stream: LeaseKeepAliveStream,
+    used: Instant,
+    /// A request was sent and its reply not yet read.
+    in_flight: bool,
+}
+
+/// Keep-alive streams unused for this long are closed (when the table has
+/// more than [`KEEPER_PRUNE_AT`] entries).
+const KEEPER_IDLE: Duration = Duration::from_secs(60);
+const KEEPER_PRUNE_AT: usize = 4096;
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,7 +59,74 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// One renewal on an open stream: send, then read the matching reply.
+async fn renew(k: &mut Keeper, lease: LeaseId) -> Result<(), StoreError> {
+    let lease_err = |e: etcd_client::Error| match e.to_string().contains("lease not found") {
+        true => StoreError::LeaseNotFound(lease),
+        false => unavailable(e),
+    };
+    k.keeper.keep_alive().await.map_err(lease_err)?;
+    match k.stream.message().await.map_err(lease_err)? {
+        Some(resp) if resp.ttl() > 0 => Ok(()),
+        _ => Err(StoreError::LeaseNotFound(lease)),
+    }
+}
+
 impl EtcdStore {
+    /// `lease`'s keep-alive stream: the cached one, or (when `fresh` or
+    /// none is cached) a newly opened one, cached for the next renewal.
+    async fn keeper(
+        &self,
+        lease: LeaseId,
+        fresh: bool,
+    ) -> Result<Arc<tokio::sync::Mutex<Keeper>>, StoreError> {
+        if !fresh {
+            if let Some(e) = self
+                .keepers
+                .lock()
+                .ok()
+                .and_then(|k| k.get(&lease).cloned())
+            {
+                return Ok(e);
+            }
+        }
+        let (keeper, stream) = self
+            .client
+            .clone()
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|e| match e.to_string().contains("lease not found") {
+                true => StoreError::LeaseNotFound(lease),
+                false => unavailable(e),
+            })?;
+        let e = Arc::new(tokio::sync::Mutex::new(Keeper {
+            keeper,
+            stream,
+            used: Instant::now(),
+            in_flight: false,
+        }));
+        let Ok(mut k) = self.keepers.lock() else {
+            return Ok(e);
+        };
+        if k.len() >= KEEPER_PRUNE_AT {
+            k.retain(|_, e| {
+                e.try_lock()
+                    .map_or(true, |e| e.used.elapsed() < KEEPER_IDLE)
+            });
+        }
+        k.insert(lease, e.clone());
+        Ok(e)
+    }
+
+    /// Drops `lease`'s cached keep-alive stream if it is still `entry`.
+    fn forget_keeper(&self, lease: LeaseId, entry: &Arc<tokio::sync::Mutex<Keeper>>) {
+        if let Ok(mut k) = self.keepers.lock() {
+            if k.get(&lease).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+                k.remove(&lease);
+            }
+        }
+    }
+
     /// Connects to any of `endpoints` (`http://host:port`); every key lives
     /// under `namespace` (e.g. `/distill/`).
     pub async fn connect(endpoints: &[String], namespace: &str) -> Result<Self, StoreError> {
@@ -49,6 +140,7 @@ impl EtcdStore {
         Ok(Self {
             client,
             namespace: namespace.to_string(),
+            keepers: Keepers::default(),
         })
     }
 
@@ -184,24 +276,43 @@ impl Store for EtcdStore {
     }
 
     async fn keepalive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let lease_err = |e: etcd_client::Error| match e.to_string().contains("lease not found") {
-            true => StoreError::LeaseNotFound(lease),
-            false => unavailable(e),
-        };
-        let (mut keeper, mut stream) = self
-            .client
-            .clone()
-            .lease_keep_alive(lease)
-            .await
-            .map_err(lease_err)?;
-        keeper.keep_alive().await.map_err(lease_err)?;
-        match stream.message().await.map_err(lease_err)? {
-            Some(resp) if resp.ttl() > 0 => Ok(()),
-            _ => Err(StoreError::LeaseNotFound(lease)),
+        // A cached stream that fails for any reason other than the lease
+        // being gone gets one retry on a fresh stream, so a stream that
+        // broke while idle never fails a heartbeat.
+        for fresh in [false, true] {
+            let entry = self.keeper(lease, fresh).await?;
+            let mut k = entry.lock().await;
+            if k.in_flight {
+                // A caller was cancelled between request and reply: its
+                // reply may still be queued. Never read it as ours.
+                drop(k);
+                self.forget_keeper(lease, &entry);
+                continue;
+            }
+            k.used = Instant::now();
+            k.in_flight = true;
+            let renewed = renew(&mut k, lease).await;
+            k.in_flight = false;
+            drop(k);
+            match renewed {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.forget_keeper(lease, &entry);
+                    if matches!(e, StoreError::LeaseNotFound(_)) || fresh {
+                        return Err(e);
+                    }
+                }
+            }
         }
+        Err(StoreError::Unavailable(format!(
+            "lease {lease}: no usable keep-alive stream"
+        )))
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        if let Ok(mut k) = self.keepers.lock() {
+            k.remove(&lease);
+        }
         match self.client.clone().lease_revoke(lease).await {
             Ok(_) => Ok(()),
             Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
