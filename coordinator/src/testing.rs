@@ -136,3 +136,62 @@ pub async fn wait_serving(url: &str, timeout: Duration) -> anyhow::Result<()> {
     })
     .await
 }
+
+/// A coordinator served by this process on loopback (`127.0.0.1:0`), with
+/// Prometheus metrics on a second port when asked; [`Served::stop`] shuts
+/// it down and returns how serving ended.
+pub struct Served {
+    /// The gRPC listener's address (`HOST:PORT`).
+    pub addr: std::net::SocketAddr,
+    /// The metrics listener's address, when started with metrics.
+    pub metrics: Option<std::net::SocketAddr>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<(), crate::CoordinatorError>>,
+}
+
+impl Served {
+    /// Binds the listeners and spawns `serve_full` on the current runtime.
+    pub async fn start<S: crate::store::Store>(
+        store: S,
+        config: crate::Config,
+        with_metrics: bool,
+    ) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let metrics = match with_metrics {
+            true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+            false => None,
+        };
+        let addr = listener.local_addr()?;
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(crate::serve_full(
+            store,
+            config,
+            listener,
+            metrics,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Self {
+            addr,
+            metrics: metrics_addr,
+            stop,
+            handle,
+        })
+    }
+
+    /// `http://HOST:PORT` of the gRPC listener.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Shuts the coordinator down and waits (at most 30 s) for it to stop.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .map_err(|_| anyhow::anyhow!("the coordinator did not stop within 30 s"))??
+            .map_err(anyhow::Error::from)
+    }
+}

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use distill_coordinator::auth::Tokens;
 use distill_coordinator::sim::{SimClient, SimWorker};
-use distill_coordinator::testing::{wait_for, EtcdServer};
-use distill_coordinator::{serve_full, Config};
+use distill_coordinator::testing::{wait_for, EtcdServer, Served};
+use distill_coordinator::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
@@ -37,20 +37,9 @@ async fn tokens_per_role_and_metrics() {
         },
         ..Config::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let metrics_addr = metrics.local_addr().unwrap().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_full(
-        store,
-        config,
-        listener,
-        Some(metrics),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let server = Served::start(store, config, true).await.unwrap();
+    let url = server.url();
+    let metrics_addr = server.metrics.unwrap().to_string();
 
     // Refusals are answers, not failovers: they come back at once.
     let mut anonymous = SimClient::new(vec![url.clone()]);
@@ -108,6 +97,5 @@ async fn tokens_per_role_and_metrics() {
     stop_worker.cancel();
     let log = w.await.unwrap().unwrap();
     assert_eq!(log.committed.len(), 3);
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.stop().await.unwrap();
 }

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use distill_coordinator::testing::{wait_for, wait_serving, EtcdServer};
-use distill_coordinator::{serve, Config};
+use distill_coordinator::testing::{wait_for, wait_serving, EtcdServer, Served};
+use distill_coordinator::Config;
 use distill_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
 use pb::worker_service_client::WorkerServiceClient;
@@ -48,12 +48,8 @@ async fn generations_fence_checkpoint_commits() {
         session_timeout: Duration::from_secs(1),
         ..Config::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(store.clone(), config, listener, async move {
-        let _ = stopped.await;
-    }));
+    let server = Served::start(store.clone(), config, false).await.unwrap();
+    let addr = server.url();
     wait_serving(&addr, Duration::from_secs(10)).await.unwrap();
     let mut jobs = JobServiceClient::connect(addr.clone()).await.unwrap();
     let mut w = WorkerServiceClient::connect(addr.clone()).await.unwrap();
@@ -187,6 +183,5 @@ async fn generations_fence_checkpoint_commits() {
         .into_inner();
     assert_eq!(seen.progress.unwrap().checkpoint_step, 20);
 
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.stop().await.unwrap();
 }

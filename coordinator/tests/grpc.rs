@@ -9,8 +9,8 @@ use std::time::Duration;
 use distill_coordinator::job::JobState;
 use distill_coordinator::ledger::Ledger;
 use distill_coordinator::tasks::{TaskState, Tasks};
-use distill_coordinator::testing::{wait_for, EtcdServer};
-use distill_coordinator::{serve, Config};
+use distill_coordinator::testing::{wait_for, EtcdServer, Served};
+use distill_coordinator::Config;
 use distill_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
 use pb::worker_service_client::WorkerServiceClient;
@@ -46,12 +46,8 @@ async fn jobs_and_workers_over_grpc() {
         task_lease: Duration::from_millis(1500),
         ..Config::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(store.clone(), config, listener, async move {
-        let _ = stopped.await;
-    }));
+    let server = Served::start(store.clone(), config, false).await.unwrap();
+    let addr = server.url();
     let mut jobs = wait_for(
         Duration::from_secs(10),
         "the coordinator to accept connections",
@@ -418,6 +414,5 @@ async fn jobs_and_workers_over_grpc() {
         }
     );
 
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.stop().await.unwrap();
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 use distill_coordinator::driver::Shutdown;
 use distill_coordinator::sim::{SimClient, SimWorker, Status, WorkLog};
 use distill_coordinator::tasks::{Speculation, TaskState, Tasks};
-use distill_coordinator::testing::{wait_for, wait_serving, EtcdServer};
-use distill_coordinator::{serve, Config};
+use distill_coordinator::testing::{wait_for, wait_serving, EtcdServer, Served};
+use distill_coordinator::Config;
 
 const SHARDS: u64 = 12;
 const SLOW: Duration = Duration::from_secs(30);
@@ -41,7 +41,7 @@ struct Run {
     stop: Shutdown,
     slow: Handle,
     fast: Vec<Handle>,
-    server_stop: tokio::sync::oneshot::Sender<()>,
+    served: Served,
 }
 
 async fn start(speculation: Option<Speculation>) -> Run {
@@ -54,12 +54,8 @@ async fn start(speculation: Option<Speculation>) -> Run {
         speculation,
         ..Config::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (server_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(store.clone(), config, listener, async move {
-        let _ = stopped.await;
-    }));
+    let served = Served::start(store.clone(), config, false).await.unwrap();
+    let url = served.url();
     wait_serving(&url, Duration::from_secs(20)).await.unwrap();
     let mut client = SimClient::new(vec![url.clone()]);
     let job = client.submit(&spec(), 0).await.unwrap().job_id;
@@ -94,7 +90,7 @@ async fn start(speculation: Option<Speculation>) -> Run {
         stop,
         slow,
         fast,
-        server_stop,
+        served,
     }
 }
 
@@ -126,7 +122,7 @@ impl Run {
         for h in self.fast {
             fast.push(h.await.unwrap().unwrap());
         }
-        let _ = self.server_stop.send(());
+        self.served.stop().await.unwrap();
         (slow, fast, self.etcd)
     }
 }

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use distill_coordinator::sim::SimClient;
 use distill_coordinator::store::EmbeddedStore;
-use distill_coordinator::testing::wait_for;
+use distill_coordinator::testing::{wait_for, Served};
 use distill_coordinator::tls::{ClientTlsFiles, ServerTlsFiles};
-use distill_coordinator::{serve_full, Config};
+use distill_coordinator::Config;
 use distill_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -163,8 +163,7 @@ impl Pki {
 struct Running {
     grpc: String,
     metrics: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: tokio::task::JoinHandle<Result<(), distill_coordinator::CoordinatorError>>,
+    served: Served,
     _state: tempfile::TempDir,
 }
 
@@ -175,25 +174,11 @@ async fn start(tls: &ServerTlsFiles) -> Running {
         tls: Some(tls.load().unwrap()),
         ..Config::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc = format!("https://{}", listener.local_addr().unwrap());
-    let metrics_addr = metrics.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_full(
-        store,
-        config,
-        listener,
-        Some(metrics),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let served = Served::start(store, config, true).await.unwrap();
     Running {
-        grpc,
-        metrics: metrics_addr,
-        stop: Some(stop),
-        server,
+        grpc: format!("https://{}", served.addr),
+        metrics: served.metrics.unwrap(),
+        served,
         _state: state,
     }
 }
@@ -210,13 +195,8 @@ impl Running {
         .unwrap();
     }
 
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.server)
-            .await
-            .expect("coordinator stops")
-            .unwrap()
-            .unwrap();
+    async fn shutdown(self) {
+        self.served.stop().await.unwrap();
     }
 }
 
