@@ -44,7 +44,9 @@ pub struct ModelReport {
     pub hidden: i64,
     /// Accuracy (classification) or mean cosine to the teacher (embedding) on the test split.
     pub metric: f64,
-    pub bytes_on_disk: u64,
+    /// Size of the exported model directory; `None` for a model that is not
+    /// exported (the labels-only baseline).
+    pub bytes_on_disk: Option<u64>,
     pub examples_per_second: f64,
 }
 
@@ -539,7 +541,7 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
             layers: ls,
             hidden: scfg.hidden_size,
             metric: m,
-            bytes_on_disk: 0,
+            bytes_on_disk: None,
             examples_per_second: eps,
         })
     } else {
@@ -565,7 +567,7 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
             layers: lt,
             hidden: teacher.config().hidden_size,
             metric: tm,
-            bytes_on_disk: teacher_bytes,
+            bytes_on_disk: Some(teacher_bytes),
             examples_per_second: teps,
         },
         student: ModelReport {
@@ -573,7 +575,7 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
             layers: ls,
             hidden: scfg.hidden_size,
             metric: sm,
-            bytes_on_disk: dir_bytes(&student_dir),
+            bytes_on_disk: Some(dir_bytes(&student_dir)),
             examples_per_second: seps,
         },
         baseline,
@@ -679,7 +681,13 @@ pub fn render(r: &Report) -> String {
     let mut row = |name: &str, m: &ModelReport| {
         s.push_str(&format!(
             "| {name} | {} | {} | {} | {:.4} | {:.0} | {} |\n",
-            m.layers, m.hidden, m.params, m.metric, m.examples_per_second, m.bytes_on_disk
+            m.layers,
+            m.hidden,
+            m.params,
+            m.metric,
+            m.examples_per_second,
+            m.bytes_on_disk
+                .map_or("— (not exported)".to_string(), |b| b.to_string())
         ));
     };
     row("teacher", &r.teacher);
