@@ -158,6 +158,21 @@ async fn assert_exactly_once(etcd: &EtcdServer, id: &str, samples: u64, logs: &[
     assert!(told.values().all(|n| *n == 1), "{told:?}");
 }
 
+/// Waits (60 s) for the job to finish labelling, i.e. reach `training`;
+/// on timeout, panics with the coordinators' logs from `dir`.
+async fn wait_labelled(client: &SimClient, id: &str, what: &str, dir: &std::path::Path) -> pb::Job {
+    wait_for(Duration::from_secs(60), what, || {
+        let mut client = client.clone();
+        let id = id.to_string();
+        async move {
+            let j = client.get(&id).await.ok()?;
+            (j.state == pb::JobState::Training as i32).then_some(j)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(dir)))
+}
+
 async fn finish(
     stop: Shutdown,
     handles: Vec<tokio::task::JoinHandle<Result<WorkLog, distill_coordinator::sim::Status>>>,
@@ -189,20 +204,7 @@ async fn sigkilled_coordinator_restarts_and_finishes_the_job_exactly_once() {
 
     // Same etcd, same address: the workers' endpoint list still holds.
     let second = Coordinator::spawn(etcd.endpoint(), &addr, &dir.path().join("b.log")).await;
-    let done = wait_for(
-        Duration::from_secs(60),
-        "the job to finish labelling",
-        || {
-            let mut client = client.clone();
-            let id = id.clone();
-            async move {
-                let j = client.get(&id).await.ok()?;
-                (j.state == pb::JobState::Training as i32).then_some(j)
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(dir.path())));
+    let done = wait_labelled(&client, &id, "the job to finish labelling", dir.path()).await;
     let p = done.progress.unwrap();
     assert_eq!((p.shards_committed, p.shards_total), (SAMPLES, SAMPLES));
     let logs = finish(stop, handles).await;
@@ -251,20 +253,7 @@ async fn standby_takes_over_when_the_leader_is_killed() {
     assert_eq!(before.state, pb::JobState::Labelling as i32);
     leader.kill().await;
 
-    let done = wait_for(
-        Duration::from_secs(60),
-        "the standby to finish the job",
-        || {
-            let mut client = client.clone();
-            let id = id.clone();
-            async move {
-                let j = client.get(&id).await.ok()?;
-                (j.state == pb::JobState::Training as i32).then_some(j)
-            }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", logs(dir.path())));
+    let done = wait_labelled(&client, &id, "the standby to finish the job", dir.path()).await;
     let p = done.progress.unwrap();
     assert_eq!((p.shards_committed, p.shards_total), (SAMPLES, SAMPLES));
     let logs = finish(stop, handles).await;

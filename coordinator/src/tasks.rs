@@ -80,6 +80,18 @@ pub struct Holder {
     pub since_ms: i64,
 }
 
+impl Holder {
+    /// `session` holding `attempt` from `now` for `lease_ms`.
+    fn new(session: &str, attempt: u64, now: i64, lease_ms: i64) -> Self {
+        Self {
+            session: session.to_string(),
+            attempt,
+            deadline_ms: now + lease_ms,
+            since_ms: now,
+        }
+    }
+}
+
 /// When a straggling task gets a backup attempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Speculation {
@@ -319,12 +331,7 @@ impl<S: Store> Tasks<S> {
                 let mut rec = t.clone();
                 rec.attempt += 1;
                 rec.state = TaskState::Leased {
-                    holder: Holder {
-                        session: session.to_string(),
-                        attempt: rec.attempt,
-                        deadline_ms: now + lease_ms,
-                        since_ms: now,
-                    },
+                    holder: Holder::new(session, rec.attempt, now, lease_ms),
                     backup: None,
                 };
                 if self
@@ -400,12 +407,7 @@ impl<S: Store> Tasks<S> {
             rec.attempt += 1;
             rec.state = TaskState::Leased {
                 holder: holder.clone(),
-                backup: Some(Holder {
-                    session: session.to_string(),
-                    attempt: rec.attempt,
-                    deadline_ms: now + lease_ms,
-                    since_ms: now,
-                }),
+                backup: Some(Holder::new(session, rec.attempt, now, lease_ms)),
             };
             if self
                 .store

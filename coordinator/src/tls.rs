@@ -72,6 +72,11 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Coordi
     Ok(certs)
 }
 
+/// The first private key in a PEM file.
+fn private_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, CoordinatorError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| bad(path, format!("no usable private key: {e}")))
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -82,8 +87,7 @@ impl ServerTlsFiles {
         let cert_pem = read(&self.cert)?;
         let key_pem = read(&self.key)?;
         let chain = certs(&self.cert, &cert_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| bad(&self.key, format!("no usable private key: {e}")))?;
+        let key = private_key(&self.key, &key_pem)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| CoordinatorError::Internal(format!("rustls: {e}")))?;
@@ -144,8 +148,7 @@ impl ClientTlsFiles {
         if let Some((cert, key)) = &self.identity {
             let (cert_pem, key_pem) = (read(cert)?, read(key)?);
             certs(cert, &cert_pem)?;
-            PrivateKeyDer::from_pem_slice(&key_pem)
-                .map_err(|e| bad(key, format!("no usable private key: {e}")))?;
+            private_key(key, &key_pem)?;
             cfg = cfg.identity(Identity::from_pem(cert_pem, key_pem));
         }
         if let Some(d) = &self.domain {

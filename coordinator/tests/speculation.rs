@@ -63,7 +63,7 @@ async fn start(speculation: Option<Speculation>) -> Run {
     let slow = spawn("slow", &url, SLOW, &stop);
     // The slow worker holds a shard before the fast ones arrive.
     let tasks = Tasks::new(store);
-    wait_for(Duration::from_secs(20), "the slow worker to lease", || {
+    let leased = wait_for(Duration::from_secs(20), "the slow worker to lease", || {
         let (tasks, job) = (tasks.clone(), job.clone());
         async move {
             let all = tasks.list(&job).await.ok()?;
@@ -72,14 +72,14 @@ async fn start(speculation: Option<Speculation>) -> Run {
                 .then_some(())
         }
     })
-    .await
-    .unwrap_or_else(|e| {
+    .await;
+    if let Err(e) = leased {
+        let seen = client.get(&job).await;
         panic!(
-            "{e}; slow worker finished: {}, job: {:?}",
-            slow.is_finished(),
-            describe_job(&client, &job)
-        )
-    });
+            "{e}; slow worker finished: {}, job: {seen:?}",
+            slow.is_finished()
+        );
+    }
     let fast = (0..2)
         .map(|i| spawn(&format!("fast{i}"), &url, Duration::from_millis(50), &stop))
         .collect();
@@ -92,17 +92,6 @@ async fn start(speculation: Option<Speculation>) -> Run {
         fast,
         served,
     }
-}
-
-fn describe_job(client: &SimClient, job: &str) -> String {
-    let (mut c, job) = (client.clone(), job.to_string());
-    std::thread::spawn(move || {
-        tokio::runtime::Runtime::new()
-            .unwrap()
-            .block_on(async move { format!("{:?}", c.get(&job).await) })
-    })
-    .join()
-    .unwrap()
 }
 
 impl Run {

@@ -59,12 +59,17 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// One renewal on an open stream: send, then read the matching reply.
-async fn renew(k: &mut Keeper, lease: LeaseId) -> Result<(), StoreError> {
-    let lease_err = |e: etcd_client::Error| match e.to_string().contains("lease not found") {
+/// A keep-alive failure: the lease is gone, or etcd is unreachable.
+fn keepalive_error(lease: LeaseId, e: etcd_client::Error) -> StoreError {
+    match e.to_string().contains("lease not found") {
         true => StoreError::LeaseNotFound(lease),
         false => unavailable(e),
-    };
+    }
+}
+
+/// One renewal on an open stream: send, then read the matching reply.
+async fn renew(k: &mut Keeper, lease: LeaseId) -> Result<(), StoreError> {
+    let lease_err = |e| keepalive_error(lease, e);
     k.keeper.keep_alive().await.map_err(lease_err)?;
     match k.stream.message().await.map_err(lease_err)? {
         Some(resp) if resp.ttl() > 0 => Ok(()),
@@ -95,10 +100,7 @@ impl EtcdStore {
             .clone()
             .lease_keep_alive(lease)
             .await
-            .map_err(|e| match e.to_string().contains("lease not found") {
-                true => StoreError::LeaseNotFound(lease),
-                false => unavailable(e),
-            })?;
+            .map_err(|e| keepalive_error(lease, e))?;
         let e = Arc::new(tokio::sync::Mutex::new(Keeper {
             keeper,
             stream,
