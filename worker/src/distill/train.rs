@@ -369,7 +369,8 @@ impl<'a> Trainer<'a> {
                 self.cfg.temperature.0,
                 self.cfg.temperature.1,
             );
-            let mut grads: Vec<Tensor> = Vec::new();
+            // Undefined until a micro-batch contributes (then taken as is).
+            let mut grads: Vec<Tensor> = self.params.iter().map(|_| Tensor::new()).collect();
             let mut loss_sum = 0.0;
             let mut term_sum = [None::<f64>; 5];
             for micro in 0..self.cfg.grad_accum {
@@ -382,11 +383,7 @@ impl<'a> Trainer<'a> {
                     &(l.shallow_clone() / self.cfg.grad_accum as f64),
                     &self.params,
                 );
-                if grads.is_empty() {
-                    grads = g;
-                } else {
-                    accumulate(&mut grads, g);
-                }
+                accumulate(&mut grads, g);
                 loss_sum += l.double_value(&[]) / self.cfg.grad_accum as f64;
                 for (acc, v) in term_sum.iter_mut().zip(values) {
                     if let Some(v) = v {
