@@ -34,9 +34,13 @@ enum Command {
     Run(cmd::run::RunArgs),
     /// Start a cluster coordinator backed by etcd (or an embedded store).
     Coordinator(cmd::coordinator::Args),
-    /// Start a cluster worker that connects to a coordinator
-    /// [not built yet: exits with an error].
-    Worker(cmd::stub::Args),
+    /// Submit a job spec to a running coordinator; prints the job id.
+    Submit(cmd::client::SubmitArgs),
+    /// Print a job's state and progress (one JSON object).
+    Status(cmd::client::StatusArgs),
+    /// Start a cluster worker: register with the coordinator, lease tasks
+    /// (teacher-signal shards, training, evaluation) and run them on libtorch.
+    Worker(cmd::worker::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal, never in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -55,7 +61,9 @@ fn main() -> ExitCode {
         Command::Plan(a) => cmd::run::plan(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Coordinator(a) => cmd::coordinator::run(a),
-        Command::Worker(a) => cmd::stub::run("worker", a),
+        Command::Worker(a) => cmd::worker::run(a),
+        Command::Submit(a) => cmd::client::submit(a),
+        Command::Status(a) => cmd::client::status(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

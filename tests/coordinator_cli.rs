@@ -130,7 +130,7 @@ async fn wait_committed(client: &SimClient, id: &str, at_least: u64) -> pb::Job 
 /// worker reports were told "committed" for the same task.
 async fn assert_exactly_once(etcd: &EtcdServer, id: &str, samples: u64, logs: &[WorkLog]) {
     let store = etcd.store("/cli/").await.unwrap();
-    let tasks = Tasks::new(store).list(id).await.unwrap();
+    let tasks = Tasks::new(store).shards(id).await.unwrap();
     assert_eq!(tasks.len() as u64, samples);
     let mut total = 0;
     for t in &tasks {

@@ -59,8 +59,12 @@ impl From<&Versioned<JobRecord>> for pb::Job {
                 steps_total: j.progress.steps_total,
                 steps_done: j.progress.steps_done,
                 checkpoint_step: j.progress.checkpoint_step,
+                stage: j.progress.stage.clone(),
+                shards_reused: j.progress.shards_reused,
+                loss: j.progress.loss,
             }),
             revision: v.revision,
+            outputs: j.outputs.clone(),
         }
     }
 }
@@ -120,11 +124,21 @@ impl TryFrom<pb::ReportTaskRequest> for Report {
             .outcome
             .ok_or_else(|| CoordinatorError::InvalidArgument("outcome: missing".into()))?
         {
-            O::Success(s) => Outcome::Success {
-                manifest_uri: required("success.manifest_uri", &s.manifest_uri)?.to_string(),
-                manifest_sha256: s.manifest_sha256,
-                samples: s.samples,
-            },
+            O::Success(s) => {
+                if !is_sha256_hex(&s.manifest_sha256) {
+                    return Err(CoordinatorError::InvalidArgument(
+                        "success.manifest_sha256: must be 64 hex digits".into(),
+                    ));
+                }
+                Outcome::Success {
+                    manifest_uri: required("success.manifest_uri", &s.manifest_uri)?.to_string(),
+                    manifest_sha256: s.manifest_sha256,
+                    samples: s.samples,
+                    reused: s.reused,
+                    outputs: s.outputs,
+                }
+            }
+            O::Failure(f) if f.released => Outcome::Released,
             O::Failure(f) => Outcome::Failure {
                 reason: f.reason,
                 retryable: f.retryable,
@@ -137,5 +151,47 @@ impl TryFrom<pb::ReportTaskRequest> for Report {
             attempt: task.attempt,
             outcome,
         })
+    }
+}
+
+/// A sha256 digest as 64 hex digits (checkpoint and manifest hashes).
+pub(crate) fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether a worker of `theirs` can work with a coordinator of `ours`:
+/// the same major version, and for 0.x the same minor (semver's rule for
+/// breaking changes). An empty or unparsable version is incompatible.
+pub(crate) fn compatible_version(ours: &str, theirs: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64)> {
+        let mut it = v.trim().split('.');
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    };
+    match (parse(ours), parse(theirs)) {
+        (Some((0, a)), Some((0, b))) => a == b,
+        (Some((a, _)), Some((b, _))) => a == b,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_compatible_by_semver() {
+        assert!(compatible_version("0.1.0", "0.1.7"));
+        assert!(!compatible_version("0.1.0", "0.2.0"));
+        assert!(compatible_version("1.2.0", "1.9.1"));
+        assert!(!compatible_version("1.2.0", "2.0.0"));
+        assert!(!compatible_version("0.1.0", ""));
+        assert!(!compatible_version("0.1.0", "banana"));
+    }
+
+    #[test]
+    fn sha256_digests_are_64_hex_digits() {
+        assert!(is_sha256_hex(&"ab".repeat(32)));
+        assert!(!is_sha256_hex("abc"));
+        assert!(!is_sha256_hex(&"zz".repeat(32)));
     }
 }

@@ -15,10 +15,11 @@
 //! | `assignments/<session>`  | job id | the worker's session lease |
 //!
 //! An assignment vanishes with its worker's session, so a dead worker's
-//! slot is refilled on the next pass. Planning counts the non-empty lines of
-//! the spec's `data.train` and `data.unlabelled` JSONL files (relative paths
-//! are relative to the coordinator's working directory) unless the spec
-//! states `data.num_samples`, and cuts them into `data.shard_size` shards.
+//! slot is refilled on the next pass. Planning counts the examples of the
+//! spec's `data.train` and `data.unlabelled` files with the reader the
+//! worker uses (`distill_data::training_examples`; relative paths are
+//! relative to the coordinator's working directory) unless the spec states
+//! `data.num_samples`, and cuts them into `data.shard_size` shards.
 //!
 //! Shutdown is through a [`Shutdown`] token: the loop finishes its pass and
 //! returns.
@@ -33,7 +34,7 @@ use crate::job::{JobEvent, JobState};
 use crate::ledger::{JobRecord, Ledger, Versioned};
 use crate::scheduler::{schedule, Action, JobView, WorkerView};
 use crate::store::{EventKind, Store, StoreError, Txn};
-use crate::tasks::{TaskState, Tasks};
+use crate::tasks::{TaskKind, TaskState, Tasks};
 
 pub(crate) const ASSIGNMENTS: &str = "assignments/";
 pub(crate) const SESSIONS: &str = "sessions/";
@@ -237,11 +238,18 @@ impl<S: Store> Driver<S> {
 
     fn limits(&mut self, job: &JobRecord) -> Limits {
         *self.limits.entry(job.id.clone()).or_insert_with(|| {
-            let v: serde_json::Value = serde_json::from_str(&job.spec_json).unwrap_or_default();
-            let get = |k: &str| v["cluster"][k].as_u64().unwrap_or(1).max(1) as u32;
-            Limits {
-                min_workers: get("min_workers"),
-                max_workers: get("max_workers"),
+            // The stored spec was validated at submission; one that no
+            // longer parses (an older layout) fails at planning, so a
+            // minimal one-worker claim is enough until then.
+            match distill_spec::from_json_str(&job.spec_json) {
+                Ok(spec) => Limits {
+                    min_workers: spec.cluster.min_workers.max(1),
+                    max_workers: spec.cluster.max_workers.max(1),
+                },
+                Err(_) => Limits {
+                    min_workers: 1,
+                    max_workers: 1,
+                },
             }
         })
     }
@@ -367,25 +375,53 @@ impl<S: Store> Driver<S> {
             }
         };
         if spec.distill.teacher_signal == distill_spec::TeacherSignal::Online {
-            self.ledger
-                .transition(&id, JobEvent::Planned { labelling: false })
-                .await?;
-            return Ok(());
+            // Straight to training, with the training task, in one
+            // transaction.
+            let r = self
+                .tasks
+                .advance(&id, |j| {
+                    j.state = j
+                        .state
+                        .clone()
+                        .apply(JobEvent::Planned { labelling: false })?;
+                    j.progress.stage = "training".into();
+                    Ok(Some(TaskKind::Train))
+                })
+                .await;
+            return match r {
+                Ok(_) | Err(CoordinatorError::InvalidTransition(_)) => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
+        if spec.teacher.fine_tune {
+            return self
+                .fail(
+                    &id,
+                    "teacher.fine_tune: fine-tuning the teacher before an offline teacher signal is not built on the cluster path yet; use distill.teacher_signal = \"online\" or a fine-tuned teacher".into(),
+                )
+                .await;
         }
         let total = match spec.data.num_samples {
             Some(n) => n,
             None => {
-                let files: Vec<(String, String)> = [
-                    ("data.train", spec.data.train.clone()),
-                    ("data.unlabelled", spec.data.unlabelled.clone()),
-                ]
-                .into_iter()
-                .filter_map(|(f, p)| Some((f.to_string(), p?)))
-                .collect();
-                match tokio::task::spawn_blocking(move || count_samples(&files)).await {
-                    Ok(Ok(n)) => n,
-                    Ok(Err(reason)) => return self.fail(&id, reason).await,
-                    Err(e) => return Err(CoordinatorError::Internal(format!("line count: {e}"))),
+                // The same reader, policy and order the worker uses: the
+                // plan counts examples, not lines.
+                let s = spec.clone();
+                match tokio::task::spawn_blocking(move || distill_data::training_examples(&s)).await
+                {
+                    Ok(Ok(read)) => {
+                        if !read.skipped.is_empty() {
+                            tracing::warn!(
+                                job = id,
+                                skipped = read.skipped.len(),
+                                first = %read.skipped[0],
+                                "bad examples skipped (data.on_bad_example = \"skip\")"
+                            );
+                        }
+                        read.examples.len() as u64
+                    }
+                    Ok(Err(e)) => return self.fail(&id, format!("planning: {e}")).await,
+                    Err(e) => return Err(CoordinatorError::Internal(format!("reading data: {e}"))),
                 }
             }
         };
@@ -406,6 +442,7 @@ impl<S: Store> Driver<S> {
                     .clone()
                     .apply(JobEvent::Planned { labelling: true })?;
                 j.progress.shards_total = n;
+                j.progress.stage = "labelling".into();
                 Ok(())
             })
             .await;
@@ -439,75 +476,25 @@ impl<S: Store> Driver<S> {
         }) {
             return self.fail(id, t).await;
         }
-        let total = tasks.len() as u64;
+        let total = tasks
+            .iter()
+            .filter(|t| t.value.kind == TaskKind::TeacherSignal)
+            .count() as u64;
         let r = self
-            .ledger
-            .update(id, |j| {
+            .tasks
+            .advance(id, |j| {
                 j.progress.shards_total = total;
                 j.progress.shards_committed = committed;
                 if total > 0 && committed == total && j.state == JobState::Labelling {
                     j.state = j.state.clone().apply(JobEvent::Labelled)?;
+                    return Ok(Some(TaskKind::Train));
                 }
-                Ok(())
+                Ok(None)
             })
             .await;
         match r {
             Ok(_) | Err(CoordinatorError::InvalidTransition(_)) => Ok(()),
             Err(e) => Err(e),
         }
-    }
-}
-
-/// Non-empty lines of each JSONL file, summed; an error names the field.
-fn count_samples(files: &[(String, String)]) -> Result<u64, String> {
-    use std::io::Read;
-    let mut total = 0u64;
-    for (field, path) in files {
-        let mut f = std::fs::File::open(path)
-            .map_err(|e| format!("planning: cannot read {field} \"{path}\": {e}"))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut line_has_text = false;
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| format!("planning: cannot read {field} \"{path}\": {e}"))?;
-            if n == 0 {
-                break;
-            }
-            for &b in &buf[..n] {
-                if b == b'\n' {
-                    total += line_has_text as u64;
-                    line_has_text = false;
-                } else if !b.is_ascii_whitespace() {
-                    line_has_text = true;
-                }
-            }
-        }
-        total += line_has_text as u64;
-    }
-    Ok(total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::count_samples;
-
-    #[test]
-    fn counts_non_empty_lines_across_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a.jsonl");
-        let b = dir.path().join("b.jsonl");
-        std::fs::write(&a, "{\"text\":\"x\"}\n\n  \n{\"text\":\"y\"}").unwrap();
-        std::fs::write(&b, "{}\n{}\n{}\n").unwrap();
-        let files = [
-            ("data.train".to_string(), a.display().to_string()),
-            ("data.unlabelled".to_string(), b.display().to_string()),
-        ];
-        assert_eq!(count_samples(&files), Ok(5));
-        let err = count_samples(&[("data.train".into(), "/no/such.jsonl".into())]).unwrap_err();
-        assert!(
-            err.starts_with("planning: cannot read data.train \"/no/such.jsonl\""),
-            "{err}"
-        );
     }
 }

@@ -27,6 +27,10 @@ pub enum CoordinatorError {
     #[error("state store: {0}")]
     Store(#[from] StoreError),
     /// Temporarily unable to serve (contention, not the leader); retry.
+    /// The request is well-formed but cannot be served in this state (an
+    /// incompatible worker version, say).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("unauthenticated: {0}")]
@@ -45,6 +49,7 @@ impl CoordinatorError {
                 Code::InvalidArgument
             }
             CoordinatorError::NotFound(_) => Code::NotFound,
+            CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
             CoordinatorError::InvalidTransition(_) | CoordinatorError::Stale { .. } => {
                 Code::FailedPrecondition
             }

@@ -199,7 +199,6 @@ impl<S: Store> Groups<S> {
             format!("{GROUPS}{}", c.job_id),
             format!("{CHECKPOINTS}{}", c.job_id),
         );
-        let jkey = format!("jobs/{}", c.job_id);
         for _ in 0..64 {
             let Some(gkv) = self.store.get(&gkey).await? else {
                 return Err(CoordinatorError::Stale {
@@ -238,32 +237,33 @@ impl<S: Store> Groups<S> {
                     });
                 }
             }
-            let job = self
+            let step = c.step;
+            let job_id = c.job_id.clone();
+            let staged = self
                 .ledger
-                .get(&c.job_id)
-                .await?
-                .ok_or_else(|| CoordinatorError::NotFound(format!("job {}", c.job_id)))?;
-            if job.value.state.is_terminal() {
-                return Err(CoordinatorError::Stale {
-                    what: "job state",
-                    detail: format!("{} is {}", c.job_id, job.value.state.name()),
-                });
-            }
-            let mut record = job.value;
-            record.progress.checkpoint_step = c.step;
-            record.updated_at_ms = crate::ledger::now_ms();
+                .stage(&c.job_id, |j| {
+                    if j.state.is_terminal() {
+                        return Err(CoordinatorError::Stale {
+                            what: "job state",
+                            detail: format!("{job_id} is {}", j.state.name()),
+                        });
+                    }
+                    j.progress.checkpoint_step = step;
+                    Ok(())
+                })
+                .await?;
             let ckpt = Checkpoint {
                 step: c.step,
                 uri: c.uri.clone(),
                 sha256: c.sha256.clone(),
                 generation: c.generation,
             };
-            let txn = Txn::new()
-                .when(&gkey, gkv.mod_revision)
-                .when(&ckey, prev.map_or(0, |p| p.revision))
-                .when(&jkey, job.revision)
-                .put(&ckey, json(&ckpt))
-                .put(&jkey, json(&record));
+            let txn = staged.guard(
+                Txn::new()
+                    .when(&gkey, gkv.mod_revision)
+                    .when(&ckey, prev.map_or(0, |p| p.revision))
+                    .put(&ckey, json(&ckpt)),
+            );
             if self.store.txn(txn).await?.committed() {
                 tracing::info!(
                     job = c.job_id,

@@ -29,13 +29,22 @@ const REQUESTS: &str = "requests/";
 const MAX_RETRIES: usize = 64;
 
 /// Progress counters shown to clients.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     pub shards_total: u64,
     pub shards_committed: u64,
     pub steps_total: u64,
     pub steps_done: u64,
     pub checkpoint_step: u64,
+    /// What the job's worker reports it is doing ("distilling", ...).
+    #[serde(default)]
+    pub stage: String,
+    /// Committed shards whose output was found already computed.
+    #[serde(default)]
+    pub shards_reused: u64,
+    /// Latest training loss reported.
+    #[serde(default)]
+    pub loss: f64,
 }
 
 /// A job as persisted under `jobs/<id>`.
@@ -53,6 +62,10 @@ pub struct JobRecord {
     pub updated_at_ms: i64,
     #[serde(default)]
     pub progress: Progress,
+    /// What the job produced (the exported student, the report), as URIs
+    /// under the artifact root; filled as its stage tasks commit.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 /// A value read from the store with the revision it was read at.
@@ -77,6 +90,31 @@ pub fn decode(key: &str, bytes: &[u8]) -> Result<JobRecord, CoordinatorError> {
 
 fn encode(job: &JobRecord) -> Vec<u8> {
     serde_json::to_vec(job).expect("a job record always serialises")
+}
+
+/// A job change read at a revision and not yet written: see
+/// [`Ledger::stage`].
+#[derive(Debug, Clone)]
+pub struct Staged {
+    key: String,
+    revision: Revision,
+    /// The record as read.
+    pub before: JobRecord,
+    /// The record as it will be written.
+    pub job: JobRecord,
+}
+
+impl Staged {
+    /// `txn`, guarded by the job's revision and writing the changed record.
+    pub fn guard(&self, txn: Txn) -> Txn {
+        txn.when(&self.key, self.revision)
+            .put(&self.key, encode(&self.job))
+    }
+
+    /// `txn`, guarded by the job's revision, leaving the record as it is.
+    pub fn guard_only(&self, txn: Txn) -> Txn {
+        txn.when(&self.key, self.revision)
+    }
 }
 
 /// The job ledger over any [`Store`].
@@ -134,6 +172,7 @@ impl<S: Store> Ledger<S> {
                 submitted_at_ms: now,
                 updated_at_ms: now,
                 progress: Progress::default(),
+                outputs: vec![],
             };
             let key = format!("{JOBS}{id}");
             let mut txn = Txn::new()
@@ -227,6 +266,30 @@ impl<S: Store> Ledger<S> {
         Err(CoordinatorError::Unavailable(format!(
             "too much contention updating job {id}"
         )))
+    }
+
+    /// Reads job `id` and applies `f` to it without writing: the caller adds
+    /// the result to its own transaction with [`Staged::guard`], so a job
+    /// change and the task change that caused it commit together or not at
+    /// all. On a lost race the caller calls this again (re-reads).
+    pub async fn stage(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut JobRecord) -> Result<(), CoordinatorError>,
+    ) -> Result<Staged, CoordinatorError> {
+        let Some(current) = self.get(id).await? else {
+            return Err(CoordinatorError::NotFound(format!("job {id}")));
+        };
+        let before = current.value.clone();
+        let mut job = current.value;
+        f(&mut job)?;
+        job.updated_at_ms = now_ms();
+        Ok(Staged {
+            key: format!("{JOBS}{id}"),
+            revision: current.revision,
+            before,
+            job,
+        })
     }
 
     /// Changes to jobs from `start_revision` on (inclusive).

@@ -28,7 +28,7 @@ use crate::job::{JobEvent, JobState};
 use crate::ledger::{Ledger, Versioned};
 use crate::metrics::{serve_metrics, Metrics};
 use crate::store::{EmbeddedStore, EtcdStore, LeaseId, Store, StoreError};
-use crate::tasks::{LeaseKind, Reported, Speculation, TaskState, Tasks};
+use crate::tasks::{LeaseKind, Reported, Speculation, TaskKind, TaskState, Tasks};
 use crate::tls::ServerTls;
 
 /// Timing knobs of the worker protocol.
@@ -49,6 +49,9 @@ pub struct Config {
     pub tls: Option<ServerTls>,
     /// When stragglers get a speculative backup (`None`: never).
     pub speculation: Option<Speculation>,
+    /// Where workers write artifacts (a path every worker sees): shards
+    /// under `signal/`, each job's outputs under `jobs/<id>/`.
+    pub artifact_root: String,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             tokens: Tokens::default(),
             tls: None,
             speculation: Some(Speculation::default()),
+            artifact_root: "artifacts".into(),
         }
     }
 }
@@ -277,29 +281,6 @@ impl<S: Store> Coordinator<S> {
             }),
         }
     }
-
-    /// After a commit or failure: progress, and the job's next state.
-    async fn after_report(
-        &self,
-        job_id: &str,
-        reported: &Reported,
-    ) -> Result<(), CoordinatorError> {
-        match reported {
-            // The commit moved the job's progress in its own transaction.
-            Reported::Committed => {}
-            Reported::TaskFailed { reason } => {
-                let event = JobEvent::Fail {
-                    reason: reason.clone(),
-                };
-                match self.ledger.transition(job_id, event).await {
-                    Ok(_) | Err(CoordinatorError::InvalidTransition(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Reported::AlreadyCommitted | Reported::WillRetry => {}
-        }
-        Ok(())
-    }
 }
 
 type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
@@ -446,6 +427,14 @@ impl<S: Store> WorkerService for Coordinator<S> {
         let _timer = self.metrics.time("register");
         let r = req.into_inner();
         let name = required("worker_name", &r.worker_name)?.to_string();
+        let ours = env!("CARGO_PKG_VERSION");
+        if !crate::convert::compatible_version(ours, &r.version) {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "version: worker {name} runs distill {:?}, this coordinator runs {ours}; upgrade one of them",
+                r.version
+            ))
+            .into());
+        }
         let lease = self
             .store()
             .grant(self.config.session_timeout)
@@ -524,6 +513,35 @@ impl<S: Store> WorkerService for Coordinator<S> {
                 lost.push(r.clone());
             }
         }
+        // Progress of tasks this session still holds shows on the job.
+        for p in &r.progress {
+            let Some(t) = &p.r#ref else { continue };
+            let held = (t.job_id.clone(), t.task_id.clone(), t.attempt);
+            if !running.contains(&held) || lost.contains(&held) {
+                continue;
+            }
+            let (stage, done, total, loss) = (p.stage.clone(), p.steps_done, p.steps_total, p.loss);
+            let r = self
+                .ledger
+                .update(&t.job_id, |j| {
+                    if j.state.is_terminal() {
+                        return Err(CoordinatorError::Stale {
+                            what: "job",
+                            detail: "finished".into(),
+                        });
+                    }
+                    j.progress.stage = stage.clone();
+                    j.progress.steps_done = done;
+                    j.progress.steps_total = total;
+                    j.progress.loss = loss;
+                    Ok(())
+                })
+                .await;
+            match r {
+                Ok(_) | Err(CoordinatorError::Stale { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let abort = lost
             .into_iter()
             .map(|(job_id, task_id, attempt)| pb::TaskRef {
@@ -561,7 +579,10 @@ impl<S: Store> WorkerService for Coordinator<S> {
         let Some(job) = self.ledger.get(&job_id).await? else {
             return none();
         };
-        if job.value.state != JobState::Labelling {
+        if !matches!(
+            job.value.state,
+            JobState::Labelling | JobState::Training | JobState::Evaluating
+        ) {
             return none();
         }
         let lease_ms = self.config.task_lease.as_millis() as i64;
@@ -585,14 +606,20 @@ impl<S: Store> WorkerService for Coordinator<S> {
                 .map_or(0, |h| h.deadline_ms as u64),
             _ => 0,
         };
+        let root = self.config.artifact_root.trim_end_matches('/');
         let task = pb::Task {
-            output_uri: format!("signal/{}/{}", t.job_id, t.task_id),
+            output_uri: format!("{root}/jobs/{}/{}", t.job_id, t.task_id),
+            artifact_root: root.to_string(),
             r#ref: Some(pb::TaskRef {
                 job_id: t.job_id,
                 task_id: t.task_id,
                 attempt: t.attempt,
             }),
-            kind: pb::TaskKind::TeacherSignal as i32,
+            kind: match t.kind {
+                TaskKind::TeacherSignal => pb::TaskKind::TeacherSignal,
+                TaskKind::Train => pb::TaskKind::Train,
+                TaskKind::Evaluate => pb::TaskKind::Evaluate,
+            } as i32,
             spec_json,
             shard_start: t.shard_start,
             shard_end: t.shard_end,
@@ -613,9 +640,11 @@ impl<S: Store> WorkerService for Coordinator<S> {
         parse_session(&r.session_id)?;
         let reported = self
             .tasks
-            .report(&r.job_id, &r.task_id, r.attempt, r.outcome)
+            .report(&r.session_id, &r.job_id, &r.task_id, r.attempt, r.outcome)
             .await?;
-        self.after_report(&r.job_id, &reported).await?;
+        if let Reported::TaskFailed { reason } = &reported {
+            tracing::warn!(job = r.job_id, reason, "job failed");
+        }
         self.events.send(Event::TaskReported {
             job_id: r.job_id.clone(),
         });
@@ -665,7 +694,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
             )
             .into());
         }
-        if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !crate::convert::is_sha256_hex(&r.sha256) {
             return Err(
                 CoordinatorError::InvalidArgument("sha256: must be 64 hex digits".into()).into(),
             );

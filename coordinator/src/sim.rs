@@ -8,107 +8,17 @@
 //! CLI are expected to have.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use distill_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
 use pb::worker_service_client::WorkerServiceClient;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::ClientTlsConfig;
 use tonic::Code;
 /// Re-exported so tests of crates without a tonic dependency can name it.
 pub use tonic::Status;
 
-/// How long one call keeps failing over before giving up.
-const FAILOVER_DEADLINE: Duration = Duration::from_secs(60);
-
-/// Endpoint rotation shared by workers and clients.
-#[derive(Debug, Clone)]
-struct Endpoints {
-    list: Vec<String>,
-    current: usize,
-    channel: Option<Channel>,
-    /// Sent as `authorization: Bearer <token>` when set.
-    token: Option<String>,
-    /// TLS for `https://` endpoints.
-    tls: Option<ClientTlsConfig>,
-}
-
-impl Endpoints {
-    fn new(list: Vec<String>) -> Self {
-        assert!(!list.is_empty(), "at least one endpoint");
-        Self {
-            list,
-            current: 0,
-            channel: None,
-            token: None,
-            tls: None,
-        }
-    }
-
-    async fn channel(&mut self) -> Option<Channel> {
-        if self.channel.is_none() {
-            let ep = tonic::transport::Endpoint::from_shared(self.list[self.current].clone())
-                .ok()?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(10));
-            let ep = match &self.tls {
-                Some(tls) => ep.tls_config(tls.clone()).ok()?,
-                None => ep,
-            };
-            // On failure the caller moves on to the next endpoint.
-            self.channel = Some(ep.connect().await.ok()?);
-        }
-        self.channel.clone()
-    }
-
-    fn next(&mut self) {
-        self.channel = None;
-        self.current = (self.current + 1) % self.list.len();
-    }
-
-    /// Calls `f` on a channel to the current endpoint, failing over on
-    /// errors that mean "not here" (down, or a standby).
-    async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
-    where
-        F: FnMut(Channel, Option<String>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
-    {
-        let deadline = Instant::now() + FAILOVER_DEADLINE;
-        let mut pause = Duration::from_millis(10);
-        loop {
-            let result = match self.channel().await {
-                Some(ch) => f(ch, self.token.clone())
-                    .await
-                    .map(tonic::Response::into_inner),
-                None => Err(Status::unavailable("cannot connect")),
-            };
-            match result {
-                Err(s) if failover(&s) && Instant::now() < deadline => {
-                    self.next();
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(200));
-                }
-                other => return other,
-            }
-        }
-    }
-}
-
-/// Whether an error means "try another endpoint": anything but an answer
-/// about the request itself. A connection cut mid-call (a coordinator
-/// killed) surfaces as `UNKNOWN`, `INTERNAL` or `CANCELLED` depending on
-/// where the stream broke.
-fn failover(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::Internal
-            | Code::DeadlineExceeded
-            | Code::Aborted
-    )
-}
+use distill_proto::client::{authed, Endpoints};
 
 /// A simulated worker: one session, leases tasks and "runs" each for
 /// `work`, heartbeating (with the task) at the interval the coordinator
@@ -201,6 +111,7 @@ impl SimWorker {
         let req = pb::HeartbeatRequest {
             session_id: self.session_id(),
             running,
+            progress: vec![],
         };
         self.endpoints
             .call(|ch, token| {
@@ -229,8 +140,10 @@ impl SimWorker {
             session_id: self.session_id(),
             outcome: Some(pb::report_task_request::Outcome::Success(pb::TaskSuccess {
                 manifest_uri: format!("sim://{}/{}/{}", self.name, r.task_id, r.attempt),
-                manifest_sha256: "00".into(),
+                manifest_sha256: sim_digest(&format!("{}/{}/{}", self.name, r.task_id, r.attempt)),
                 samples: task.shard_end - task.shard_start,
+                reused: false,
+                outputs: vec![],
             })),
             r#ref: Some(r),
         };
@@ -398,10 +311,14 @@ fn now_nanos() -> usize {
 }
 
 /// `msg` with `authorization: Bearer <token>` when a token is set.
-fn authed<T>(msg: T, token: Option<String>) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    if let Some(t) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
-        req.metadata_mut().insert("authorization", t);
-    }
-    req
+/// A stand-in manifest digest (64 hex digits) for a simulated output.
+fn sim_digest(s: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    (0..4)
+        .map(|i| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (i, s).hash(&mut h);
+            format!("{:016x}", h.finish())
+        })
+        .collect()
 }

@@ -19,9 +19,24 @@
 //!   *backup* holder with its own, newer attempt. Both attempts are valid;
 //!   the first success commits, the other is told to discard its output
 //!   (and its next heartbeat aborts it);
+//! - a report is accepted only from the session that holds the attempt, and
+//!   never once the job is finished (a report after a cancel changes
+//!   nothing);
 //! - a failure puts the task back with a backoff; after
 //!   [`MAX_FAILURES`] failures (or one non-retryable) the task fails, and
-//!   with it the job, with a reason naming the shard.
+//!   with it the job, with a reason naming the shard — in the same
+//!   transaction;
+//! - a worker that shuts down *releases* its task: pending again at once,
+//!   no failure counted.
+//!
+//! A job's stages are tasks too ([`TaskKind`]): the teacher-signal shards,
+//! then one `stage-2-train` task, then one `stage-3-evaluate` task. The
+//! commit that finishes a stage moves the job to the next state and creates
+//! the next stage's task in one transaction with the task's own change
+//! (the job record is staged through [`crate::ledger::Ledger::stage`]), so a
+//! crash can never leave a job in a state without its task, nor count a
+//! shard twice. Stage task ids sort after every `shard-…` id, so the lease
+//! cursor (everything before it is finished) stays valid.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +45,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::CoordinatorError;
 use crate::job::{JobEvent, JobState};
-use crate::ledger::{now_ms, Versioned};
+use crate::ledger::{now_ms, JobRecord, Ledger, Versioned};
 use crate::store::{Store, Txn};
 
 const TASKS: &str = "tasks/";
@@ -57,6 +72,9 @@ pub enum TaskState {
         manifest_uri: String,
         manifest_sha256: String,
         samples: u64,
+        /// The output was found already computed (content-addressed).
+        #[serde(default)]
+        reused: bool,
         /// The attempt whose output this is.
         #[serde(default)]
         by_attempt: u64,
@@ -125,10 +143,36 @@ pub enum LeaseKind {
     Speculative,
 }
 
+/// What a task does; a worker learns it from its lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Run the frozen teacher over one shard and store its signal.
+    #[default]
+    TeacherSignal,
+    /// Train the student (one worker in this version) and export it.
+    Train,
+    /// Evaluate teacher and student on the test split; write the report.
+    Evaluate,
+}
+
+impl TaskKind {
+    /// The id of a job's single task of this stage (not for shards).
+    pub fn stage_task_id(self) -> &'static str {
+        match self {
+            TaskKind::TeacherSignal => "shard",
+            TaskKind::Train => "stage-2-train",
+            TaskKind::Evaluate => "stage-3-evaluate",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub job_id: String,
     pub task_id: String,
+    #[serde(default)]
+    pub kind: TaskKind,
     /// Sample indices `[shard_start, shard_end)` of the job's global order.
     pub shard_start: u64,
     pub shard_end: u64,
@@ -147,11 +191,16 @@ pub enum Outcome {
         manifest_uri: String,
         manifest_sha256: String,
         samples: u64,
+        reused: bool,
+        outputs: Vec<String>,
     },
     Failure {
         reason: String,
         retryable: bool,
     },
+    /// Given back unfinished (the worker is shutting down): pending again,
+    /// no failure counted.
+    Released,
 }
 
 /// The result of a report.
@@ -163,8 +212,10 @@ pub enum Reported {
     AlreadyCommitted,
     /// The failure was recorded; the task will be retried.
     WillRetry,
-    /// The task failed for good; the job must fail with this reason.
+    /// The task failed for good; the job failed with it (same transaction).
     TaskFailed { reason: String },
+    /// Given back: pending again (or left to the other holder).
+    Released,
 }
 
 fn key(job: &str, task: &str) -> String {
@@ -231,6 +282,7 @@ impl<S: Store> Tasks<S> {
             let rec = TaskRecord {
                 job_id: job_id.to_string(),
                 task_id: task_id.clone(),
+                kind: TaskKind::TeacherSignal,
                 shard_start: *start,
                 shard_end: *end,
                 attempt: 0,
@@ -260,6 +312,16 @@ impl<S: Store> Tasks<S> {
                 })
             })
             .collect()
+    }
+
+    /// The teacher-signal shard tasks of `job_id`, in key order.
+    pub async fn shards(
+        &self,
+        job_id: &str,
+    ) -> Result<Vec<Versioned<TaskRecord>>, CoordinatorError> {
+        let mut all = self.list(job_id).await?;
+        all.retain(|t| t.value.kind == TaskKind::TeacherSignal);
+        Ok(all)
     }
 
     /// Leases the first available task of any job in `jobs` to `session`
@@ -476,15 +538,74 @@ impl<S: Store> Tasks<S> {
         Ok(lost)
     }
 
-    /// Records the outcome of `attempt` of a task, fenced by the attempt.
+    /// Adds to `txn` the creation of `job`'s task for stage `kind`, unless
+    /// it exists (then the txn is guarded on it staying as it is).
+    async fn with_stage_task(
+        &self,
+        txn: Txn,
+        job_id: &str,
+        kind: TaskKind,
+        samples: u64,
+    ) -> Result<Txn, CoordinatorError> {
+        let k = key(job_id, kind.stage_task_id());
+        if let Some(kv) = self.store.get(&k).await? {
+            return Ok(txn.when(&k, kv.mod_revision));
+        }
+        let rec = TaskRecord {
+            job_id: job_id.to_string(),
+            task_id: kind.stage_task_id().to_string(),
+            kind,
+            shard_start: 0,
+            shard_end: samples,
+            attempt: 0,
+            failures: 0,
+            state: TaskState::Pending { not_before_ms: 0 },
+        };
+        Ok(txn.when(&k, 0).put(&k, encode(&rec)))
+    }
+
+    /// Changes job `id` by `f` in one guarded transaction; when `f` returns
+    /// a stage, that stage's task is created in the same transaction. Used
+    /// by the main loop for stage changes that no task report causes
+    /// (planning, a takeover's re-count).
+    pub async fn advance(
+        &self,
+        id: &str,
+        mut f: impl FnMut(&mut JobRecord) -> Result<Option<TaskKind>, CoordinatorError>,
+    ) -> Result<JobRecord, CoordinatorError> {
+        let ledger = Ledger::new(self.store.clone());
+        loop {
+            let mut next = None;
+            let staged = ledger
+                .stage(id, |j| {
+                    next = f(j)?;
+                    Ok(())
+                })
+                .await?;
+            let mut txn = staged.guard(Txn::new());
+            if let Some(kind) = next {
+                let samples = staged.job.progress.shards_total;
+                txn = self.with_stage_task(txn, id, kind, samples).await?;
+            }
+            if self.store.txn(txn).await?.committed() {
+                return Ok(staged.job);
+            }
+        }
+    }
+
+    /// Records the outcome of `attempt` of a task, fenced by the attempt
+    /// and the session holding it. The task's change, the job's progress
+    /// and state, and the next stage's task commit in one transaction.
     pub async fn report(
         &self,
+        session: &str,
         job: &str,
         task: &str,
         attempt: u64,
         outcome: Outcome,
     ) -> Result<Reported, CoordinatorError> {
         let k = key(job, task);
+        let ledger = Ledger::new(self.store.clone());
         loop {
             let Some(kv) = self.store.get(&k).await? else {
                 return Err(CoordinatorError::NotFound(format!("task {job}/{task}")));
@@ -512,39 +633,82 @@ impl<S: Store> Tasks<S> {
                     })
                 }
             };
-            let mut txn = Txn::new().when(&k, kv.mod_revision);
+            if me.session != session {
+                return Err(CoordinatorError::Stale {
+                    what: "task attempt",
+                    detail: format!(
+                        "{job}/{task} attempt {attempt} is held by another session, not {session}"
+                    ),
+                });
+            }
+            let mut next_stage = None;
+            let mut job_change: Option<
+                Box<dyn FnOnce(&mut JobRecord) -> Result<(), CoordinatorError> + Send>,
+            > = None;
             let reported = match outcome.clone() {
                 Outcome::Success {
                     manifest_uri,
                     manifest_sha256,
                     samples,
+                    reused,
+                    outputs,
                 } => {
                     rec.state = TaskState::Committed {
                         manifest_uri,
                         manifest_sha256,
                         samples,
+                        reused,
                         by_attempt: attempt,
                         duration_ms: now_ms() - me.since_ms,
                     };
-                    // The job's progress moves in the same transaction
-                    // (a per-job counter: no re-count of every task), and
-                    // the last shard ends labelling.
-                    let jkey = format!("jobs/{job}");
-                    if let Some(jkv) = self.store.get(&jkey).await? {
-                        let mut j = crate::ledger::decode(&jkey, &jkv.value)?;
-                        j.progress.shards_committed += 1;
-                        if j.progress.shards_committed >= j.progress.shards_total
-                            && j.state == JobState::Labelling
-                        {
-                            j.state = j.state.clone().apply(JobEvent::Labelled)?;
+                    let kind = rec.kind;
+                    next_stage = match kind {
+                        TaskKind::TeacherSignal => Some(TaskKind::Train),
+                        TaskKind::Train => Some(TaskKind::Evaluate),
+                        TaskKind::Evaluate => None,
+                    };
+                    job_change = Some(Box::new(move |j: &mut JobRecord| {
+                        match kind {
+                            // A per-job counter moves with each commit (no
+                            // re-count of every task); the last shard ends
+                            // labelling.
+                            TaskKind::TeacherSignal => {
+                                j.progress.shards_committed += 1;
+                                j.progress.shards_reused += reused as u64;
+                                if j.progress.shards_committed >= j.progress.shards_total
+                                    && j.state == JobState::Labelling
+                                {
+                                    j.state = j.state.clone().apply(JobEvent::Labelled)?;
+                                    j.progress.stage = "training".into();
+                                }
+                            }
+                            TaskKind::Train => {
+                                // No quantization stage is built yet: the
+                                // job passes through it in this transaction.
+                                let s = j.state.clone().apply(JobEvent::Trained)?;
+                                j.state = s.apply(JobEvent::Quantized)?;
+                                j.progress.stage = "evaluating".into();
+                                j.outputs.extend(outputs);
+                            }
+                            TaskKind::Evaluate => {
+                                j.state = j.state.clone().apply(JobEvent::Evaluated)?;
+                                j.progress.stage = "done".into();
+                                j.outputs.extend(outputs);
+                            }
                         }
-                        j.updated_at_ms = now_ms();
-                        txn = txn.when(&jkey, jkv.mod_revision).put(
-                            &jkey,
-                            serde_json::to_vec(&j).expect("a job record always serialises"),
-                        );
-                    }
+                        Ok(())
+                    }));
                     Reported::Committed
+                }
+                Outcome::Released => {
+                    rec.state = match other {
+                        Some(stays) => TaskState::Leased {
+                            holder: stays,
+                            backup: None,
+                        },
+                        None => TaskState::Pending { not_before_ms: 0 },
+                    };
+                    Reported::Released
                 }
                 Outcome::Failure { reason, retryable } => {
                     rec.failures += 1;
@@ -556,13 +720,23 @@ impl<S: Store> Tasks<S> {
                         };
                         Reported::WillRetry
                     } else if !retryable || rec.failures >= MAX_FAILURES {
+                        let what = match rec.kind {
+                            TaskKind::TeacherSignal => "shard",
+                            TaskKind::Train => "training task",
+                            TaskKind::Evaluate => "evaluation task",
+                        };
                         let reason = format!(
-                            "shard {task} failed {} time(s), last: {reason}",
+                            "{what} {task} failed {} time(s), last: {reason}",
                             rec.failures
                         );
                         rec.state = TaskState::Failed {
                             reason: reason.clone(),
                         };
+                        let r = reason.clone();
+                        job_change = Some(Box::new(move |j: &mut JobRecord| {
+                            j.state = j.state.clone().apply(JobEvent::Fail { reason: r })?;
+                            Ok(())
+                        }));
                         Reported::TaskFailed { reason }
                     } else {
                         let backoff = BASE_BACKOFF_MS << (rec.failures - 1).min(10);
@@ -573,11 +747,50 @@ impl<S: Store> Tasks<S> {
                     }
                 }
             };
-            if self.store.txn(txn.put(&k, encode(&rec))).await?.committed() {
+            // Every report is guarded by the job's record, so a cancel that
+            // lands between our read and our write makes this loop re-read
+            // and refuse below.
+            let staged = ledger
+                .stage(job, |j| {
+                    if j.state.is_terminal() {
+                        return Err(CoordinatorError::Stale {
+                            what: "job",
+                            detail: format!(
+                                "{job} is {}; the report of {task} attempt {attempt} is discarded",
+                                j.state.name()
+                            ),
+                        });
+                    }
+                    match job_change {
+                        Some(f) => f(j),
+                        None => Ok(()),
+                    }
+                })
+                .await?;
+            let entered = staged.job.state != staged.before.state;
+            let mut txn = Txn::new().when(&k, kv.mod_revision).put(&k, encode(&rec));
+            txn = if job_changed(&staged.before, &staged.job) {
+                staged.guard(txn)
+            } else {
+                // Unchanged job: guard on it without rewriting it.
+                staged.guard_only(txn)
+            };
+            if let (true, Some(stage)) = (entered && !staged.job.state.is_terminal(), next_stage) {
+                let samples = staged.job.progress.shards_total;
+                txn = self.with_stage_task(txn, job, stage, samples).await?;
+            }
+            if self.store.txn(txn).await?.committed() {
                 return Ok(reported);
             }
         }
     }
+}
+
+/// Whether anything but the update time differs.
+fn job_changed(a: &JobRecord, b: &JobRecord) -> bool {
+    let mut b = b.clone();
+    b.updated_at_ms = a.updated_at_ms;
+    *a != b
 }
 
 #[cfg(test)]
@@ -606,6 +819,7 @@ mod tests {
                 manifest_uri: "m".into(),
                 manifest_sha256: "00".into(),
                 samples: 4,
+                reused: true,
                 by_attempt: 3,
                 duration_ms: 9,
             },
@@ -614,6 +828,7 @@ mod tests {
             let rec = TaskRecord {
                 job_id: "j".into(),
                 task_id: "t".into(),
+                kind: TaskKind::Train,
                 shard_start: 0,
                 shard_end: 4,
                 attempt: 3,

@@ -63,7 +63,7 @@ async fn tokens_per_role_and_metrics() {
         Code::Unauthenticated
     );
 
-    // With the right tokens the job runs to the end of labelling.
+    // With the right tokens the job runs to the end (3 shards, training, evaluation).
     let mut client = SimClient::new(vec![url.clone()]).with_token("client-secret");
     let id = client.submit(SPEC, 0).await.unwrap().job_id;
     let worker = SimWorker::new("w", vec![url.clone()]).with_token("worker-secret");
@@ -72,23 +72,23 @@ async fn tokens_per_role_and_metrics() {
         let s = stop_worker.clone();
         tokio::spawn(async move { worker.run(async move { s.cancelled().await }).await })
     };
-    wait_for(Duration::from_secs(20), "the job to reach training", || {
+    wait_for(Duration::from_secs(20), "the job to succeed", || {
         let mut client = client.clone();
         let id = id.clone();
-        async move { (client.get(&id).await.ok()?.state == 4).then_some(()) }
+        async move { (client.get(&id).await.ok()?.state == 7).then_some(()) }
     })
     .await
     .unwrap();
 
     let text = scrape(&metrics_addr).await;
     for line in [
-        "distill_jobs{state=\"training\"} 1",
+        "distill_jobs{state=\"succeeded\"} 1",
         "distill_jobs{state=\"pending\"} 0",
-        "distill_tasks{state=\"committed\"} 3",
+        "distill_tasks{state=\"committed\"} 5",
         "distill_live_workers 1",
         "distill_lease_expiries_total{kind=\"session\"} 0",
         "# TYPE distill_rpc_duration_seconds histogram",
-        "distill_rpc_duration_seconds_count{method=\"report_task\"} 3",
+        "distill_rpc_duration_seconds_count{method=\"report_task\"} 5",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
@@ -96,6 +96,6 @@ async fn tokens_per_role_and_metrics() {
 
     stop_worker.cancel();
     let log = w.await.unwrap().unwrap();
-    assert_eq!(log.committed.len(), 3);
+    assert_eq!(log.committed.len(), 3 + 2, "3 shards, training, evaluation");
     server.stop().await.unwrap();
 }

@@ -220,8 +220,12 @@ async fn bench_lease_report() {
         pct(&mut report, 0.99),
         rs / rc.max(1.0) * 1e3,
     );
-    assert_eq!(done, shards, "every task exactly once");
-    assert_eq!(job.state, 4, "labelling finished");
+    assert_eq!(
+        done,
+        shards + 2,
+        "every shard, then the training and evaluation tasks, exactly once"
+    );
+    assert_eq!(job.state, 7, "the job ran to the end");
     stop.send(()).unwrap();
     server.await.unwrap();
 }

@@ -18,7 +18,7 @@ const SPEC: &str = "task = \"text_classification\"\n[teacher]\npath = \"t\"\n[da
 async fn register(w: &mut WorkerServiceClient<Channel>, name: &str) -> String {
     w.register(pb::RegisterRequest {
         worker_name: name.into(),
-        version: "test".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
         collective_address: format!("{name}:29500"),
         ..Default::default()
     })
@@ -144,6 +144,7 @@ async fn generations_fence_checkpoint_commits() {
                 w.heartbeat(pb::HeartbeatRequest {
                     session_id: a,
                     running: vec![],
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

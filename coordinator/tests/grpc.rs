@@ -30,8 +30,9 @@ fn success(session: &str, task: &pb::TaskRef) -> pb::ReportTaskRequest {
         r#ref: Some(task.clone()),
         outcome: Some(pb::report_task_request::Outcome::Success(pb::TaskSuccess {
             manifest_uri: format!("mem://{}/{}", task.task_id, task.attempt),
-            manifest_sha256: "00".into(),
+            manifest_sha256: "0".repeat(64),
             samples: 5,
+            ..Default::default()
         })),
     }
 }
@@ -158,7 +159,7 @@ async fn jobs_and_workers_over_grpc() {
 
     let register = |name: &str| pb::RegisterRequest {
         worker_name: name.into(),
-        version: "test".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
         ..Default::default()
     };
     // The job waits for a worker; once one registers, the scheduler starts
@@ -232,6 +233,7 @@ async fn jobs_and_workers_over_grpc() {
                 let hb = pb::HeartbeatRequest {
                     session_id: session.clone(),
                     running,
+                    ..Default::default()
                 };
                 assert!(
                     workers
@@ -303,7 +305,7 @@ async fn jobs_and_workers_over_grpc() {
             .committed
     );
 
-    let tasks = Tasks::new(store.clone()).list(&id).await.unwrap();
+    let tasks = Tasks::new(store.clone()).shards(&id).await.unwrap();
     let manifests: Vec<_> = tasks
         .iter()
         .map(|t| match &t.value.state {
@@ -358,6 +360,7 @@ async fn jobs_and_workers_over_grpc() {
     let hb = pb::HeartbeatRequest {
         session_id: a.session_id.clone(),
         running: vec![ta_ref.clone()],
+        ..Default::default()
     };
     let hb = workers.heartbeat(hb).await.unwrap().into_inner();
     assert!(hb.reregister, "an expired session must register again");

@@ -99,8 +99,9 @@ async fn work(client: &mut WorkerServiceClient<Channel>, session: &str, n: usize
             session_id: session.into(),
             outcome: Some(pb::report_task_request::Outcome::Success(pb::TaskSuccess {
                 manifest_uri: format!("mem://{}/{}", r.task_id, r.attempt),
-                manifest_sha256: "00".into(),
+                manifest_sha256: "0".repeat(64),
                 samples: 1,
+                ..Default::default()
             })),
             r#ref: Some(r),
         };
@@ -119,7 +120,7 @@ async fn work(client: &mut WorkerServiceClient<Channel>, session: &str, n: usize
 fn register(name: &str) -> pb::RegisterRequest {
     pb::RegisterRequest {
         worker_name: name.into(),
-        version: "test".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
         ..Default::default()
     }
 }
@@ -150,6 +151,7 @@ async fn restarted_coordinator_finishes_the_job_exactly_once() {
         .heartbeat(pb::HeartbeatRequest {
             session_id: session.clone(),
             running: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -157,11 +159,11 @@ async fn restarted_coordinator_finishes_the_job_exactly_once() {
     assert!(!hb.reregister, "the session survives a coordinator restart");
     assert_eq!(
         work(&mut client, &session, 100).await,
-        3,
-        "exactly the 3 remaining shards are handed out"
+        3 + 2,
+        "exactly the 3 remaining shards are handed out, then the training and evaluation tasks"
     );
 
-    let tasks = Tasks::new(store.clone()).list(&id).await.unwrap();
+    let tasks = Tasks::new(store.clone()).shards(&id).await.unwrap();
     assert_eq!(tasks.len(), 6);
     for t in &tasks {
         assert!(
@@ -176,7 +178,7 @@ async fn restarted_coordinator_finishes_the_job_exactly_once() {
         .unwrap()
         .unwrap()
         .value;
-    assert_eq!(job.state.name(), "training");
+    assert_eq!(job.state.name(), "succeeded");
     assert_eq!(
         (job.progress.shards_committed, job.progress.shards_total),
         (6, 6)
@@ -216,10 +218,11 @@ async fn load_task_lease_and_report_throughput() {
     }
     let secs = began.elapsed().as_secs_f64();
     assert_eq!(
-        total as u64, SHARDS,
-        "every shard done exactly once across {WORKERS} workers"
+        total as u64,
+        SHARDS + 2,
+        "every shard (then training and evaluation) done exactly once across {WORKERS} workers"
     );
-    let tasks = Tasks::new(store.clone()).list(&id).await.unwrap();
+    let tasks = Tasks::new(store.clone()).shards(&id).await.unwrap();
     assert!(tasks
         .iter()
         .all(|t| matches!(t.value.state, TaskState::Committed { .. })));

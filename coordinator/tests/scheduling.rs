@@ -46,7 +46,7 @@ async fn wait_state(jobs: &JobServiceClient<Channel>, id: &str, want: pb::JobSta
 async fn register(w: &mut WorkerServiceClient<Channel>, name: &str) -> String {
     w.register(pb::RegisterRequest {
         worker_name: name.into(),
-        version: "test".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
         ..Default::default()
     })
     .await
@@ -170,6 +170,7 @@ async fn queue_policy_planning_and_prompt_release_on_cancel() {
         .heartbeat(pb::HeartbeatRequest {
             session_id: s1.clone(),
             running: vec![t1.r#ref.clone().unwrap()],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -50,6 +50,7 @@ pub struct RawData {
     pub max_length: Option<i64>,
     pub shard_size: Option<i64>,
     pub num_samples: Option<i64>,
+    pub on_bad_example: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

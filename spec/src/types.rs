@@ -73,10 +73,23 @@ pub struct Data {
     /// Samples per teacher-signal shard (one task each).
     pub shard_size: u64,
     /// Samples in train + unlabelled, when the user states it; otherwise the
-    /// coordinator counts the non-empty lines of those JSONL files at
-    /// planning (cheap: no parsing, no tokenizing).
+    /// coordinator counts the examples of those files at planning, with the
+    /// reader the worker uses (`distill-data`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub num_samples: Option<u64>,
+    /// What a bad example (invalid UTF-8, malformed JSON, a missing field)
+    /// does: stop the job naming file and line, or skip it and count it.
+    pub on_bad_example: BadExample,
+}
+
+/// The policy for bad examples in the data files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BadExample {
+    /// The first bad example fails the job, naming file, line and reason.
+    Fail,
+    /// Bad examples are skipped; each is counted and listed in the report.
+    Skip,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

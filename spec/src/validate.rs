@@ -247,6 +247,12 @@ fn data(c: &mut Check, task: Task, d: RawData) -> Data {
         num_samples: d
             .num_samples
             .map(|n| c.int("data.num_samples", Some(n), 1, 1, i64::MAX)),
+        on_bad_example: c.word(
+            "data.on_bad_example",
+            d.on_bad_example.as_deref(),
+            BadExample::Fail,
+            &[("fail", BadExample::Fail), ("skip", BadExample::Skip)],
+        ),
     }
 }
 

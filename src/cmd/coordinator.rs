@@ -78,6 +78,13 @@ pub struct Args {
     /// scrapers) to present a certificate signed by it (mutual TLS).
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Artifact root every worker writes to and reads from (a directory all
+    /// of them see, e.g. a shared mount): teacher-signal shards under
+    /// `signal/` (content-addressed, reused by later jobs), each job's
+    /// checkpoints, student and report under `jobs/<job id>/`. A relative
+    /// path is made absolute against this process's working directory.
+    #[arg(long, default_value = "artifacts")]
+    pub artifacts: PathBuf,
 }
 
 impl Args {
@@ -102,7 +109,10 @@ impl Args {
             );
         }
         let session_timeout = Duration::from_millis(self.session_timeout_ms);
+        let artifacts = std::path::absolute(&self.artifacts)
+            .map_err(|e| anyhow::anyhow!("--artifacts {}: {e}", self.artifacts.display()))?;
         Ok(Config {
+            artifact_root: artifacts.display().to_string(),
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
             session_timeout,
             task_lease: self

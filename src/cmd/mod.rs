@@ -1,6 +1,7 @@
+pub mod client;
 pub mod coordinator;
 pub mod doctor;
 pub mod infer;
 pub mod run;
-pub mod stub;
 pub mod student;
+pub mod worker;

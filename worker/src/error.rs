@@ -23,6 +23,10 @@ pub enum Error {
     Device(String),
     #[error("{0}")]
     Invalid(String),
+    /// Work stopped on request (the worker is shutting down, or its task
+    /// was taken away); what was done is checkpointed.
+    #[error("stopped on request")]
+    Stopped,
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -12,6 +12,7 @@
 //! libtorch work on an async runtime thread (tensors live on dedicated OS
 //! threads that talk to tokio over channels).
 
+pub mod agent;
 pub mod autocast;
 pub mod data;
 pub mod device;

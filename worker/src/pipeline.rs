@@ -8,7 +8,7 @@
 //! again resumes where it stopped (a finished stage is reused).
 
 use crate::autocast::Reduced;
-use crate::data::{read_examples, Example, Fields};
+use crate::data::{read_with, Example, Skipped};
 use crate::distill::loss::IGNORE_LABEL;
 use crate::distill::schedule::{Decay, TermWeight};
 use crate::distill::train::{accuracy, StepLog, TrainConfig, TrainData, Trainer};
@@ -26,6 +26,8 @@ use distill_spec::{
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -59,6 +61,9 @@ pub struct Report {
     pub baseline: Option<ModelReport>,
     /// student metric / teacher metric.
     pub retention: f64,
+    /// Bad examples skipped under `data.on_bad_example = "skip"`, as
+    /// `file: line N: reason`.
+    pub skipped_examples: Vec<String>,
     pub student_dir: PathBuf,
     pub seconds: f64,
 }
@@ -74,14 +79,11 @@ fn read_split(
     labels: &[String],
     tok: &TextTokenizer,
     require_labels: bool,
-) -> Result<Split> {
-    let fields = Fields {
-        text: spec.data.text_field.clone(),
-        text_pair: spec.data.text_pair_field.clone(),
-        label: Some(spec.data.label_field.clone()),
-    };
+) -> Result<(Split, Vec<Skipped>)> {
+    let fields = crate::data::fields(spec, true);
     let p = Path::new(path);
-    let ex = read_examples(p, &fields)?;
+    let read = read_with(p, &fields, spec.data.on_bad_example)?;
+    let ex = read.examples;
     let ids = label_ids(&ex, labels, p, require_labels)?;
     let texts: Vec<&str> = ex.iter().map(|e| e.text.as_str()).collect();
     let pairs: Option<Vec<&str>> = fields.text_pair.as_ref().map(|_| {
@@ -89,10 +91,13 @@ fn read_split(
             .map(|e| e.text_pair.as_deref().unwrap_or(""))
             .collect()
     });
-    Ok(Split {
-        examples: tok.encode(&texts, pairs.as_deref())?,
-        labels: ids,
-    })
+    Ok((
+        Split {
+            examples: tok.encode(&texts, pairs.as_deref())?,
+            labels: ids,
+        },
+        read.skipped,
+    ))
 }
 
 fn label_ids(ex: &[Example], labels: &[String], path: &Path, require: bool) -> Result<Vec<i64>> {
@@ -253,11 +258,73 @@ pub fn check_supported(spec: &JobSpec) -> Result<()> {
     Ok(())
 }
 
-pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
+/// Hooks a caller gives a long stage: a stop flag checked at step
+/// boundaries (training then checkpoints and returns [`Error::Stopped`]),
+/// and a progress callback `(stage, step log, total steps)`.
+#[derive(Default)]
+pub struct Hooks<'a> {
+    pub stop: Option<Arc<AtomicBool>>,
+    pub progress: Option<&'a mut dyn FnMut(&str, &StepLog, u64)>,
+}
+
+impl<'a> Hooks<'a> {
+    /// A step logger for `stage` that also reports progress.
+    fn on_step<'b>(
+        &'b mut self,
+        stage: &'static str,
+        total: u64,
+    ) -> impl FnMut(&StepLog) + use<'a, 'b> {
+        let mut log = log_step(stage, total);
+        move |l: &StepLog| {
+            log(l);
+            if let Some(p) = self.progress.as_deref_mut() {
+                p(stage, l, total);
+            }
+        }
+    }
+}
+
+/// A job's inputs, read and tokenized once: what every stage starts from.
+pub struct Prepared {
+    pub task: Task,
+    pub teacher_dir: PathBuf,
+    pub tok: TextTokenizer,
+    pub labels: Vec<String>,
+    labelled: Option<Split>,
+    unlabelled: Option<Split>,
+    eval: Option<Split>,
+    test: Split,
+    /// Bad examples skipped under `data.on_bad_example = "skip"`.
+    pub skipped: Vec<Skipped>,
+}
+
+impl Prepared {
+    /// The training examples in the job's global order (`data.train`, then
+    /// `data.unlabelled`) with their label ids: the order teacher-signal
+    /// shards index.
+    pub fn training(&self) -> (Vec<Encoded>, Vec<i64>) {
+        let mut examples = vec![];
+        let mut ids = vec![];
+        for s in [&self.labelled, &self.unlabelled].into_iter().flatten() {
+            examples.extend(s.examples.iter().cloned());
+            ids.extend(s.labels.iter().copied());
+        }
+        (examples, ids)
+    }
+
+    /// "logits" or "embeddings": what the teacher signal holds.
+    pub fn signal_kind(&self) -> &'static str {
+        match self.task {
+            Task::Classification => "logits",
+            Task::Embedding => "embeddings",
+        }
+    }
+}
+
+/// Reads and tokenizes the job's data (checking labels against the job's
+/// label set), under the job's bad-example policy.
+pub fn prepare(spec: &JobSpec) -> Result<Prepared> {
     check_supported(spec)?;
-    let started = Instant::now();
-    let out = &opts.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let task = if spec.task.is_classification() {
         Task::Classification
     } else {
@@ -266,6 +333,7 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
     let teacher_dir = PathBuf::from(&spec.teacher.path);
     let base_cfg = crate::model::BertConfig::from_dir(&teacher_dir)?;
     let tok = TextTokenizer::load(&teacher_dir, &base_cfg, spec.data.max_length as usize)?;
+    let mut skipped = vec![];
 
     // Labels: the spec's list, else what the training data uses (sorted).
     let labels: Vec<String> = if task == Task::Embedding {
@@ -276,285 +344,358 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
         let path = spec.data.train.as_deref().ok_or_else(|| {
             Error::Invalid("data.train: a classification job needs labelled training data".into())
         })?;
-        let fields = Fields {
-            text: spec.data.text_field.clone(),
-            text_pair: None,
-            label: Some(spec.data.label_field.clone()),
-        };
-        let mut l: Vec<String> = read_examples(Path::new(path), &fields)?
-            .into_iter()
-            .filter_map(|e| e.label)
-            .collect();
+        let read = read_with(
+            Path::new(path),
+            &crate::data::fields(spec, true),
+            spec.data.on_bad_example,
+        )?;
+        let mut l: Vec<String> = read.examples.into_iter().filter_map(|e| e.label).collect();
         l.sort();
         l.dedup();
         l
     };
     let need_labels = task == Task::Classification;
+    let mut split = |p: &str, labels: &[String], require: bool| -> Result<Split> {
+        let (s, skip) = read_split(p, spec, labels, &tok, require)?;
+        skipped.extend(skip);
+        Ok(s)
+    };
     let labelled = spec
         .data
         .train
         .as_deref()
-        .map(|p| read_split(p, spec, &labels, &tok, need_labels))
+        .map(|p| split(p, &labels, need_labels))
         .transpose()?;
     let unlabelled = spec
         .data
         .unlabelled
         .as_deref()
-        .map(|p| read_split(p, spec, &[], &tok, false))
+        .map(|p| split(p, &[], false))
         .transpose()?;
     let eval = spec
         .data
         .eval
         .as_deref()
-        .map(|p| read_split(p, spec, &labels, &tok, need_labels))
+        .map(|p| split(p, &labels, need_labels))
         .transpose()?;
-    let test = match spec.data.test.as_deref() {
-        Some(p) => Some(read_split(p, spec, &labels, &tok, need_labels)?),
-        None => None,
+    let test = match (spec.data.test.as_deref(), spec.data.eval.as_deref()) {
+        (Some(p), _) | (None, Some(p)) => split(p, &labels, need_labels)?,
+        (None, None) => {
+            return Err(Error::Invalid(
+                "data.test or data.eval: needed to evaluate the student".into(),
+            ))
+        }
     };
-    let test = test
-        .or_else(|| {
-            spec.data
-                .eval
-                .as_deref()
-                .and_then(|p| read_split(p, spec, &labels, &tok, need_labels).ok())
-        })
-        .ok_or_else(|| {
-            Error::Invalid("data.test or data.eval: needed to evaluate the student".into())
-        })?;
+    for s in &skipped {
+        eprintln!("data: skipped {s}");
+    }
     eprintln!(
-        "data: {} labelled, {} unlabelled, {} eval, {} test examples; labels {:?}",
+        "data: {} labelled, {} unlabelled, {} eval, {} test examples ({} bad skipped); labels {:?}",
         labelled.as_ref().map_or(0, |s| s.examples.len()),
         unlabelled.as_ref().map_or(0, |s| s.examples.len()),
         eval.as_ref().map_or(0, |s| s.examples.len()),
         test.examples.len(),
+        skipped.len(),
         labels
     );
+    Ok(Prepared {
+        task,
+        teacher_dir,
+        tok,
+        labels,
+        labelled,
+        unlabelled,
+        eval,
+        test,
+        skipped,
+    })
+}
 
-    // Teacher: as given, or fine-tuned here on the labelled set first.
-    let teacher = if spec.teacher.fine_tune && task == Task::Classification {
-        let done = out.join("teacher");
+/// Where the teacher the job uses lives: the fine-tuned one under `out`
+/// once it exists, else the spec's.
+pub fn served_teacher_dir(p: &Prepared, out: &Path) -> PathBuf {
+    if out.join("teacher/.complete").exists() {
+        out.join("teacher")
+    } else {
+        p.teacher_dir.clone()
+    }
+}
+
+/// Loads the teacher as given (any parameter it lacks, such as a new
+/// classifier head, is initialised from the job seed, so every worker
+/// builds the same teacher), or fine-tunes it under `out/teacher` first
+/// when the spec asks (resumable; reused once complete).
+pub fn teacher(
+    spec: &JobSpec,
+    p: &Prepared,
+    out: &Path,
+    device: Device,
+    hooks: &mut Hooks,
+) -> Result<TaskModel> {
+    let task = p.task;
+    let labels = p.labels.clone();
+    let done = out.join("teacher");
+    if spec.teacher.fine_tune && task == Task::Classification {
         if done.join(".complete").exists() {
             eprintln!(
                 "teacher: reusing the fine-tuned teacher in {}",
                 done.display()
             );
-            TaskModel::load(&done, task, Some(labels.clone()), opts.device)?
-        } else {
-            let train = labelled
-                .as_ref()
-                .ok_or_else(|| Error::Invalid("teacher.fine_tune: needs data.train".into()))?;
-            let mut teacher =
-                TaskModel::load(&teacher_dir, task, Some(labels.clone()), opts.device)?;
-            let mut cfg = train_config(spec, train.examples.len(), vec![]);
-            cfg.weights = [
-                TermWeight::Fixed(1.0),
-                TermWeight::Fixed(0.0),
-                TermWeight::Fixed(0.0),
-                TermWeight::Fixed(0.0),
-                TermWeight::Fixed(0.0),
-            ];
-            let data = TrainData {
-                examples: train.examples.clone(),
-                labels: train.labels.clone(),
-                teacher_output: None,
-            };
-            let total = cfg.total_steps;
-            eprintln!(
-                "teacher: fine-tuning {} for {total} steps",
-                teacher_dir.display()
-            );
-            let mut tr = Trainer::new(
-                &mut teacher,
-                None,
-                None,
-                &tok,
-                cfg,
-                out.join("teacher-ckpt"),
-            )?;
-            tr.resume()?;
-            let mut ev = eval_fn(eval.as_ref(), &tok);
-            tr.train(
-                &data,
-                ev.as_mut()
-                    .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>),
-                log_step("teacher", total),
-            )?;
-            tr.restore_best()?;
-            drop(tr);
-            export(&teacher, &done, &teacher_dir)?;
-            write_atomic(&done.join(".complete"), b"")?;
-            teacher
+            return TaskModel::load(&done, task, Some(labels), device);
         }
-    } else {
-        TaskModel::load(
-            &teacher_dir,
-            task,
-            (!labels.is_empty()).then(|| labels.clone()),
-            opts.device,
-        )?
-    };
-
-    // Student shape, layer map and initialisation.
-    let shape = StudentShape::from(&spec.student.size);
-    let scfg = derive_config(teacher.config(), &shape)?;
-    let (lt, ls) = (teacher.config().num_hidden_layers, scfg.num_hidden_layers);
-    let layer_map: Vec<i64> = match (&spec.student.layer_map, &spec.distill.layer_map) {
-        (Some(m), _) | (None, LayerMap::Explicit(m)) => m.iter().map(|&x| x as i64).collect(),
-        (None, LayerMap::Uniform) => uniform_layer_map(lt, ls),
-        (None, LayerMap::Last) => last_layer_map(lt, ls),
-    };
-    let new_student = || -> Result<TaskModel> {
+        let train = p
+            .labelled
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("teacher.fine_tune: needs data.train".into()))?;
         tch::manual_seed(spec.training.seed as i64);
-        let mut s = TaskModel::new(&scfg, task, labels.clone(), opts.device)?;
+        let mut teacher = TaskModel::load(&p.teacher_dir, task, Some(labels), device)?;
+        let mut cfg = train_config(spec, train.examples.len(), vec![]);
+        cfg.weights = task_only();
+        let data = TrainData {
+            examples: train.examples.clone(),
+            labels: train.labels.clone(),
+            teacher_output: None,
+        };
+        let total = cfg.total_steps;
+        eprintln!(
+            "teacher: fine-tuning {} for {total} steps",
+            p.teacher_dir.display()
+        );
+        let mut tr = Trainer::new(
+            &mut teacher,
+            None,
+            None,
+            &p.tok,
+            cfg,
+            out.join("teacher-ckpt"),
+        )?;
+        tr.stop_on(hooks.stop.clone());
+        tr.resume()?;
+        let mut ev = eval_fn(p.eval.as_ref(), &p.tok);
+        tr.train(
+            &data,
+            ev.as_mut()
+                .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>),
+            hooks.on_step("teacher", total),
+        )?;
+        tr.restore_best()?;
+        drop(tr);
+        export(&teacher, &done, &p.teacher_dir)?;
+        write_atomic(&done.join(".complete"), b"")?;
+        return Ok(teacher);
+    }
+    load_teacher(spec, p, device)
+}
+
+/// The spec's teacher, as given: any parameter it lacks (a new classifier
+/// head, say) is initialised from the job seed, so every worker and every
+/// run builds the same teacher.
+pub fn load_teacher(spec: &JobSpec, p: &Prepared, device: Device) -> Result<TaskModel> {
+    tch::manual_seed(spec.training.seed as i64);
+    TaskModel::load(
+        &p.teacher_dir,
+        p.task,
+        (!p.labels.is_empty()).then(|| p.labels.clone()),
+        device,
+    )
+}
+
+fn task_only() -> [TermWeight; 5] {
+    [
+        TermWeight::Fixed(1.0),
+        TermWeight::Fixed(0.0),
+        TermWeight::Fixed(0.0),
+        TermWeight::Fixed(0.0),
+        TermWeight::Fixed(0.0),
+    ]
+}
+
+/// The derived student shape and layer map, and fresh students (seeded
+/// from the job seed, initialised from the teacher when the spec asks).
+pub struct StudentPlan {
+    pub config: crate::model::BertConfig,
+    pub layer_map: Vec<i64>,
+}
+
+impl StudentPlan {
+    pub fn new(spec: &JobSpec, teacher: &TaskModel) -> Result<Self> {
+        let shape = StudentShape::from(&spec.student.size);
+        let config = derive_config(teacher.config(), &shape)?;
+        let (lt, ls) = (teacher.config().num_hidden_layers, config.num_hidden_layers);
+        let layer_map: Vec<i64> = match (&spec.student.layer_map, &spec.distill.layer_map) {
+            (Some(m), _) | (None, LayerMap::Explicit(m)) => m.iter().map(|&x| x as i64).collect(),
+            (None, LayerMap::Uniform) => uniform_layer_map(lt, ls),
+            (None, LayerMap::Last) => last_layer_map(lt, ls),
+        };
+        Ok(Self { config, layer_map })
+    }
+
+    pub fn fresh(
+        &self,
+        spec: &JobSpec,
+        p: &Prepared,
+        teacher: &TaskModel,
+        device: Device,
+    ) -> Result<TaskModel> {
+        tch::manual_seed(spec.training.seed as i64);
+        let mut s = TaskModel::new(&self.config, p.task, p.labels.clone(), device)?;
         s.normalize = teacher.normalize;
         if spec.student.init == StudentInit::Teacher {
-            init_from_teacher(&mut s, &teacher, &layer_map)?;
+            init_from_teacher(&mut s, teacher, &self.layer_map)?;
         }
         Ok(s)
-    };
-    let mut student = new_student()?;
+    }
+}
+
+/// Distils the student (checkpoints under `out/student-ckpt`, resumable)
+/// and exports it to `out/student`. `teacher_output`: the stored teacher
+/// signal for [`Prepared::training`] (offline), or `None` to run the
+/// teacher alongside (online).
+pub fn distill_student(
+    spec: &JobSpec,
+    p: &Prepared,
+    teacher: &TaskModel,
+    teacher_output: Option<Tensor>,
+    out: &Path,
+    device: Device,
+    hooks: &mut Hooks,
+) -> Result<TaskModel> {
+    let plan = StudentPlan::new(spec, teacher)?;
+    let mut student = plan.fresh(spec, p, teacher, device)?;
     eprintln!(
-        "student: L{ls}-H{} ({} params, {:.1}% of the teacher's {}), layer map {layer_map:?}",
-        scfg.hidden_size,
+        "student: L{}-H{} ({} params, {:.1}% of the teacher's {}), layer map {:?}",
+        plan.config.num_hidden_layers,
+        plan.config.hidden_size,
         student.num_params(),
         100.0 * student.num_params() as f64 / teacher.num_params() as f64,
-        teacher.num_params()
+        teacher.num_params(),
+        plan.layer_map
     );
-
-    // Training data: labelled + unlabelled (teacher signal only).
-    let mut examples = vec![];
-    let mut ids = vec![];
-    for s in [&labelled, &unlabelled].into_iter().flatten() {
-        examples.extend(s.examples.iter().cloned());
-        ids.extend(s.labels.iter().copied());
-    }
+    let (examples, labels) = p.training();
     if examples.is_empty() {
         return Err(Error::Invalid(
             "data.train / data.unlabelled: no training examples".into(),
         ));
     }
-    let offline = spec.distill.teacher_signal == TeacherSignal::Offline;
-    let teacher_output = if offline {
-        let served_dir = if out.join("teacher/.complete").exists() {
-            out.join("teacher")
-        } else {
-            teacher_dir.clone()
-        };
-        Some(offline_signal(
-            &teacher,
-            &served_dir,
-            &tok,
-            &examples,
-            &out.join("teacher-signal"),
-        )?)
-    } else {
-        None
-    };
+    let offline = teacher_output.is_some();
     let width = teacher.config().hidden_size;
     let data = TrainData {
         examples,
-        labels: ids,
+        labels,
         teacher_output,
     };
-    let cfg = train_config(spec, data.examples.len(), layer_map.clone());
+    let cfg = train_config(spec, data.examples.len(), plan.layer_map.clone());
     let total = cfg.total_steps;
     eprintln!(
         "distill: {total} steps, teacher signal {}",
         if offline { "offline" } else { "online" }
     );
-    let teacher_test_emb = if task == Task::Embedding {
-        Some(infer(
-            &teacher,
-            &tok,
-            &test.examples,
-            InferOptions::default(),
-            |_, _| {},
-        )?)
-    } else {
-        None
-    };
     {
-        let online = (!offline).then_some(&teacher);
+        let online = (!offline).then_some(teacher);
         let mut tr = Trainer::new(
             &mut student,
             online,
             offline.then_some(width),
-            &tok,
-            cfg.clone(),
+            &p.tok,
+            cfg,
             out.join("student-ckpt"),
         )?;
+        tr.stop_on(hooks.stop.clone());
         tr.resume()?;
-        let eval_emb = match (task, eval.as_ref()) {
+        let eval_emb = match (p.task, p.eval.as_ref()) {
             (Task::Embedding, Some(e)) => Some(infer(
-                &teacher,
-                &tok,
+                teacher,
+                &p.tok,
                 &e.examples,
                 InferOptions::default(),
                 |_, _| {},
             )?),
             _ => None,
         };
-        let mut ev = eval_fn_with(eval.as_ref(), &tok, eval_emb);
+        let mut ev = eval_fn_with(p.eval.as_ref(), &p.tok, eval_emb);
         tr.train(
             &data,
             ev.as_mut()
                 .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>),
-            log_step("distill", total),
+            hooks.on_step("distill", total),
         )?;
         tr.restore_best()?;
     }
-    let student_dir = out.join("student");
-    export(&student, &student_dir, &teacher_dir)?;
+    export(&student, &out.join("student"), &p.teacher_dir)?;
+    Ok(student)
+}
 
-    // Labels-only baseline: same student, same init, same budget, task loss only.
-    let baseline = if opts.baseline && task == Task::Classification {
-        let mut b = new_student()?;
-        let mut bcfg = cfg.clone();
-        bcfg.weights = [
-            TermWeight::Fixed(1.0),
-            TermWeight::Fixed(0.0),
-            TermWeight::Fixed(0.0),
-            TermWeight::Fixed(0.0),
-            TermWeight::Fixed(0.0),
-        ];
-        let bdata = TrainData {
-            examples: data.examples.clone(),
-            labels: data.labels.clone(),
-            teacher_output: None,
-        };
-        {
-            let mut tr = Trainer::new(&mut b, None, None, &tok, bcfg, out.join("baseline-ckpt"))?;
-            tr.resume()?;
-            let mut ev = eval_fn(eval.as_ref(), &tok);
-            tr.train(
-                &bdata,
-                ev.as_mut()
-                    .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>),
-                log_step("baseline", total),
-            )?;
-            tr.restore_best()?;
-        }
-        let (m, eps) = measure(&b, &tok, &test, None)?;
-        Some(ModelReport {
-            params: b.num_params(),
-            layers: ls,
-            hidden: scfg.hidden_size,
-            metric: m,
-            bytes_on_disk: None,
-            examples_per_second: eps,
-        })
+/// The labels-only baseline: the same student, init and budget, task loss
+/// only (under `out/baseline-ckpt`); its test metric.
+pub fn baseline(
+    spec: &JobSpec,
+    p: &Prepared,
+    teacher: &TaskModel,
+    out: &Path,
+    device: Device,
+    hooks: &mut Hooks,
+) -> Result<ModelReport> {
+    let plan = StudentPlan::new(spec, teacher)?;
+    let mut b = plan.fresh(spec, p, teacher, device)?;
+    let (examples, labels) = p.training();
+    let mut cfg = train_config(spec, examples.len(), plan.layer_map.clone());
+    cfg.weights = task_only();
+    let total = cfg.total_steps;
+    let bdata = TrainData {
+        examples,
+        labels,
+        teacher_output: None,
+    };
+    {
+        let mut tr = Trainer::new(&mut b, None, None, &p.tok, cfg, out.join("baseline-ckpt"))?;
+        tr.stop_on(hooks.stop.clone());
+        tr.resume()?;
+        let mut ev = eval_fn(p.eval.as_ref(), &p.tok);
+        tr.train(
+            &bdata,
+            ev.as_mut()
+                .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>),
+            hooks.on_step("baseline", total),
+        )?;
+        tr.restore_best()?;
+    }
+    let (m, eps) = measure(&b, &p.tok, &p.test, None)?;
+    Ok(ModelReport {
+        params: b.num_params(),
+        layers: plan.config.num_hidden_layers,
+        hidden: plan.config.hidden_size,
+        metric: m,
+        bytes_on_disk: None,
+        examples_per_second: eps,
+    })
+}
+
+/// Evaluates teacher and student on the test split and writes
+/// `out/report.json` and `out/report.md`.
+pub fn evaluate(
+    spec: &JobSpec,
+    p: &Prepared,
+    teacher: &TaskModel,
+    student: &TaskModel,
+    baseline: Option<ModelReport>,
+    out: &Path,
+    started: Instant,
+) -> Result<Report> {
+    let task = p.task;
+    let teacher_test_emb = if task == Task::Embedding {
+        Some(infer(
+            teacher,
+            &p.tok,
+            &p.test.examples,
+            InferOptions::default(),
+            |_, _| {},
+        )?)
     } else {
         None
     };
-
-    let (tm, teps) = measure(&teacher, &tok, &test, teacher_test_emb.as_ref())?;
-    let (sm, seps) = measure(&student, &tok, &test, teacher_test_emb.as_ref())?;
-    let teacher_bytes = if out.join("teacher/.complete").exists() {
-        dir_bytes(&out.join("teacher"))
-    } else {
-        dir_bytes(&teacher_dir)
-    };
+    let (tm, teps) = measure(teacher, &p.tok, &p.test, teacher_test_emb.as_ref())?;
+    let (sm, seps) = measure(student, &p.tok, &p.test, teacher_test_emb.as_ref())?;
+    let student_dir = out.join("student");
     let report = Report {
         task: format!("{:?}", spec.task),
         metric_name: if task == Task::Classification {
@@ -564,23 +705,24 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
         },
         teacher: ModelReport {
             params: teacher.num_params(),
-            layers: lt,
+            layers: teacher.config().num_hidden_layers,
             hidden: teacher.config().hidden_size,
             metric: tm,
-            bytes_on_disk: Some(teacher_bytes),
+            bytes_on_disk: Some(dir_bytes(&served_teacher_dir(p, out))),
             examples_per_second: teps,
         },
         student: ModelReport {
             params: student.num_params(),
-            layers: ls,
-            hidden: scfg.hidden_size,
+            layers: student.config().num_hidden_layers,
+            hidden: student.config().hidden_size,
             metric: sm,
             bytes_on_disk: Some(dir_bytes(&student_dir)),
             examples_per_second: seps,
         },
         baseline,
         retention: sm / tm,
-        student_dir: student_dir.clone(),
+        skipped_examples: p.skipped.iter().map(|s| s.to_string()).collect(),
+        student_dir,
         seconds: started.elapsed().as_secs_f64(),
     };
     write_atomic(
@@ -591,37 +733,80 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
     Ok(report)
 }
 
-/// Shards of this many examples make up the offline teacher signal.
-pub const SHARD_SIZE: usize = 1024;
+/// The whole job on this machine: the stages above in order, the teacher
+/// signal computed here (offline) in `data.shard_size` shards.
+pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
+    let started = Instant::now();
+    let out = &opts.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let p = prepare(spec)?;
+    let mut hooks = Hooks::default();
+    let teacher = teacher(spec, &p, out, opts.device, &mut hooks)?;
+    let teacher_output = if spec.distill.teacher_signal == TeacherSignal::Offline {
+        let (examples, _) = p.training();
+        Some(offline_signal(
+            &p,
+            &teacher,
+            &served_teacher_dir(&p, out),
+            &examples,
+            &out.join("teacher-signal"),
+            spec.data.shard_size as usize,
+        )?)
+    } else {
+        None
+    };
+    let student = distill_student(
+        spec,
+        &p,
+        &teacher,
+        teacher_output,
+        out,
+        opts.device,
+        &mut hooks,
+    )?;
+    let baseline = if opts.baseline && p.task == Task::Classification {
+        Some(baseline(spec, &p, &teacher, out, opts.device, &mut hooks)?)
+    } else {
+        None
+    };
+    evaluate(spec, &p, &teacher, &student, baseline, out, started)
+}
+
+/// The identity of shard `[start, end)` of the job's teacher signal.
+pub fn shard_spec<'a>(
+    p: &Prepared,
+    id: &'a crate::signal::TeacherId,
+    start: usize,
+    end: usize,
+) -> crate::signal::ShardSpec<'a> {
+    crate::signal::ShardSpec {
+        teacher: id,
+        kind: p.signal_kind(),
+        max_length: p.tok.max_length,
+        start,
+        end,
+    }
+}
 
 /// The offline teacher signal for `examples`, from content-addressed shards
-/// under `signal_dir` (see `crate::signal`): finished shards are reused,
-/// missing ones computed and written.
+/// of `shard_size` under `signal_dir` (see `crate::signal`): finished
+/// shards are reused, missing ones computed and written.
 fn offline_signal(
+    p: &Prepared,
     teacher: &TaskModel,
     teacher_dir: &Path,
-    tok: &TextTokenizer,
     examples: &[Encoded],
     signal_dir: &Path,
+    shard_size: usize,
 ) -> Result<Tensor> {
-    use crate::signal::{read_shard, write_shard, ShardSpec, TeacherId};
+    use crate::signal::{read_shard, write_shard, TeacherId};
     let id = TeacherId::of(teacher_dir)?;
-    let kind = if teacher.task == Task::Classification {
-        "logits"
-    } else {
-        "embeddings"
-    };
     let (mut parts, mut reused) = (vec![], 0);
-    let n_shards = examples.len().div_ceil(SHARD_SIZE);
-    for start in (0..examples.len()).step_by(SHARD_SIZE) {
-        let end = (start + SHARD_SIZE).min(examples.len());
-        let spec = ShardSpec {
-            teacher: &id,
-            kind,
-            max_length: tok.max_length,
-            start,
-            end,
-        };
+    let shard_size = shard_size.max(1);
+    let n_shards = examples.len().div_ceil(shard_size);
+    for start in (0..examples.len()).step_by(shard_size) {
+        let end = (start + shard_size).min(examples.len());
+        let spec = shard_spec(p, &id, start, end);
         let t = match read_shard(signal_dir, &spec, examples)? {
             Some(t) => {
                 reused += 1;
@@ -630,7 +815,7 @@ fn offline_signal(
             None => {
                 let t = infer(
                     teacher,
-                    tok,
+                    &p.tok,
                     &examples[start..end],
                     InferOptions::default(),
                     |_, _| {},
@@ -642,9 +827,39 @@ fn offline_signal(
         parts.push(t);
     }
     eprintln!(
-        "teacher signal: {n_shards} shards of up to {SHARD_SIZE} examples ({reused} reused) in {}",
+        "teacher signal: {n_shards} shards of up to {shard_size} examples ({reused} reused) in {}",
         signal_dir.display()
     );
+    Ok(Tensor::cat(&parts, 0))
+}
+
+/// The whole stored teacher signal of the job (every shard of
+/// `shard_size` under `signal_dir`, verified against its content address),
+/// or an error naming the first shard that is missing or wrong.
+pub fn stored_signal(
+    p: &Prepared,
+    teacher_dir: &Path,
+    signal_dir: &Path,
+    shard_size: usize,
+) -> Result<Tensor> {
+    use crate::signal::{read_shard, TeacherId};
+    let id = TeacherId::of(teacher_dir)?;
+    let (examples, _) = p.training();
+    let shard_size = shard_size.max(1);
+    let mut parts = vec![];
+    for start in (0..examples.len()).step_by(shard_size) {
+        let end = (start + shard_size).min(examples.len());
+        let spec = shard_spec(p, &id, start, end);
+        match read_shard(signal_dir, &spec, &examples)? {
+            Some(t) => parts.push(t),
+            None => {
+                return Err(Error::Invalid(format!(
+                    "teacher signal for examples [{start}, {end}) is missing under {}",
+                    signal_dir.display()
+                )))
+            }
+        }
+    }
     Ok(Tensor::cat(&parts, 0))
 }
 
@@ -700,5 +915,14 @@ pub fn render(r: &Report) -> String {
         100.0 * r.retention,
         r.seconds
     ));
+    if !r.skipped_examples.is_empty() {
+        s.push_str(&format!(
+            "\nbad examples skipped (data.on_bad_example = \"skip\"): {}\n",
+            r.skipped_examples.len()
+        ));
+        for e in &r.skipped_examples {
+            s.push_str(&format!("- {e}\n"));
+        }
+    }
     s
 }

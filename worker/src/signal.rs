@@ -51,7 +51,8 @@ fn sha256_bytes(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-fn sha256_path(p: &Path) -> Result<String> {
+/// The sha256 of a file's bytes, as 64 hex digits.
+pub fn sha256_path(p: &Path) -> Result<String> {
     Ok(sha256_bytes(
         &std::fs::read(p).map_err(|e| Error::io(p, e))?,
     ))
@@ -100,6 +101,12 @@ pub fn data_sha256(examples: &[Encoded]) -> String {
 }
 
 impl ShardSpec<'_> {
+    /// The shard's content address (its directory name under the signal
+    /// directory).
+    pub fn key(&self, examples: &[Encoded]) -> String {
+        self.expected(examples).key
+    }
+
     /// The expected manifest fields (without the file hash) and the key.
     fn expected(&self, examples: &[Encoded]) -> SignalManifest {
         let data = data_sha256(&examples[self.start..self.end]);

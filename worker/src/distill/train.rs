@@ -91,6 +91,9 @@ pub struct Trainer<'a> {
     order_cache: Option<(u64, Vec<usize>)>,
     /// Output-level teacher signal is precomputed (see `TrainData::teacher_output`).
     offline: bool,
+    /// When set, training checkpoints and stops at the next step boundary
+    /// ([`Error::Stopped`]).
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -197,6 +200,7 @@ impl<'a> Trainer<'a> {
             tok,
             order_cache: None,
             offline,
+            stop: None,
         })
     }
 
@@ -354,6 +358,14 @@ impl<'a> Trainer<'a> {
         let per_step = (self.cfg.batch_size * self.cfg.grad_accum) as u64;
         let mut bad = 0u32;
         while self.step < until {
+            if self
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                self.save()?;
+                return Err(Error::Stopped);
+            }
             let step = self.step;
             tch::manual_seed((self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(step)) as i64);
             let lr = learning_rate(
@@ -489,6 +501,11 @@ impl<'a> Trainer<'a> {
                 .map(|(n, t)| (format!("adam_v.{n}"), t.shallow_clone())),
         );
         checkpoint::save(&self.checkpoint_dir, self.meta(), &tensors)
+    }
+
+    /// Stop (after a checkpoint) at the next step boundary once `flag` is set.
+    pub fn stop_on(&mut self, flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+        self.stop = flag;
     }
 
     /// Restore the latest committed checkpoint, if any. Returns whether one was found.

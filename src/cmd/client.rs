@@ -1,0 +1,120 @@
+//! Client commands against a running coordinator: `distill submit` and
+//! `distill status`. They take the endpoints and token from flags or the
+//! environment (`DISTILL_COORDINATOR`, `DISTILL_CLIENT_TOKEN`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use distill_proto::client::{authed, Endpoints};
+use distill_proto::v1 as pb;
+use pb::job_service_client::JobServiceClient;
+
+#[derive(clap::Args, Debug)]
+pub struct Conn {
+    /// Coordinator endpoints, comma separated (`http://host:7070,...`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        env = "DISTILL_COORDINATOR"
+    )]
+    pub coordinator: Vec<String>,
+    /// Bearer token of the job API (the coordinator's --client-token).
+    #[arg(long, env = "DISTILL_CLIENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl Conn {
+    fn endpoints(&self) -> Endpoints {
+        let mut e = Endpoints::new(self.coordinator.clone());
+        e.token = self.token.clone();
+        e.deadline = Duration::from_secs(30);
+        e
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SubmitArgs {
+    /// Job spec (TOML; `.json` for JSON). It is validated here and again by
+    /// the coordinator; relative paths in it are resolved by the workers.
+    pub spec: PathBuf,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0)]
+    pub priority: i32,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The job id `distill submit` printed.
+    pub job: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Submits the spec and prints the job id.
+pub fn submit(a: SubmitArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.spec)
+        .with_context(|| format!("cannot read {}", a.spec.display()))?;
+    distill_spec::load(&a.spec)
+        .with_context(|| format!("invalid job spec {}", a.spec.display()))?;
+    let format = if a.spec.extension().is_some_and(|e| e == "json") {
+        pb::SpecFormat::Json
+    } else {
+        pb::SpecFormat::Toml
+    };
+    let req = pb::SubmitJobRequest {
+        spec: text,
+        format: format as i32,
+        priority: a.priority,
+        request_id: String::new(),
+    };
+    let mut e = a.conn.endpoints();
+    let job = runtime()?.block_on(e.call(|ch, token| {
+        let req = authed(req.clone(), token);
+        async move { JobServiceClient::new(ch).submit_job(req).await }
+    }))?;
+    println!("{}", job.job.map(|j| j.job_id).unwrap_or_default());
+    Ok(())
+}
+
+/// Prints the job as one JSON object.
+pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let req = pb::GetJobRequest { job_id: a.job };
+    let mut e = a.conn.endpoints();
+    let j = runtime()?.block_on(e.call(|ch, token| {
+        let req = authed(req.clone(), token);
+        async move { JobServiceClient::new(ch).get_job(req).await }
+    }))?;
+    let state = pb::JobState::try_from(j.state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into());
+    let p = j.progress.unwrap_or_default();
+    let out = serde_json::json!({
+        "job_id": j.job_id,
+        "state": state,
+        "reason": j.reason,
+        "stage": p.stage,
+        "shards_total": p.shards_total,
+        "shards_committed": p.shards_committed,
+        "shards_reused": p.shards_reused,
+        "steps_done": p.steps_done,
+        "steps_total": p.steps_total,
+        "loss": p.loss,
+        "outputs": j.outputs,
+    });
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! A cluster job end to end with real processes only: etcd, the
+//! `distill coordinator` binary and `distill worker` binaries (libtorch on
+//! CPU), a teacher made by the test (transformers, random weights) and a
+//! few thousand examples.
+//!
+//! - Three workers label the corpus; mid-labelling one is SIGKILLed and one
+//!   SIGSTOPped. The job still reaches `succeeded` through training and
+//!   evaluation; every example has exactly one teacher signal; the signal
+//!   is bitwise equal to a one-worker run; the frozen worker, resumed after
+//!   the job finished, changes nothing.
+//! - The coordinator is SIGKILLed mid-labelling and restarted on the same
+//!   etcd and address; the job completes exactly once. The same spec
+//!   submitted again reuses every shard: zero are recomputed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use distill_coordinator::ledger::Ledger;
+use distill_coordinator::sim::SimClient;
+use distill_coordinator::tasks::{TaskState, Tasks};
+use distill_coordinator::testing::{wait_for, EtcdServer};
+use distill_proto::v1 as pb;
+use tokio::io::AsyncBufReadExt;
+
+const EXAMPLES: usize = 2400;
+const SHARD: usize = 40;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A random 4-layer teacher, big enough that labelling takes seconds.
+fn make_teacher(dir: &Path) {
+    let out = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scripts/parity/reference.py"))
+        .args(["make-random", dir.to_str().unwrap(), "--seed", "3"])
+        .args(["--layers", "4", "--hidden", "256", "--heads", "4"])
+        .args(["--intermediate", "1024", "--vocab", "60", "--labels", "2"])
+        .output()
+        .expect("run python (scripts/setup.sh makes .venv)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn write_data(path: &Path, n: usize, offset: usize) {
+    let mut s = String::new();
+    for i in 0..n {
+        let k = i + offset;
+        let words: Vec<String> = (0..(10 + k % 30))
+            .map(|j| format!("w{}", 5 + (k * 11 + j * 7) % 50))
+            .collect();
+        s.push_str(&format!(
+            "{{\"text\": \"{}\", \"label\": \"class_{}\"}}\n",
+            words.join(" "),
+            k % 2
+        ));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+/// Teacher, data and spec in `dir`; returns the spec's text.
+fn job(dir: &Path) -> String {
+    make_teacher(&dir.join("teacher"));
+    write_data(&dir.join("train.jsonl"), EXAMPLES, 0);
+    write_data(&dir.join("test.jsonl"), 40, 10_000);
+    let d = dir.display();
+    format!(
+        r#"name = "cluster-test"
+task = "text_classification"
+[teacher]
+path = "{d}/teacher"
+[data]
+train = "{d}/train.jsonl"
+test = "{d}/test.jsonl"
+labels = ["class_0", "class_1"]
+max_length = 64
+shard_size = {SHARD}
+[student]
+layers = 1
+hidden_size = 32
+num_heads = 2
+intermediate_size = 64
+init = "teacher"
+[distill]
+teacher_signal = "offline"
+[training]
+batch_size = 8
+steps = 20
+eval_every = 100
+checkpoint_every = 10
+seed = 11
+[cluster]
+min_workers = 1
+max_workers = 3
+"#
+    )
+}
+
+struct Proc {
+    child: tokio::process::Child,
+}
+
+impl Proc {
+    fn pid(&self) -> String {
+        self.child.id().expect("running").to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    async fn sigkill(&mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+}
+
+/// `distill coordinator` on etcd; waits for its address.
+async fn coordinator(
+    etcd: &str,
+    ns: &str,
+    listen: &str,
+    artifacts: &Path,
+    log: &Path,
+) -> (Proc, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["coordinator", "--etcd", etcd, "--namespace", ns])
+        .args(["--listen", listen])
+        .args([
+            "--heartbeat-interval-ms",
+            "200",
+            "--session-timeout-ms",
+            "1500",
+        ])
+        .args(["--speculation-factor", "0"])
+        .arg("--artifacts")
+        .arg(artifacts)
+        .env("DISTILL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn distill coordinator");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the coordinator prints its address within 30 s")
+        .unwrap()
+        .expect("a line on stdout");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = v["listening"].as_str().expect("listening").to_string();
+    (Proc { child }, addr)
+}
+
+/// `distill worker` on one libtorch thread.
+fn worker(url: &str, name: &str, log: &Path) -> Proc {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args([
+            "worker",
+            "--coordinator",
+            url,
+            "--threads",
+            "1",
+            "--name",
+            name,
+        ])
+        .args(["--max-backoff-ms", "300"])
+        .env("DISTILL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn distill worker");
+    Proc { child }
+}
+
+async fn wait_job(
+    client: &SimClient,
+    id: &str,
+    what: &str,
+    secs: u64,
+    ok: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    wait_for(Duration::from_secs(secs), what, || {
+        let mut client = client.clone();
+        let id = id.to_string();
+        let ok = &ok;
+        async move {
+            let job = client.get(&id).await.ok()?;
+            assert!(
+                job.state != pb::JobState::Failed as i32
+                    && job.state != pb::JobState::Cancelled as i32,
+                "job ended badly: {job:?}"
+            );
+            ok(&job).then_some(job)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn committed(job: &pb::Job) -> u64 {
+    job.progress.as_ref().map_or(0, |p| p.shards_committed)
+}
+
+/// Each shard's signal file under `signal_dir`, keyed by its content key,
+/// after checking that the manifests cover `[0, EXAMPLES)` exactly once.
+fn shard_files(signal_dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut ranges = vec![];
+    let mut files = BTreeMap::new();
+    for e in std::fs::read_dir(signal_dir).unwrap() {
+        let dir = e.unwrap().path();
+        let Ok(text) = std::fs::read_to_string(dir.join("manifest.json")) else {
+            continue; // an interrupted write never published a manifest
+        };
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let (s, e) = (m["start"].as_u64().unwrap(), m["end"].as_u64().unwrap());
+        assert_eq!(m["rows"].as_u64().unwrap(), e - s);
+        ranges.push((s, e));
+        let key = dir.file_name().unwrap().to_string_lossy().to_string();
+        files.insert(key, std::fs::read(dir.join("signal.safetensors")).unwrap());
+    }
+    ranges.sort_unstable();
+    let mut next = 0;
+    for (s, e) in &ranges {
+        assert_eq!(*s, next, "shards are contiguous, none twice: {ranges:?}");
+        next = *e;
+    }
+    assert_eq!(next as usize, EXAMPLES, "every example has a signal");
+    files
+}
+
+/// In the store, each shard is committed by exactly one attempt.
+async fn assert_exactly_once(store: &distill_coordinator::store::EtcdStore, id: &str) {
+    let tasks = Tasks::new(store.clone()).shards(id).await.unwrap();
+    assert_eq!(tasks.len(), EXAMPLES / SHARD);
+    let mut samples = 0;
+    for t in &tasks {
+        match &t.value.state {
+            TaskState::Committed {
+                samples: n,
+                by_attempt,
+                ..
+            } => {
+                samples += n;
+                assert!(*by_attempt >= 1 && *by_attempt <= t.value.attempt);
+            }
+            other => panic!("{} not committed: {other:?}", t.value.task_id),
+        }
+    }
+    assert_eq!(samples as usize, EXAMPLES);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_and_frozen_mid_labelling_still_give_one_exact_signal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let spec = job(dir);
+    let etcd = EtcdServer::start().await.unwrap();
+    let (mut coord, addr) = coordinator(
+        etcd.endpoint(),
+        "/three/",
+        "127.0.0.1:0",
+        &dir.join("art3"),
+        &dir.join("c3.log"),
+    )
+    .await;
+    let url = format!("http://{addr}");
+    let client = SimClient::new(vec![url.clone()]);
+    let id = client.clone().submit(&spec, 0).await.unwrap().job_id;
+    let mut ws: Vec<Proc> = (0..3)
+        .map(|i| worker(&url, &format!("w{i}"), &dir.join(format!("w{i}.log"))))
+        .collect();
+    let total = (EXAMPLES / SHARD) as u64;
+    let at_kill = wait_job(&client, &id, "a few shards committed", 120, |j| {
+        committed(j) >= 3
+    })
+    .await;
+    ws[0].sigkill().await;
+    ws[1].signal("-STOP");
+    assert!(
+        committed(&at_kill) < total / 2,
+        "the failures land mid-labelling ({} of {total} committed)",
+        committed(&at_kill)
+    );
+    let done = wait_job(&client, &id, "the job to succeed", 300, |j| {
+        j.state == pb::JobState::Succeeded as i32
+    })
+    .await;
+    assert_eq!(committed(&done), total);
+    assert_eq!(
+        done.outputs.len(),
+        3,
+        "student, report.json, report.md: {done:?}"
+    );
+    for o in &done.outputs {
+        assert!(Path::new(o).exists(), "{o} exists");
+    }
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("art3/jobs/{id}/report.json"))).unwrap(),
+    )
+    .unwrap();
+    assert!(report["student"]["metric"].as_f64().is_some(), "{report}");
+    let store = etcd.store("/three/").await.unwrap();
+    assert_exactly_once(&store, &id).await;
+    let three = shard_files(&dir.join("art3/signal"));
+
+    // The frozen worker wakes up after the fact: whatever it reports is
+    // refused, and the job does not change.
+    let before = Ledger::new(store.clone()).get(&id).await.unwrap().unwrap();
+    ws[1].signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(2)).await; // let it try
+    let after = Ledger::new(store.clone()).get(&id).await.unwrap().unwrap();
+    assert_eq!(after.value.state, before.value.state);
+    assert_eq!(after.value.progress.shards_committed, total);
+    assert_exactly_once(&store, &id).await;
+
+    // A one-worker run of the same job in a fresh namespace and artifact
+    // root gives bitwise the same signal.
+    for w in ws.iter_mut() {
+        w.sigkill().await;
+    }
+    coord.sigkill().await;
+    let (mut coord1, addr1) = coordinator(
+        etcd.endpoint(),
+        "/one/",
+        "127.0.0.1:0",
+        &dir.join("art1"),
+        &dir.join("c1.log"),
+    )
+    .await;
+    let url1 = format!("http://{addr1}");
+    let client1 = SimClient::new(vec![url1.clone()]);
+    let id1 = client1.clone().submit(&spec, 0).await.unwrap().job_id;
+    let mut w1 = worker(&url1, "solo", &dir.join("solo.log"));
+    wait_job(&client1, &id1, "the one-worker job to succeed", 300, |j| {
+        j.state == pb::JobState::Succeeded as i32
+    })
+    .await;
+    let one = shard_files(&dir.join("art1/signal"));
+    assert_eq!(
+        three.keys().collect::<Vec<_>>(),
+        one.keys().collect::<Vec<_>>(),
+        "the same content keys"
+    );
+    for (k, bytes) in &three {
+        assert!(
+            bytes == &one[k],
+            "shard {k} differs from the one-worker run"
+        );
+    }
+    w1.sigkill().await;
+    coord1.sigkill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_labelling_finishes_once_and_a_resubmission_reuses_every_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let spec = job(dir);
+    let etcd = EtcdServer::start().await.unwrap();
+    let log = dir.join("c.log");
+    let art = dir.join("art");
+    let (mut coord, addr) =
+        coordinator(etcd.endpoint(), "/restart/", "127.0.0.1:0", &art, &log).await;
+    let url = format!("http://{addr}");
+    let client = SimClient::new(vec![url.clone()]);
+    let id = client.clone().submit(&spec, 0).await.unwrap().job_id;
+    let mut ws: Vec<Proc> = (0..2)
+        .map(|i| worker(&url, &format!("r{i}"), &dir.join(format!("r{i}.log"))))
+        .collect();
+    let total = (EXAMPLES / SHARD) as u64;
+    let at_kill = wait_job(&client, &id, "a few shards committed", 120, |j| {
+        committed(j) >= 3
+    })
+    .await;
+    coord.sigkill().await;
+    assert!(committed(&at_kill) < total / 2, "killed mid-labelling");
+    // Same etcd, same address: the workers find it again on their own.
+    let (mut coord, _) = coordinator(etcd.endpoint(), "/restart/", &addr, &art, &log).await;
+    let done = wait_job(
+        &client,
+        &id,
+        "the job to succeed after the restart",
+        300,
+        |j| j.state == pb::JobState::Succeeded as i32,
+    )
+    .await;
+    assert_eq!(committed(&done), total);
+    let store = etcd.store("/restart/").await.unwrap();
+    assert_exactly_once(&store, &id).await;
+    shard_files(&art.join("signal"));
+
+    // The same job again: every shard is found, verified and reused.
+    let again = client.clone().submit(&spec, 0).await.unwrap().job_id;
+    assert_ne!(again, id);
+    let done = wait_job(
+        &client,
+        &again,
+        "the resubmitted job to succeed",
+        300,
+        |j| j.state == pb::JobState::Succeeded as i32,
+    )
+    .await;
+    let p = done.progress.unwrap();
+    assert_eq!(
+        (p.shards_committed, p.shards_reused),
+        (total, total),
+        "zero shards recomputed"
+    );
+    for w in ws.iter_mut() {
+        w.sigkill().await;
+    }
+    coord.sigkill().await;
+}

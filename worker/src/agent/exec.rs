@@ -1,0 +1,322 @@
+//! The worker's libtorch side: one dedicated OS thread that runs leased
+//! tasks, fed over a channel by the async side ([`super`]). Nothing here
+//! touches the tokio runtime; the only way in is [`Executor::submit`], the
+//! only ways back are the reply channel and the shared [`Control`].
+//!
+//! What a task writes (the storage contract, under the lease's
+//! `artifact_root`):
+//!
+//! | task | writes | reports |
+//! |---|---|---|
+//! | teacher signal `[start, end)` | `signal/<key>/{signal.safetensors, manifest.json}` (`crate::signal`; the key is the content address, so a resubmitted job finds it) | the manifest and its sha256; `reused` when it was already there and verified |
+//! | train | `jobs/<job>/student-ckpt/` (checkpoints, resumable by any worker), `jobs/<job>/teacher/` (when fine-tuned), `jobs/<job>/student/` (the exported student) | `student/model.safetensors` and its sha256 |
+//! | evaluate | `jobs/<job>/report.json`, `report.md` | `report.json` and its sha256 |
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use distill_proto::v1 as pb;
+use distill_spec::{JobSpec, TeacherSignal};
+use tch::{Device, Tensor};
+use tokio::sync::oneshot;
+
+use crate::infer::{infer, InferOptions};
+use crate::model::TaskModel;
+use crate::pipeline::{self, Hooks, Prepared};
+use crate::signal::{self, TeacherId};
+use crate::tokenize::Encoded;
+use crate::{Error, Result};
+
+/// What the async side and the executor share about the running task.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// Set to stop at the next step or batch boundary.
+    pub stop: Arc<AtomicBool>,
+    /// Set when the coordinator took the task away (its output is void).
+    pub aborted: AtomicBool,
+    /// Latest progress, read by the heartbeat.
+    pub progress: Mutex<Option<Progress>>,
+}
+
+/// A running task's progress as the heartbeat reports it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub stage: String,
+    pub steps_done: u64,
+    pub steps_total: u64,
+    pub loss: f64,
+}
+
+/// A leased task with its parsed spec.
+pub struct Work {
+    pub task: pb::Task,
+    pub spec: JobSpec,
+    pub control: Arc<Control>,
+    pub reply: oneshot::Sender<Result<pb::TaskSuccess>>,
+}
+
+/// The handle of the executor thread.
+pub struct Executor {
+    tx: std::sync::mpsc::Sender<Work>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Executor {
+    /// Starts the thread; libtorch uses `threads` intra-op threads when set.
+    pub fn spawn(device: Device, threads: Option<i32>) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Work>();
+        let thread = std::thread::Builder::new()
+            .name("distill-libtorch".into())
+            .spawn(move || {
+                if let Some(t) = threads {
+                    tch::set_num_threads(t);
+                }
+                let mut cache = None;
+                for w in rx {
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        execute(&mut cache, &w.task, &w.spec, &w.control, device)
+                    }))
+                    .unwrap_or_else(|p| {
+                        let what = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "a panic".into());
+                        cache = None;
+                        Err(Error::Invalid(format!("the task panicked: {what}")))
+                    });
+                    let _ = w.reply.send(result);
+                }
+            })?;
+        Ok(Self {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `work`; its result arrives on `work.reply`.
+    pub fn submit(&self, work: Work) -> Result<()> {
+        self.tx
+            .send(work)
+            .map_err(|_| Error::Invalid("the libtorch thread is gone".into()))
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after its current task.
+        let (tx, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a worker keeps between teacher-signal tasks of one job: the data
+/// read and tokenized once, the teacher loaded once.
+struct JobCache {
+    job_id: String,
+    spec_json: String,
+    prepared: Prepared,
+    examples: Vec<Encoded>,
+    teacher: TaskModel,
+    id: TeacherId,
+}
+
+fn execute(
+    cache: &mut Option<JobCache>,
+    task: &pb::Task,
+    spec: &JobSpec,
+    control: &Control,
+    device: Device,
+) -> Result<pb::TaskSuccess> {
+    let r = task.r#ref.clone().unwrap_or_default();
+    if task.artifact_root.is_empty() {
+        return Err(Error::Invalid("lease has no artifact_root".into()));
+    }
+    let root = PathBuf::from(&task.artifact_root);
+    let job_dir = root.join("jobs").join(&r.job_id);
+    std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
+    let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
+    let started = Instant::now();
+    let result = match kind {
+        pb::TaskKind::TeacherSignal => teacher_signal(cache, task, spec, &root, device),
+        pb::TaskKind::Train => {
+            *cache = None; // training needs the memory
+            train(spec, &root, &job_dir, control, device)
+        }
+        pb::TaskKind::Evaluate => evaluate(spec, &job_dir, control, device),
+        pb::TaskKind::Unspecified => Err(Error::Invalid(format!(
+            "task {} has an unknown kind {}; this worker is older than the coordinator",
+            r.task_id, task.kind
+        ))),
+    };
+    tracing::info!(
+        job = r.job_id,
+        task = r.task_id,
+        attempt = r.attempt,
+        kind = kind.as_str_name(),
+        seconds = started.elapsed().as_secs_f64(),
+        ok = result.is_ok(),
+        "task finished"
+    );
+    result
+}
+
+fn teacher_signal(
+    cache: &mut Option<JobCache>,
+    task: &pb::Task,
+    spec: &JobSpec,
+    root: &Path,
+    device: Device,
+) -> Result<pb::TaskSuccess> {
+    let r = task.r#ref.clone().unwrap_or_default();
+    let fresh = !matches!(cache, Some(c) if c.job_id == r.job_id && c.spec_json == task.spec_json);
+    if fresh {
+        *cache = None;
+        if spec.teacher.fine_tune {
+            return Err(Error::Invalid(
+                "teacher.fine_tune: an offline teacher signal from a teacher fine-tuned in the job is not built on the cluster path".into(),
+            ));
+        }
+        let prepared = pipeline::prepare(spec)?;
+        let teacher = pipeline::load_teacher(spec, &prepared, device)?;
+        let id = TeacherId::of(&prepared.teacher_dir)?;
+        let (examples, _) = prepared.training();
+        *cache = Some(JobCache {
+            job_id: r.job_id.clone(),
+            spec_json: task.spec_json.clone(),
+            prepared,
+            examples,
+            teacher,
+            id,
+        });
+    }
+    let c = cache.as_ref().expect("filled above");
+    let (start, end) = (task.shard_start as usize, task.shard_end as usize);
+    if start >= end || end > c.examples.len() {
+        return Err(Error::Invalid(format!(
+            "shard [{start}, {end}) is outside the job's {} training examples (did the data change after planning?)",
+            c.examples.len()
+        )));
+    }
+    let sspec = pipeline::shard_spec(&c.prepared, &c.id, start, end);
+    let signal_dir = root.join("signal");
+    let reused = match signal::read_shard(&signal_dir, &sspec, &c.examples)? {
+        Some(_) => true,
+        None => {
+            let t = infer(
+                &c.teacher,
+                &c.prepared.tok,
+                &c.examples[start..end],
+                InferOptions::default(),
+                |_, _| {},
+            )?;
+            signal::write_shard(&signal_dir, &sspec, &c.examples, &t)?;
+            false
+        }
+    };
+    let manifest = signal::shard_dir(&signal_dir, &sspec.key(&c.examples)).join("manifest.json");
+    Ok(pb::TaskSuccess {
+        manifest_sha256: signal::sha256_path(&manifest)?,
+        manifest_uri: manifest.display().to_string(),
+        samples: (end - start) as u64,
+        reused,
+        outputs: vec![],
+    })
+}
+
+fn progress_hook(control: &Control) -> impl FnMut(&str, &crate::distill::train::StepLog, u64) + '_ {
+    move |stage, log, total| {
+        if let Ok(mut p) = control.progress.lock() {
+            *p = Some(Progress {
+                stage: stage.to_string(),
+                steps_done: log.step + 1,
+                steps_total: total,
+                loss: log.loss,
+            });
+        }
+    }
+}
+
+fn train(
+    spec: &JobSpec,
+    root: &Path,
+    job_dir: &Path,
+    control: &Control,
+    device: Device,
+) -> Result<pb::TaskSuccess> {
+    let p = pipeline::prepare(spec)?;
+    let mut progress = progress_hook(control);
+    let mut hooks = Hooks {
+        stop: Some(control.stop.clone()),
+        progress: Some(&mut progress),
+    };
+    let teacher = pipeline::teacher(spec, &p, job_dir, device, &mut hooks)?;
+    let signal: Option<Tensor> = match spec.distill.teacher_signal {
+        TeacherSignal::Offline => Some(pipeline::stored_signal(
+            &p,
+            &pipeline::served_teacher_dir(&p, job_dir),
+            &root.join("signal"),
+            spec.data.shard_size as usize,
+        )?),
+        TeacherSignal::Online => None,
+    };
+    pipeline::distill_student(spec, &p, &teacher, signal, job_dir, device, &mut hooks)?;
+    let student = job_dir.join("student");
+    let weights = student.join("model.safetensors");
+    Ok(pb::TaskSuccess {
+        manifest_sha256: signal::sha256_path(&weights)?,
+        manifest_uri: weights.display().to_string(),
+        samples: 0,
+        reused: false,
+        outputs: vec![student.display().to_string()],
+    })
+}
+
+fn evaluate(
+    spec: &JobSpec,
+    job_dir: &Path,
+    control: &Control,
+    device: Device,
+) -> Result<pb::TaskSuccess> {
+    let started = Instant::now();
+    if let Ok(mut p) = control.progress.lock() {
+        *p = Some(Progress {
+            stage: "evaluating".into(),
+            ..Progress::default()
+        });
+    }
+    let p = pipeline::prepare(spec)?;
+    let teacher = pipeline::teacher(spec, &p, job_dir, device, &mut Hooks::default())?;
+    let student_dir = job_dir.join("student");
+    let student = TaskModel::load(
+        &student_dir,
+        p.task,
+        (!p.labels.is_empty()).then(|| p.labels.clone()),
+        device,
+    )?;
+    if control.stop.load(Ordering::Relaxed) {
+        return Err(Error::Stopped);
+    }
+    pipeline::evaluate(spec, &p, &teacher, &student, None, job_dir, started)?;
+    let report = job_dir.join("report.json");
+    Ok(pb::TaskSuccess {
+        manifest_sha256: signal::sha256_path(&report)?,
+        manifest_uri: report.display().to_string(),
+        samples: 0,
+        reused: false,
+        outputs: vec![
+            report.display().to_string(),
+            job_dir.join("report.md").display().to_string(),
+        ],
+    })
+}
+
+/// Whether a retry (here or on another worker) could fix `e`.
+pub fn retryable(e: &Error) -> bool {
+    matches!(e, Error::Io { .. } | Error::Torch(_))
+}
