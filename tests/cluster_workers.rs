@@ -432,3 +432,104 @@ async fn a_coordinator_killed_mid_labelling_finishes_once_and_a_resubmission_reu
     }
     coord.sigkill().await;
 }
+
+/// A free loopback port (bound, then released).
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_waits_for_its_coordinator_and_sigterm_gives_training_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // A small teacher and an online job with many steps: training is the
+    // first task, and it is long enough to be interrupted.
+    let out = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scripts/parity/reference.py"))
+        .args([
+            "make-random",
+            dir.join("teacher").to_str().unwrap(),
+            "--seed",
+            "3",
+        ])
+        .args(["--layers", "2", "--hidden", "32", "--heads", "4"])
+        .args(["--intermediate", "64", "--vocab", "60", "--labels", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    write_data(&dir.join("train.jsonl"), 200, 0);
+    write_data(&dir.join("test.jsonl"), 20, 10_000);
+    let spec = job(dir)
+        .replace(
+            "teacher_signal = \"offline\"",
+            "teacher_signal = \"online\"",
+        )
+        .replace("steps = 20", "steps = 600")
+        .replace("checkpoint_every = 10", "checkpoint_every = 25");
+    // The worker starts first, against an address where nothing listens
+    // yet: it keeps retrying instead of exiting.
+    let addr = free_port();
+    let url = format!("http://{addr}");
+    let mut a = worker(&url, "early", &dir.join("early.log"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        a.child.try_wait().unwrap().is_none(),
+        "the worker is still running without a coordinator"
+    );
+    let etcd = EtcdServer::start().await.unwrap();
+    let art = dir.join("art");
+    let (mut coord, _) =
+        coordinator(etcd.endpoint(), "/term/", &addr, &art, &dir.join("c.log")).await;
+    let client = SimClient::new(vec![url.clone()]);
+    let id = client.clone().submit(&spec, 0).await.unwrap().job_id;
+    // Progress shows on the job while it trains.
+    let training = wait_job(&client, &id, "training progress on the job", 120, |j| {
+        j.progress
+            .as_ref()
+            .is_some_and(|p| p.stage == "distill" && p.steps_done >= 60 && p.steps_total == 600)
+    })
+    .await;
+    assert_eq!(training.state, pb::JobState::Training as i32);
+    a.signal("-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), a.child.wait())
+        .await
+        .expect("the worker exits within 30 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}");
+    // The training task was given back, not failed, and its checkpoint
+    // is on disk for whoever takes it next.
+    let store = etcd.store("/term/").await.unwrap();
+    let tasks = Tasks::new(store.clone()).list(&id).await.unwrap();
+    let train = tasks
+        .iter()
+        .find(|t| t.value.task_id == "stage-2-train")
+        .unwrap();
+    assert_eq!(train.value.failures, 0, "{train:?}");
+    assert!(
+        matches!(train.value.state, TaskState::Pending { .. }),
+        "{train:?}"
+    );
+    let latest = std::fs::read_to_string(art.join(format!("jobs/{id}/student-ckpt/LATEST")))
+        .expect("a checkpoint was written");
+    assert!(!latest.trim().is_empty());
+    // Another worker takes it over and finishes from the checkpoint.
+    let mut b = worker(&url, "late", &dir.join("late.log"));
+    let done = wait_job(&client, &id, "the job to succeed", 300, |j| {
+        j.state == pb::JobState::Succeeded as i32
+    })
+    .await;
+    assert_eq!(done.outputs.len(), 3);
+    let late = std::fs::read_to_string(dir.join("late.log")).unwrap();
+    assert!(
+        !late.contains("distill: step 1/600 "),
+        "the second worker resumed instead of starting over:\n{}",
+        &late[..late.len().min(2000)]
+    );
+    b.sigkill().await;
+    coord.sigkill().await;
+}

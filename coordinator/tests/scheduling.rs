@@ -206,7 +206,7 @@ async fn queue_policy_planning_and_prompt_release_on_cancel() {
     assert!(
         failed
             .reason
-            .contains("planning: cannot read data.train \"/no/such/file.jsonl\""),
+            .contains("planning: data.train: /no/such/file.jsonl: No such file"),
         "{}",
         failed.reason
     );

@@ -23,6 +23,13 @@ pub enum Error {
     },
     #[error("{path}: {message}")]
     Data { path: PathBuf, message: String },
+    /// Which spec field named the file.
+    #[error("{field}: {source}")]
+    Field {
+        field: &'static str,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {
@@ -188,13 +195,21 @@ pub fn fields(spec: &JobSpec, with_labels: bool) -> Fields {
 /// and the worker reads them, through this one function.
 pub fn training_examples(spec: &JobSpec) -> Result<Read> {
     let mut all = Read::default();
-    for (path, labels) in [(&spec.data.train, true), (&spec.data.unlabelled, false)] {
+    let files = [
+        ("data.train", &spec.data.train, true),
+        ("data.unlabelled", &spec.data.unlabelled, false),
+    ];
+    for (field, path, labels) in files {
         if let Some(p) = path {
             let r = read_with(
                 Path::new(p),
                 &fields(spec, labels),
                 spec.data.on_bad_example,
-            )?;
+            )
+            .map_err(|e| Error::Field {
+                field,
+                source: Box::new(e),
+            })?;
             all.examples.extend(r.examples);
             all.skipped.extend(r.skipped);
         }

@@ -10,6 +10,7 @@ impl From<distill_data::Error> for crate::Error {
         match e {
             distill_data::Error::Io { path, source } => crate::Error::Io { path, source },
             distill_data::Error::Data { path, message } => crate::Error::Data { path, message },
+            e @ distill_data::Error::Field { .. } => crate::Error::Invalid(e.to_string()),
         }
     }
 }
