@@ -531,9 +531,13 @@ impl<S: Store> WorkerService for Coordinator<S> {
                         });
                     }
                     j.progress.stage = stage.clone();
-                    j.progress.steps_done = done;
-                    j.progress.steps_total = total;
-                    j.progress.loss = loss;
+                    // A stage without steps (evaluation) keeps the
+                    // training counts on show.
+                    if total > 0 {
+                        j.progress.steps_done = done;
+                        j.progress.steps_total = total;
+                        j.progress.loss = loss;
+                    }
                     Ok(())
                 })
                 .await;

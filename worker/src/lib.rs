@@ -13,6 +13,7 @@
 //! threads that talk to tokio over channels).
 
 pub mod agent;
+pub mod artifacts;
 pub mod autocast;
 pub mod data;
 pub mod device;

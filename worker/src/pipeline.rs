@@ -801,13 +801,14 @@ fn offline_signal(
 ) -> Result<Tensor> {
     use crate::signal::{read_shard, write_shard, TeacherId};
     let id = TeacherId::of(teacher_dir)?;
+    let store = crate::artifacts::Artifacts::open(&signal_dir.display().to_string())?;
     let (mut parts, mut reused) = (vec![], 0);
     let shard_size = shard_size.max(1);
     let n_shards = examples.len().div_ceil(shard_size);
     for start in (0..examples.len()).step_by(shard_size) {
         let end = (start + shard_size).min(examples.len());
         let spec = shard_spec(p, &id, start, end);
-        let t = match read_shard(signal_dir, &spec, examples)? {
+        let t = match read_shard(&store, &spec, examples)? {
             Some(t) => {
                 reused += 1;
                 t
@@ -820,7 +821,7 @@ fn offline_signal(
                     InferOptions::default(),
                     |_, _| {},
                 )?;
-                write_shard(signal_dir, &spec, examples, &t)?;
+                write_shard(&store, &spec, examples, &t)?;
                 t
             }
         };
@@ -834,28 +835,29 @@ fn offline_signal(
 }
 
 /// The whole stored teacher signal of the job (every shard of
-/// `shard_size` under `signal_dir`, verified against its content address),
-/// or an error naming the first shard that is missing or wrong.
+/// `shard_size` in the artifact store at `signal_root`, verified against
+/// its content address), or an error naming the first shard that is
+/// missing or wrong.
 pub fn stored_signal(
     p: &Prepared,
     teacher_dir: &Path,
-    signal_dir: &Path,
+    signal_root: &str,
     shard_size: usize,
 ) -> Result<Tensor> {
     use crate::signal::{read_shard, TeacherId};
     let id = TeacherId::of(teacher_dir)?;
+    let store = crate::artifacts::Artifacts::open(signal_root)?;
     let (examples, _) = p.training();
     let shard_size = shard_size.max(1);
     let mut parts = vec![];
     for start in (0..examples.len()).step_by(shard_size) {
         let end = (start + shard_size).min(examples.len());
         let spec = shard_spec(p, &id, start, end);
-        match read_shard(signal_dir, &spec, &examples)? {
+        match read_shard(&store, &spec, &examples)? {
             Some(t) => parts.push(t),
             None => {
                 return Err(Error::Invalid(format!(
-                    "teacher signal for examples [{start}, {end}) is missing under {}",
-                    signal_dir.display()
+                    "teacher signal for examples [{start}, {end}) is missing under {signal_root}"
                 )))
             }
         }

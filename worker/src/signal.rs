@@ -9,8 +9,11 @@
 //! ```text
 //! key = sha256(teacher weights sha256, tokenizer.json sha256,
 //!              shard data sha256, kind, max_length, start, end)
-//! <signal_dir>/<key>/{signal.safetensors, manifest.json}
+//! <signal root>/<key>/{signal.safetensors, manifest.json}
 //! ```
+//!
+//! The signal root is an [`Artifacts`] store (`object_store`): a local
+//! directory for `distill run`, `<artifacts>/signal` on a cluster.
 //!
 //! so a changed teacher, tokenizer, data or setting gives a different key and
 //! a stale cache can never be read; a re-run finds finished shards by key. On
@@ -19,8 +22,8 @@
 //! that names the mismatch. The shard data hash covers each example's token
 //! ids in order, so it also changes when truncation changes.
 
-use crate::fsutil::write_atomic;
-use crate::model::weights::{read_tensors, weight_files, write_safetensors};
+use crate::artifacts::Artifacts;
+use crate::model::weights::{safetensors_bytes, tensors_from_bytes, weight_files};
 use crate::tokenize::Encoded;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -47,7 +50,8 @@ pub struct SignalManifest {
     pub file_sha256: String,
 }
 
-fn sha256_bytes(b: &[u8]) -> String {
+/// The sha256 of `b`, as 64 hex digits.
+pub fn sha256_bytes(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
@@ -139,17 +143,21 @@ impl ShardSpec<'_> {
     }
 }
 
-pub fn shard_dir(signal_dir: &Path, key: &str) -> PathBuf {
-    signal_dir.join(key)
+/// The object key of a shard's file `name` (`<key>/<name>`).
+pub fn shard_object(key: &str, name: &str) -> String {
+    format!("{key}/{name}")
 }
 
-/// Write a shard's signal (`[end-start, width]`); returns its directory.
+/// Write a shard's signal (`[end-start, width]`) to `store` (rooted at the
+/// signal directory): `signal.safetensors` first, `manifest.json` last, so
+/// a shard without a manifest does not exist. Returns the manifest's
+/// object key and its bytes.
 pub fn write_shard(
-    signal_dir: &Path,
+    store: &Artifacts,
     spec: &ShardSpec,
     examples: &[Encoded],
     signal: &Tensor,
-) -> Result<PathBuf> {
+) -> Result<(String, Vec<u8>)> {
     let mut m = spec.expected(examples);
     let size = signal.size();
     if size.len() != 2 || size[0] as usize != m.rows {
@@ -159,37 +167,29 @@ pub fn write_shard(
         )));
     }
     m.width = size[1];
-    let dir = shard_dir(signal_dir, &m.key);
-    let file = dir.join("signal.safetensors");
-    write_safetensors(
-        &file,
-        &[("signal".into(), signal.to_kind(tch::Kind::Float))],
-    )?;
-    m.file_sha256 = sha256_path(&file)?;
-    // The manifest is written last: a shard without one does not exist.
-    write_atomic(
-        &dir.join("manifest.json"),
-        serde_json::to_string_pretty(&m).unwrap().as_bytes(),
-    )?;
-    Ok(dir)
+    let bytes = safetensors_bytes(&[("signal".into(), signal.to_kind(tch::Kind::Float))])?;
+    m.file_sha256 = sha256_bytes(&bytes);
+    store.put(&shard_object(&m.key, "signal.safetensors"), bytes)?;
+    let manifest = serde_json::to_string_pretty(&m).unwrap().into_bytes();
+    let key = shard_object(&m.key, "manifest.json");
+    store.put(&key, manifest.clone())?;
+    Ok((key, manifest))
 }
 
-/// Read a shard if it exists and is exactly what `spec` asks for.
-/// `Ok(None)`: not computed yet. `Err`: present but wrong (refused).
+/// Read a shard from `store` if it exists and is exactly what `spec` asks
+/// for. `Ok(None)`: not computed yet. `Err`: present but wrong (refused).
 pub fn read_shard(
-    signal_dir: &Path,
+    store: &Artifacts,
     spec: &ShardSpec,
     examples: &[Encoded],
 ) -> Result<Option<Tensor>> {
     let want = spec.expected(examples);
-    let dir = shard_dir(signal_dir, &want.key);
-    let mpath = dir.join("manifest.json");
-    let text = match std::fs::read_to_string(&mpath) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&mpath, e)),
+    let mkey = shard_object(&want.key, "manifest.json");
+    let mpath = PathBuf::from(store.uri(&mkey));
+    let Some(text) = store.get(&mkey)? else {
+        return Ok(None);
     };
-    let got: SignalManifest = serde_json::from_str(&text).map_err(|e| Error::Data {
+    let got: SignalManifest = serde_json::from_slice(&text).map_err(|e| Error::Data {
         path: mpath.clone(),
         message: format!("invalid shard manifest: {e}"),
     })?;
@@ -228,8 +228,13 @@ pub fn read_shard(
             });
         }
     }
-    let file = dir.join("signal.safetensors");
-    let sum = sha256_path(&file)?;
+    let fkey = shard_object(&want.key, "signal.safetensors");
+    let file = PathBuf::from(store.uri(&fkey));
+    let bytes = store.get(&fkey)?.ok_or_else(|| Error::Data {
+        path: file.clone(),
+        message: "the manifest exists but the signal file does not".into(),
+    })?;
+    let sum = sha256_bytes(&bytes);
     if sum != got.file_sha256 {
         return Err(Error::Data {
             path: file,
@@ -239,7 +244,7 @@ pub fn read_shard(
             ),
         });
     }
-    let t = read_tensors(std::slice::from_ref(&file))?;
+    let t = tensors_from_bytes(&file, &bytes)?;
     let s = t.get("signal").ok_or_else(|| Error::Data {
         path: file.clone(),
         message: "no tensor named signal".into(),

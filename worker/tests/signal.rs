@@ -4,9 +4,10 @@
 mod common;
 
 use common::*;
+use distill_worker::artifacts::Artifacts;
 use distill_worker::infer::{infer, InferOptions};
 use distill_worker::model::{Task, TaskModel};
-use distill_worker::signal::{read_shard, shard_dir, write_shard, ShardSpec, TeacherId};
+use distill_worker::signal::{read_shard, write_shard, ShardSpec, TeacherId};
 use distill_worker::tokenize::TextTokenizer;
 use tch::Device;
 
@@ -24,6 +25,7 @@ fn shards_roundtrip_and_mismatches_are_refused() {
     let ex = tok.encode(&texts, None).unwrap();
     let id = TeacherId::of(&dir).unwrap();
     let tmp = tempfile::tempdir().unwrap();
+    let store = Artifacts::open(tmp.path().to_str().unwrap()).unwrap();
     let spec = ShardSpec {
         teacher: &id,
         kind: "embeddings",
@@ -32,7 +34,7 @@ fn shards_roundtrip_and_mismatches_are_refused() {
         end: 4,
     };
     assert!(
-        read_shard(tmp.path(), &spec, &ex).unwrap().is_none(),
+        read_shard(&store, &spec, &ex).unwrap().is_none(),
         "nothing computed yet"
     );
     let sig = infer(
@@ -43,8 +45,11 @@ fn shards_roundtrip_and_mismatches_are_refused() {
         |_, _| {},
     )
     .unwrap();
-    let written = write_shard(tmp.path(), &spec, &ex, &sig).unwrap();
-    let back = read_shard(tmp.path(), &spec, &ex)
+    let (manifest_key, _) = write_shard(&store, &spec, &ex, &sig).unwrap();
+    let written = tmp
+        .path()
+        .join(manifest_key.trim_end_matches("/manifest.json"));
+    let back = read_shard(&store, &spec, &ex)
         .unwrap()
         .expect("shard found by key");
     assert!(back.equal(&sig));
@@ -61,18 +66,18 @@ fn shards_roundtrip_and_mismatches_are_refused() {
             None,
         )
         .unwrap();
-    assert!(read_shard(tmp.path(), &spec, &other).unwrap().is_none());
+    assert!(read_shard(&store, &spec, &other).unwrap().is_none());
     let spec32 = ShardSpec {
         max_length: 32,
         ..spec.clone()
     };
-    assert!(read_shard(tmp.path(), &spec32, &ex).unwrap().is_none());
+    assert!(read_shard(&store, &spec32, &ex).unwrap().is_none());
     let other_teacher = TeacherId {
         teacher_sha256: "0".repeat(64),
         ..id.clone()
     };
     assert!(read_shard(
-        tmp.path(),
+        &store,
         &ShardSpec {
             teacher: &other_teacher,
             ..spec.clone()
@@ -88,7 +93,7 @@ fn shards_roundtrip_and_mismatches_are_refused() {
     let mut m: serde_json::Value = serde_json::from_str(&good).unwrap();
     m["tokenizer_sha256"] = "f".repeat(64).into();
     std::fs::write(&mpath, m.to_string()).unwrap();
-    let e = read_shard(tmp.path(), &spec, &ex).unwrap_err().to_string();
+    let e = read_shard(&store, &spec, &ex).unwrap_err().to_string();
     assert!(
         e.contains("manifest.json") && e.contains("tokenizer_sha256") && e.contains("refusing"),
         "{e}"
@@ -96,19 +101,11 @@ fn shards_roundtrip_and_mismatches_are_refused() {
 
     // A tampered signal file is refused by its checksum.
     std::fs::write(&mpath, good).unwrap();
-    let f = shard_dir(
-        tmp.path(),
-        &serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&mpath).unwrap())
-            .unwrap()["key"]
-            .as_str()
-            .unwrap()
-            .to_string(),
-    )
-    .join("signal.safetensors");
+    let f = written.join("signal.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&f, bytes).unwrap();
-    let e = read_shard(tmp.path(), &spec, &ex).unwrap_err().to_string();
+    let e = read_shard(&store, &spec, &ex).unwrap_err().to_string();
     assert!(e.contains("checksum"), "{e}");
 }

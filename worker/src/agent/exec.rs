@@ -22,6 +22,7 @@ use distill_spec::{JobSpec, TeacherSignal};
 use tch::{Device, Tensor};
 use tokio::sync::oneshot;
 
+use crate::artifacts::Artifacts;
 use crate::infer::{infer, InferOptions};
 use crate::model::TaskModel;
 use crate::pipeline::{self, Hooks, Prepared};
@@ -143,7 +144,7 @@ fn execute(
     let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
     let started = Instant::now();
     let result = match kind {
-        pb::TaskKind::TeacherSignal => teacher_signal(cache, task, spec, &root, device),
+        pb::TaskKind::TeacherSignal => teacher_signal(cache, task, spec, device),
         pb::TaskKind::Train => {
             *cache = None; // training needs the memory
             train(spec, &root, &job_dir, control, device)
@@ -170,7 +171,6 @@ fn teacher_signal(
     cache: &mut Option<JobCache>,
     task: &pb::Task,
     spec: &JobSpec,
-    root: &Path,
     device: Device,
 ) -> Result<pb::TaskSuccess> {
     let r = task.r#ref.clone().unwrap_or_default();
@@ -204,9 +204,15 @@ fn teacher_signal(
         )));
     }
     let sspec = pipeline::shard_spec(&c.prepared, &c.id, start, end);
-    let signal_dir = root.join("signal");
-    let reused = match signal::read_shard(&signal_dir, &sspec, &c.examples)? {
-        Some(_) => true,
+    let store = Artifacts::open(&signal_root(&task.artifact_root))?;
+    let (mkey, manifest, reused) = match signal::read_shard(&store, &sspec, &c.examples)? {
+        Some(_) => {
+            let mkey = signal::shard_object(&sspec.key(&c.examples), "manifest.json");
+            let bytes = store.get(&mkey)?.ok_or_else(|| {
+                Error::Invalid(format!("{}: vanished after it was read", store.uri(&mkey)))
+            })?;
+            (mkey, bytes, true)
+        }
         None => {
             let t = infer(
                 &c.teacher,
@@ -215,18 +221,22 @@ fn teacher_signal(
                 InferOptions::default(),
                 |_, _| {},
             )?;
-            signal::write_shard(&signal_dir, &sspec, &c.examples, &t)?;
-            false
+            let (mkey, bytes) = signal::write_shard(&store, &sspec, &c.examples, &t)?;
+            (mkey, bytes, false)
         }
     };
-    let manifest = signal::shard_dir(&signal_dir, &sspec.key(&c.examples)).join("manifest.json");
     Ok(pb::TaskSuccess {
-        manifest_sha256: signal::sha256_path(&manifest)?,
-        manifest_uri: manifest.display().to_string(),
+        manifest_sha256: signal::sha256_bytes(&manifest),
+        manifest_uri: store.uri(&mkey),
         samples: (end - start) as u64,
         reused,
         outputs: vec![],
     })
+}
+
+/// Where a cluster's teacher-signal shards live under its artifact root.
+fn signal_root(artifact_root: &str) -> String {
+    format!("{}/signal", artifact_root.trim_end_matches('/'))
 }
 
 fn progress_hook(control: &Control) -> impl FnMut(&str, &crate::distill::train::StepLog, u64) + '_ {
@@ -260,7 +270,7 @@ fn train(
         TeacherSignal::Offline => Some(pipeline::stored_signal(
             &p,
             &pipeline::served_teacher_dir(&p, job_dir),
-            &root.join("signal"),
+            &signal_root(&root.display().to_string()),
             spec.data.shard_size as usize,
         )?),
         TeacherSignal::Online => None,

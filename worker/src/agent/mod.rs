@@ -368,7 +368,10 @@ impl Worker {
             r#ref: Some(r.clone()),
             outcome: Some(outcome),
         };
-        for attempt in 0..5 {
+        // While shutting down, one try: an unreported task's lease expires
+        // and it is leased again, so nothing is lost by not waiting.
+        let tries = if self.stopping() { 1 } else { 5 };
+        for attempt in 0..tries {
             let res = self
                 .endpoints
                 .call(|ch, token| {
@@ -420,7 +423,9 @@ async fn heartbeat_loop(
         let every = *interval.borrow_and_update();
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = stop.wait_for(|s| *s) => {}
+            // Shutting down: the lease loop gives the task back; stop
+            // heartbeating.
+            _ = stop.wait_for(|s| *s) => return,
         }
         let (session, running) = match shared.lock() {
             Ok(s) => (s.session.clone(), s.running.clone()),

@@ -58,7 +58,18 @@ pub fn read_tensors(files: &[PathBuf]) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for path in files {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Weights {
+        out.extend(tensors_from_bytes(path, &bytes)?);
+    }
+    Ok(out)
+}
+
+/// The tensors of safetensors `bytes` (floating point as float32); `path`
+/// names them in errors.
+pub fn tensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    {
+        let path = path.to_path_buf();
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Weights {
             path: path.clone(),
             message: format!("not a valid safetensors file (corrupt or truncated?): {e:?}"),
         })?;
@@ -193,6 +204,13 @@ pub fn load_into(
 /// Write tensors as a safetensors file with `{"format": "pt"}` metadata
 /// (what transformers expects), atomically: temp file, fsync, rename.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let bytes = safetensors_bytes(tensors)
+        .map_err(|e| Error::Invalid(format!("serialising {}: {e}", path.display())))?;
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
+/// `tensors` as the bytes of a safetensors file (`format: pt`).
+pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let mut buffers = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.to_device(tch::Device::Cpu).contiguous();
@@ -227,7 +245,6 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| Error::Invalid(format!("building safetensors views: {e:?}")))?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::tensor::serialize(views, &Some(meta))
-        .map_err(|e| Error::Invalid(format!("serialising {}: {e:?}", path.display())))?;
-    crate::fsutil::write_atomic(path, &bytes)
+    safetensors::tensor::serialize(views, &Some(meta))
+        .map_err(|e| Error::Invalid(format!("safetensors: {e:?}")))
 }
