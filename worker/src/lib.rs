@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod autocast;
+pub mod collective;
 pub mod data;
 pub mod device;
 pub mod distill;

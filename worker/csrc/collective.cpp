@@ -1,0 +1,121 @@
+// PyTorch's own c10d collectives for the worker: a TCPStore rendezvous,
+// a PrefixStore per group generation, and ProcessGroupGloo (compiled into
+// libtorch_cpu) for CPU tensors. Called from worker/src/collective.rs.
+//
+// Every function catches C++ exceptions and reports failure through its
+// return value, with the message copied into `err` (NUL-terminated,
+// truncated to `errlen`). Every collective waits at most the group's
+// timeout: a dead peer (connection reset) fails at once, a frozen one at
+// the deadline; nothing waits forever.
+#include <cstring>
+#include <string>
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  std::chrono::milliseconds timeout;
+};
+
+void set_err(char* err, int errlen, const std::string& msg) {
+  if (err == nullptr || errlen <= 0) return;
+  auto n = std::min<size_t>(msg.size(), static_cast<size_t>(errlen - 1));
+  std::memcpy(err, msg.data(), n);
+  err[n] = '\0';
+}
+
+}  // namespace
+
+extern "C" {
+
+// A Gloo group: `rank` of `world`, rendezvous at the TCPStore on
+// host:port (hosted by this process when `is_master`), keys under
+// `prefix` (one prefix per generation, so a re-formed group never reads
+// an old one's keys). `bind_host` is the address this rank's Gloo
+// transport listens on. Null on error.
+void* distill_gloo_new(const char* host, int port, int is_master, const char* prefix,
+                       const char* bind_host, int rank, int world, int timeout_ms, char* err,
+                       int errlen) {
+  try {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<uint16_t>(port);
+    opts.isServer = is_master != 0;
+    opts.numWorkers = world;
+    opts.waitWorkers = false;
+    opts.timeout = timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    auto options = c10d::ProcessGroupGloo::Options::create();
+    options->timeout = timeout;
+    options->devices.push_back(
+        c10d::ProcessGroupGloo::createDeviceForHostname(std::string(bind_host)));
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    return new Group{store, pg, timeout};
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return nullptr;
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+    return nullptr;
+  }
+}
+
+// Sums `t` (a CPU tensor, contiguous) over the group, in place. 0 on
+// success, -1 on error (timeout, a peer gone).
+int distill_gloo_allreduce_sum(void* group, at::Tensor* t, char* err, int errlen) {
+  try {
+    auto* g = static_cast<Group*>(group);
+    std::vector<at::Tensor> ts{*t};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    o.timeout = g->timeout;
+    auto work = g->pg->allreduce(ts, o);
+    if (!work->wait(g->timeout)) {
+      set_err(err, errlen, "all-reduce did not complete within the group timeout");
+      return -1;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return -1;
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+    return -1;
+  }
+}
+
+// Waits until every rank reaches the barrier (or the timeout).
+int distill_gloo_barrier(void* group, char* err, int errlen) {
+  try {
+    auto* g = static_cast<Group*>(group);
+    c10d::BarrierOptions o;
+    o.timeout = g->timeout;
+    auto work = g->pg->barrier(o);
+    if (!work->wait(g->timeout)) {
+      set_err(err, errlen, "barrier did not complete within the group timeout");
+      return -1;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return -1;
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+    return -1;
+  }
+}
+
+void distill_gloo_free(void* group) {
+  try {
+    delete static_cast<Group*>(group);
+  } catch (...) {
+  }
+}
+
+}  // extern "C"

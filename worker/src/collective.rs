@@ -1,0 +1,180 @@
+//! Collectives on PyTorch's own c10d engine: `ProcessGroupGloo` (compiled
+//! into libtorch_cpu) over a `TCPStore` rendezvous with a `PrefixStore` per
+//! group generation, reached through the C++ shim `csrc/collective.cpp`
+//! and handed tch tensors directly (no copies).
+//!
+//! Every collective has a deadline (the group's timeout): a peer that died
+//! fails it at once (connection reset), a frozen one at the deadline. A
+//! failed group is dropped and a new one formed on a fresh prefix of the
+//! same store (as TorchFT does per quorum).
+//!
+//! This is the engine only: nothing in the trainer uses it yet (data-
+//! parallel training is the next piece). NCCL (`ProcessGroupNCCL` in
+//! libtorch_cuda) is not wired: it needs a GPU to test.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::time::Duration;
+
+use tch::{Device, Tensor};
+
+use crate::{Error, Result};
+
+extern "C" {
+    fn distill_gloo_new(
+        host: *const c_char,
+        port: c_int,
+        is_master: c_int,
+        prefix: *const c_char,
+        bind_host: *const c_char,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: c_int,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> *mut c_void;
+    fn distill_gloo_allreduce_sum(
+        group: *mut c_void,
+        t: *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
+    fn distill_gloo_barrier(group: *mut c_void, err: *mut c_char, errlen: c_int) -> c_int;
+    fn distill_gloo_free(group: *mut c_void);
+}
+
+const ERRLEN: usize = 1024;
+
+fn message(buf: &[u8]) -> String {
+    CStr::from_bytes_until_nul(buf)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown error".into())
+}
+
+fn cstring(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Invalid(format!("{what}: contains a NUL byte")))
+}
+
+/// Where and how a group meets.
+#[derive(Debug, Clone)]
+pub struct Rendezvous {
+    /// The TCPStore's host and port (rank 0 hosts it).
+    pub host: String,
+    pub port: u16,
+    /// One prefix per group generation, e.g. `job-000001/gen-3/`.
+    pub prefix: String,
+    /// The address this rank's Gloo transport binds to.
+    pub bind_host: String,
+    pub rank: u32,
+    pub world: u32,
+    /// Deadline of the rendezvous and of every collective.
+    pub timeout: Duration,
+}
+
+/// One rank's membership of a Gloo process group.
+pub struct GlooGroup {
+    raw: *mut c_void,
+    pub rank: u32,
+    pub world: u32,
+}
+
+// The group is used from one thread at a time (the libtorch thread); the
+// underlying c10d objects are thread-safe for that.
+unsafe impl Send for GlooGroup {}
+
+impl GlooGroup {
+    /// Joins the group; returns once every rank has joined, or fails at the
+    /// deadline.
+    pub fn join(r: &Rendezvous) -> Result<Self> {
+        if r.world == 0 || r.rank >= r.world {
+            return Err(Error::Invalid(format!(
+                "rank {} is not in a world of {}",
+                r.rank, r.world
+            )));
+        }
+        let host = cstring("host", &r.host)?;
+        let prefix = cstring("prefix", &r.prefix)?;
+        let bind = cstring("bind host", &r.bind_host)?;
+        let mut err = vec![0u8; ERRLEN];
+        let raw = unsafe {
+            distill_gloo_new(
+                host.as_ptr(),
+                r.port as c_int,
+                (r.rank == 0) as c_int,
+                prefix.as_ptr(),
+                bind.as_ptr(),
+                r.rank as c_int,
+                r.world as c_int,
+                r.timeout.as_millis().min(i32::MAX as u128) as c_int,
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        if raw.is_null() {
+            return Err(Error::Collective(format!(
+                "joining rank {} of {} at {}:{} ({}): {}",
+                r.rank,
+                r.world,
+                r.host,
+                r.port,
+                r.prefix,
+                message(&err)
+            )));
+        }
+        Ok(Self {
+            raw,
+            rank: r.rank,
+            world: r.world,
+        })
+    }
+
+    /// Sums `t` over the group, in place. `t` must be a contiguous CPU
+    /// tensor.
+    pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
+        if t.device() != Device::Cpu || !t.is_contiguous() {
+            return Err(Error::Invalid(
+                "gloo all-reduce needs a contiguous CPU tensor".into(),
+            ));
+        }
+        let mut err = vec![0u8; ERRLEN];
+        let rc = unsafe {
+            distill_gloo_allreduce_sum(
+                self.raw,
+                t.as_mut_ptr(),
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Collective(format!(
+                "all-reduce on rank {} of {}: {}",
+                self.rank,
+                self.world,
+                message(&err)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits for every rank (or fails at the deadline).
+    pub fn barrier(&self) -> Result<()> {
+        let mut err = vec![0u8; ERRLEN];
+        let rc = unsafe {
+            distill_gloo_barrier(self.raw, err.as_mut_ptr() as *mut c_char, ERRLEN as c_int)
+        };
+        if rc != 0 {
+            return Err(Error::Collective(format!(
+                "barrier on rank {} of {}: {}",
+                self.rank,
+                self.world,
+                message(&err)
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GlooGroup {
+    fn drop(&mut self) {
+        unsafe { distill_gloo_free(self.raw) }
+    }
+}

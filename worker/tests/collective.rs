@@ -1,0 +1,114 @@
+//! c10d Gloo through the shim, two ranks on loopback (one thread each):
+//! the all-reduce sums exactly what `torch.distributed` would; a peer
+//! that stopped taking part fails the collective at the group's deadline
+//! with an error, never a hang; a peer that died fails it at once.
+
+use std::time::{Duration, Instant};
+
+use distill_worker::collective::{GlooGroup, Rendezvous};
+use tch::{Kind, Tensor};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn rendezvous(port: u16, prefix: &str, rank: u32, timeout: Duration) -> Rendezvous {
+    Rendezvous {
+        host: "127.0.0.1".into(),
+        port,
+        prefix: prefix.into(),
+        bind_host: "127.0.0.1".into(),
+        rank,
+        world: 2,
+        timeout,
+    }
+}
+
+/// Runs `f(rank, group)` on two threads, one per rank.
+fn two_ranks<T: Send + 'static>(
+    prefix: &str,
+    timeout: Duration,
+    f: impl Fn(u32, GlooGroup) -> T + Send + Sync + Copy + 'static,
+) -> Vec<T> {
+    let port = free_port();
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let r = rendezvous(port, prefix, rank, timeout);
+            std::thread::spawn(move || {
+                let g = GlooGroup::join(&r).expect("join");
+                f(rank, g)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn all_reduce_sums_across_two_ranks() {
+    let out = two_ranks("sum/gen-1/", Duration::from_secs(30), |rank, g| {
+        let mut small = Tensor::from_slice(&[1.0f32, 2.0, 3.0]) * (rank as f64 + 1.0);
+        g.all_reduce_sum(&mut small).unwrap();
+        // 16 MiB of float32, values depending on rank and position.
+        let n = 4 << 20;
+        let mut big = Tensor::arange(n, (Kind::Float, tch::Device::Cpu)) * (rank as f64 + 1.0);
+        g.all_reduce_sum(&mut big).unwrap();
+        g.barrier().unwrap();
+        (Vec::<f32>::try_from(&small).unwrap(), big)
+    });
+    for (small, big) in &out {
+        assert_eq!(small, &[3.0, 6.0, 9.0]);
+        let want = Tensor::arange(4 << 20, (Kind::Float, tch::Device::Cpu)) * 3.0;
+        assert!(big.equal(&want), "16 MiB all-reduce is exact");
+    }
+}
+
+#[test]
+fn a_silent_peer_fails_the_collective_at_the_deadline() {
+    let deadline = Duration::from_millis(1500);
+    let out = two_ranks("silent/gen-1/", deadline, move |rank, g| {
+        if rank == 1 {
+            // Joined, but never takes part: hold the group past rank 0's
+            // deadline, then leave.
+            std::thread::sleep(Duration::from_secs(4));
+            return (Ok(()), Duration::ZERO);
+        }
+        let t0 = Instant::now();
+        let mut t = Tensor::ones([8], (Kind::Float, tch::Device::Cpu));
+        let r = g.all_reduce_sum(&mut t);
+        (r, t0.elapsed())
+    });
+    let (r, took) = &out[0];
+    let e = r.as_ref().expect_err("no peer, no sum").to_string();
+    assert!(e.contains("all-reduce on rank 0 of 2"), "{e}");
+    assert!(
+        *took >= Duration::from_millis(1000) && *took < Duration::from_secs(3),
+        "failed at the deadline ({deadline:?}), after {took:?}: {e}"
+    );
+}
+
+#[test]
+fn a_dead_peer_fails_the_collective_at_once() {
+    let out = two_ranks("dead/gen-1/", Duration::from_secs(20), move |rank, g| {
+        if rank == 1 {
+            g.barrier().unwrap();
+            drop(g); // the process "dies": its connections close
+            return (Ok(()), Duration::ZERO);
+        }
+        g.barrier().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        let mut t = Tensor::ones([8], (Kind::Float, tch::Device::Cpu));
+        let r = g.all_reduce_sum(&mut t);
+        (r, t0.elapsed())
+    });
+    let (r, took) = &out[0];
+    assert!(r.is_err(), "a sum without the peer");
+    assert!(
+        *took < Duration::from_secs(5),
+        "a closed connection fails well before the 20 s deadline: {took:?}"
+    );
+}
