@@ -12,7 +12,10 @@ use tch::{Device, Kind, Tensor};
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::ensure!(a.len() >= 5, "usage: allreduce RANK WORLD PORT ITERS SIZE_MIB...");
+    anyhow::ensure!(
+        a.len() >= 5,
+        "usage: allreduce RANK WORLD PORT ITERS SIZE_MIB..."
+    );
     let (rank, world, port, iters): (u32, u32, u16, usize) =
         (a[0].parse()?, a[1].parse()?, a[2].parse()?, a[3].parse()?);
     tch::set_num_threads(1);
