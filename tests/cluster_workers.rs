@@ -12,8 +12,11 @@
 //!   etcd and address; the job completes exactly once. The same spec
 //!   submitted again reuses every shard: zero are recomputed.
 
+mod common;
+
+use common::{make_teacher, write_data, Shape};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -27,47 +30,19 @@ use tokio::io::AsyncBufReadExt;
 const EXAMPLES: usize = 2400;
 const SHARD: usize = 40;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A random 4-layer teacher, big enough that labelling takes seconds.
-fn make_teacher(dir: &Path) {
-    let out = Command::new(root().join(".venv/bin/python"))
-        .arg(root().join("scripts/parity/reference.py"))
-        .args(["make-random", dir.to_str().unwrap(), "--seed", "3"])
-        .args(["--layers", "4", "--hidden", "256", "--heads", "4"])
-        .args(["--intermediate", "1024", "--vocab", "60", "--labels", "2"])
-        .output()
-        .expect("run python (scripts/setup.sh makes .venv)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn write_data(path: &Path, n: usize, offset: usize) {
-    let mut s = String::new();
-    for i in 0..n {
-        let k = i + offset;
-        let words: Vec<String> = (0..(10 + k % 30))
-            .map(|j| format!("w{}", 5 + (k * 11 + j * 7) % 50))
-            .collect();
-        s.push_str(&format!(
-            "{{\"text\": \"{}\", \"label\": \"class_{}\"}}\n",
-            words.join(" "),
-            k % 2
-        ));
-    }
-    std::fs::write(path, s).unwrap();
-}
-
 /// Teacher, data and spec in `dir`; returns the spec's text.
 fn job(dir: &Path) -> String {
-    make_teacher(&dir.join("teacher"));
-    write_data(&dir.join("train.jsonl"), EXAMPLES, 0);
-    write_data(&dir.join("test.jsonl"), 40, 10_000);
+    // 4 layers, hidden 256: big enough that labelling takes seconds.
+    make_teacher(
+        &dir.join("teacher"),
+        Shape {
+            layers: 4,
+            hidden: 256,
+            intermediate: 1024,
+        },
+    );
+    write_data(&dir.join("train.jsonl"), EXAMPLES, 0, 10, 30);
+    write_data(&dir.join("test.jsonl"), 40, 10_000, 10, 30);
     let d = dir.display();
     format!(
         r#"name = "cluster-test"
@@ -443,27 +418,9 @@ fn free_port() -> String {
 async fn a_worker_waits_for_its_coordinator_and_sigterm_gives_training_back() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    // A small teacher and an online job with many steps: training is the
-    // first task, and it is long enough to be interrupted.
-    let out = Command::new(root().join(".venv/bin/python"))
-        .arg(root().join("scripts/parity/reference.py"))
-        .args([
-            "make-random",
-            dir.join("teacher").to_str().unwrap(),
-            "--seed",
-            "3",
-        ])
-        .args(["--layers", "2", "--hidden", "32", "--heads", "4"])
-        .args(["--intermediate", "64", "--vocab", "60", "--labels", "2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    write_data(&dir.join("train.jsonl"), 200, 0);
-    write_data(&dir.join("test.jsonl"), 20, 10_000);
+    // The labelling tests' job with the teacher online: training is the
+    // first task, and with the 4-layer teacher run at every step, 600
+    // steps last long enough to be interrupted.
     let spec = job(dir)
         .replace(
             "teacher_signal = \"offline\"",

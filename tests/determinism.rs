@@ -4,28 +4,16 @@
 //! head is initialised from the job seed, not from whatever state the
 //! random generator is in).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::{make_teacher, root, write_data, TINY};
+use std::path::Path;
+use std::process::Command;
 
 /// A random teacher without a classifier head.
 fn make_headless_teacher(dir: &Path) {
+    make_teacher(dir, TINY);
     let py = root().join(".venv/bin/python");
-    let out = Command::new(&py)
-        .arg(root().join("scripts/parity/reference.py"))
-        .args(["make-random", dir.to_str().unwrap(), "--seed", "3"])
-        .args(["--layers", "2", "--hidden", "32", "--heads", "4"])
-        .args(["--intermediate", "64", "--vocab", "60", "--labels", "2"])
-        .output()
-        .expect("run python (scripts/setup.sh makes .venv)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let strip = format!(
         "from safetensors.torch import load_file, save_file\n\
          p = '{}'\n\
@@ -39,22 +27,6 @@ fn make_headless_teacher(dir: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn write_data(path: &Path, n: usize, offset: usize) {
-    let mut s = String::new();
-    for i in 0..n {
-        let k = i + offset;
-        let words: Vec<String> = (0..(2 + k % 6))
-            .map(|j| format!("w{}", 5 + (k * 11 + j * 7) % 50))
-            .collect();
-        s.push_str(&format!(
-            "{{\"text\": \"{}\", \"label\": \"class_{}\"}}\n",
-            words.join(" "),
-            k % 2
-        ));
-    }
-    std::fs::write(path, s).unwrap();
 }
 
 fn run(spec: &Path, out: &Path) {
@@ -88,9 +60,9 @@ fn the_same_job_twice_from_scratch_gives_the_same_models_and_metrics() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     make_headless_teacher(&d.join("teacher"));
-    write_data(&d.join("train.jsonl"), 200, 0);
-    write_data(&d.join("dev.jsonl"), 40, 1000);
-    write_data(&d.join("test.jsonl"), 40, 2000);
+    write_data(&d.join("train.jsonl"), 200, 0, 2, 6);
+    write_data(&d.join("dev.jsonl"), 40, 1000, 2, 6);
+    write_data(&d.join("test.jsonl"), 40, 2000, 2, 6);
     let spec = d.join("job.toml");
     std::fs::write(
         &spec,

@@ -2,54 +2,12 @@
 //! again finishes with bitwise the same student as an uninterrupted run.
 //! Real binary, real files; a tiny random teacher made by transformers.
 
+mod common;
+
+use common::{make_teacher, write_data, TINY};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn make_teacher(dir: &Path) {
-    let out = Command::new(root().join(".venv/bin/python"))
-        .arg(root().join("scripts/parity/reference.py"))
-        .args([
-            "make-random",
-            dir.to_str().unwrap(),
-            "--seed",
-            "3",
-            "--layers",
-            "2",
-            "--hidden",
-            "32",
-            "--heads",
-            "4",
-        ])
-        .args(["--intermediate", "64", "--vocab", "60", "--labels", "2"])
-        .output()
-        .expect("run python (scripts/setup.sh makes .venv)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn write_data(path: &Path, n: usize, offset: usize) {
-    let mut s = String::new();
-    for i in 0..n {
-        let k = i + offset;
-        let words: Vec<String> = (0..(2 + k % 6))
-            .map(|j| format!("w{}", 5 + (k * 11 + j * 7) % 50))
-            .collect();
-        s.push_str(&format!(
-            "{{\"text\": \"{}\", \"label\": \"class_{}\"}}\n",
-            words.join(" "),
-            k % 2
-        ));
-    }
-    std::fs::write(path, s).unwrap();
-}
 
 fn spec(dir: &Path) -> PathBuf {
     let p = dir.join("job.toml");
@@ -122,10 +80,10 @@ fn finish(child: std::process::Child) {
 fn sigkill_mid_training_then_resume_matches_uninterrupted() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    make_teacher(&d.join("teacher"));
-    write_data(&d.join("train.jsonl"), 64, 0);
-    write_data(&d.join("dev.jsonl"), 16, 100);
-    write_data(&d.join("test.jsonl"), 16, 200);
+    make_teacher(&d.join("teacher"), TINY);
+    write_data(&d.join("train.jsonl"), 64, 0, 2, 6);
+    write_data(&d.join("dev.jsonl"), 16, 100, 2, 6);
+    write_data(&d.join("test.jsonl"), 16, 200, 2, 6);
     let spec = spec(d);
 
     finish(distill_run(&spec, &d.join("a")));
