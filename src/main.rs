@@ -53,6 +53,22 @@ fn main() -> ExitCode {
         // Colour codes only on a terminal, never in a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // `--version` also says what libtorch this binary runs on and whether
+    // it sees CUDA, which clap's static version string cannot.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if matches!(args.as_slice(), [a] if a == "--version" || a == "-V") {
+        println!(
+            "distill {} (libtorch {}, CUDA {})",
+            env!("CARGO_PKG_VERSION"),
+            env!("DISTILL_LIBTORCH_VERSION"),
+            if tch::Cuda::is_available() {
+                format!("available, {} device(s)", tch::Cuda::device_count())
+            } else {
+                "not available".into()
+            }
+        );
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(a) => cmd::doctor::run(a),

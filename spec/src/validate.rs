@@ -154,6 +154,14 @@ pub(crate) fn validate(raw: RawSpec) -> Result<JobSpec, Vec<FieldError>> {
         }
     };
 
+    if let Some(name) = &raw.name {
+        if !safe_name(name) {
+            c.err(
+                "name",
+                format!("{name:?} is not a safe job name: use 1 to 64 letters, digits, '-', '_' or '.', starting with a letter or digit (it names the output directory)"),
+            );
+        }
+    }
     let data = data(&mut c, task, raw.data.unwrap_or_default());
     let student = student(&mut c, raw.student.unwrap_or_default());
     let distill = distill(&mut c, task, &student, raw.distill.unwrap_or_default());
@@ -254,6 +262,18 @@ fn data(c: &mut Check, task: Task, d: RawData) -> Data {
             &[("fail", BadExample::Fail), ("skip", BadExample::Skip)],
         ),
     }
+}
+
+/// A job name that is safe as one path component: 1–64 ASCII letters,
+/// digits, `-`, `_`, `.`, starting with a letter or digit (so never `..`,
+/// never a separator).
+pub fn safe_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// Parses a preset name `L<layers>-H<hidden>` (e.g. `L4-H312`).

@@ -398,3 +398,34 @@ fn learning_rate_schedule_and_optimizer_choices() {
     let e = one_error(&format!("{MINIMAL}[training]\noptimizer = \"sgd\"\n"));
     assert_eq!((e.field.as_str(), e.line), ("training.optimizer", Some(10)));
 }
+
+#[test]
+fn job_names_are_safe_path_components() {
+    let base =
+        "task = \"text_classification\"\n[teacher]\npath = \"t\"\n[data]\ntrain = \"d.jsonl\"\n";
+    for bad in [
+        "../../leader",
+        "a/b",
+        "",
+        ".hidden",
+        "-x",
+        "sp ace",
+        &"x".repeat(65),
+    ] {
+        let spec = format!("name = {bad:?}\n{base}");
+        let e = distill_spec::parse(&spec, distill_spec::Format::Toml)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("name") && e.contains("not a safe job name"),
+            "{bad:?}: {e}"
+        );
+    }
+    for good in ["sentiment-quickstart", "run_2.v1", "A"] {
+        let spec = format!("name = {good:?}\n{base}");
+        assert!(
+            distill_spec::parse(&spec, distill_spec::Format::Toml).is_ok(),
+            "{good}"
+        );
+    }
+}

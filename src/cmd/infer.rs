@@ -45,8 +45,8 @@ pub struct Args {
     /// Weights precision on the device: fp32, fp16 or bf16 (half precision on GPU only).
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
-    /// CPU threads for libtorch (default: libtorch's choice).
-    #[arg(long)]
+    /// CPU threads for libtorch (at least 1; default: libtorch's choice).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub threads: Option<i32>,
 }
 

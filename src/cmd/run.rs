@@ -23,8 +23,8 @@ pub struct RunArgs {
     /// `cpu`, `cuda` or `cuda:N` (default: the spec's cluster.device).
     #[arg(long)]
     pub device: Option<String>,
-    /// CPU threads for libtorch (default: libtorch's choice).
-    #[arg(long)]
+    /// CPU threads for libtorch (at least 1; default: libtorch's choice).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub threads: Option<i32>,
 }
 
