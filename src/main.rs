@@ -38,6 +38,11 @@ enum Command {
     Submit(cmd::client::SubmitArgs),
     /// Print a job's state and progress (one JSON object).
     Status(cmd::client::StatusArgs),
+    /// Follow a job: one JSON line per change until it ends (exit 1 unless
+    /// it succeeded).
+    Watch(cmd::client::StatusArgs),
+    /// Cancel a job: its workers stop and are released.
+    Cancel(cmd::client::CancelArgs),
     /// Start a cluster worker: register with the coordinator, lease tasks
     /// (teacher-signal shards, training, evaluation) and run them on libtorch.
     Worker(cmd::worker::Args),
@@ -80,6 +85,8 @@ fn main() -> ExitCode {
         Command::Worker(a) => cmd::worker::run(a),
         Command::Submit(a) => cmd::client::submit(a),
         Command::Status(a) => cmd::client::status(a),
+        Command::Watch(a) => cmd::client::watch(a),
+        Command::Cancel(a) => cmd::client::cancel(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

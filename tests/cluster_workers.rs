@@ -385,17 +385,44 @@ async fn a_coordinator_killed_mid_labelling_finishes_once_and_a_resubmission_reu
     assert_exactly_once(&store, &id).await;
     shard_files(&art.join("signal"));
 
-    // The same job again: every shard is found, verified and reused.
-    let again = client.clone().submit(&spec, 0).await.unwrap().job_id;
+    // The same job again, through the client CLI (`distill submit`, then
+    // `distill watch` until it ends): every shard is found, verified and
+    // reused.
+    let spec_file = dir.join("job.toml");
+    std::fs::write(&spec_file, &spec).unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+            .args(args)
+            .args(["--coordinator", &url])
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["submit", spec_file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_ne!(again, id);
-    let done = wait_job(
-        &client,
-        &again,
-        "the resubmitted job to succeed",
-        300,
-        |j| j.state == pb::JobState::Succeeded as i32,
-    )
-    .await;
+    let out = cli(&["watch", &again]);
+    assert!(
+        out.status.success(),
+        "watch exits 0 on success: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = String::from_utf8(out.stdout).unwrap();
+    let last: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"], "succeeded", "{lines}");
+    // A finished job cannot be cancelled: the CLI says so and fails.
+    let out = cli(&["cancel", &again]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid job transition"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = client.clone().get(&again).await.unwrap();
     let p = done.progress.unwrap();
     assert_eq!(
         (p.shards_committed, p.shards_reused),

@@ -1,5 +1,5 @@
-//! Client commands against a running coordinator: `distill submit` and
-//! `distill status`. They take the endpoints and token from flags or the
+//! Client commands against a running coordinator: `distill submit`,
+//! `distill status`, `distill watch` and `distill cancel`. They take the endpoints and token from flags or the
 //! environment (`DISTILL_COORDINATOR`, `DISTILL_CLIENT_TOKEN`).
 
 use std::path::PathBuf;
@@ -54,6 +54,17 @@ pub struct StatusArgs {
     pub conn: Conn,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct CancelArgs {
+    /// The job to cancel; its workers stop at their next step and are released.
+    pub job: String,
+    /// Why (kept on the job).
+    #[arg(long, default_value = "cancelled by client")]
+    pub reason: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -86,25 +97,21 @@ pub fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the job as one JSON object.
-pub fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let req = pb::GetJobRequest { job_id: a.job };
-    let mut e = a.conn.endpoints();
-    let j = runtime()?.block_on(e.call(|ch, token| {
-        let req = authed(req.clone(), token);
-        async move { JobServiceClient::new(ch).get_job(req).await }
-    }))?;
-    let state = pb::JobState::try_from(j.state)
+fn state_name(state: i32) -> String {
+    pb::JobState::try_from(state)
         .map(|s| {
             s.as_str_name()
                 .trim_start_matches("JOB_STATE_")
                 .to_lowercase()
         })
-        .unwrap_or_else(|_| "unknown".into());
-    let p = j.progress.unwrap_or_default();
-    let out = serde_json::json!({
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn job_json(j: &pb::Job) -> serde_json::Value {
+    let p = j.progress.clone().unwrap_or_default();
+    serde_json::json!({
         "job_id": j.job_id,
-        "state": state,
+        "state": state_name(j.state),
         "reason": j.reason,
         "stage": p.stage,
         "shards_total": p.shards_total,
@@ -114,7 +121,67 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         "steps_total": p.steps_total,
         "loss": p.loss,
         "outputs": j.outputs,
-    });
-    println!("{out}");
+    })
+}
+
+/// Prints the job as one JSON object.
+pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let req = pb::GetJobRequest { job_id: a.job };
+    let mut e = a.conn.endpoints();
+    let j = runtime()?.block_on(e.call(|ch, token| {
+        let req = authed(req.clone(), token);
+        async move { JobServiceClient::new(ch).get_job(req).await }
+    }))?;
+    println!("{}", job_json(&j));
+    Ok(())
+}
+
+/// Prints one JSON line per change of the job until it ends; exits
+/// non-zero when it failed or was cancelled.
+pub fn watch(a: StatusArgs) -> anyhow::Result<()> {
+    let req = pb::WatchJobRequest { job_id: a.job };
+    let mut e = a.conn.endpoints();
+    e.deadline = Duration::from_secs(30);
+    let rt = runtime()?;
+    let last = rt.block_on(async {
+        let mut stream = e
+            .call(|ch, token| {
+                let req = authed(req.clone(), token);
+                async move { JobServiceClient::new(ch).watch_job(req).await }
+            })
+            .await?;
+        let mut last = None;
+        while let Some(ev) = stream.message().await? {
+            if let Some(j) = ev.job {
+                println!("{}", job_json(&j));
+                last = Some(j);
+            }
+        }
+        anyhow::Ok(last)
+    })?;
+    match last {
+        Some(j) if j.state == pb::JobState::Succeeded as i32 => Ok(()),
+        Some(j) => anyhow::bail!(
+            "job {} ended {}: {}",
+            j.job_id,
+            state_name(j.state),
+            j.reason
+        ),
+        None => anyhow::bail!("the watch ended before the job did"),
+    }
+}
+
+/// Cancels the job and prints it.
+pub fn cancel(a: CancelArgs) -> anyhow::Result<()> {
+    let req = pb::CancelJobRequest {
+        job_id: a.job,
+        reason: a.reason,
+    };
+    let mut e = a.conn.endpoints();
+    let j = runtime()?.block_on(e.call(|ch, token| {
+        let req = authed(req.clone(), token);
+        async move { JobServiceClient::new(ch).cancel_job(req).await }
+    }))?;
+    println!("{}", job_json(&j));
     Ok(())
 }
