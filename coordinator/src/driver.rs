@@ -484,7 +484,11 @@ impl<S: Store> Driver<S> {
             .tasks
             .advance(id, |j| {
                 j.progress.shards_total = total;
-                j.progress.shards_committed = committed;
+                // Never below the counter: a shard committed after the
+                // list above already moved it (monotone, so a re-count
+                // cannot undo a commit and strand the job in labelling).
+                j.progress.shards_committed = j.progress.shards_committed.max(committed);
+                let committed = j.progress.shards_committed;
                 if total > 0 && committed == total && j.state == JobState::Labelling {
                     j.state = j.state.clone().apply(JobEvent::Labelled)?;
                     return Ok(Some(TaskKind::Train));

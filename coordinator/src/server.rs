@@ -521,13 +521,20 @@ impl<S: Store> WorkerService for Coordinator<S> {
                 continue;
             }
             let (stage, done, total, loss) = (p.stage.clone(), p.steps_done, p.steps_total, p.loss);
+            // Progress belongs to the stage the task runs in: a late beat
+            // after the task committed never rewinds the job's stage.
+            let stage_state = match t.task_id.as_str() {
+                id if id == TaskKind::Train.stage_task_id() => JobState::Training,
+                id if id == TaskKind::Evaluate.stage_task_id() => JobState::Evaluating,
+                _ => JobState::Labelling,
+            };
             let r = self
                 .ledger
                 .update(&t.job_id, |j| {
-                    if j.state.is_terminal() {
+                    if j.state != stage_state {
                         return Err(CoordinatorError::Stale {
                             what: "job",
-                            detail: "finished".into(),
+                            detail: "moved on".into(),
                         });
                     }
                     j.progress.stage = stage.clone();

@@ -12,8 +12,9 @@
 //!   exactly once;
 //! - a lease not renewed by heartbeats before its deadline lets another
 //!   worker lease the task with a new attempt (the old holder becomes stale);
-//! - a straggler is re-executed speculatively: when a worker asks for work
-//!   and nothing is pending, a task whose only holder has run for longer
+//! - a straggling *shard* is re-executed speculatively (stage tasks never
+//!   are: they write the job's own directory): when a worker asks for work
+//!   and nothing is pending, a shard whose only holder has run for longer
 //!   than [`Speculation::factor`] × the median duration of the job's
 //!   committed tasks (and at least [`Speculation::min_age_ms`]) gets a
 //!   *backup* holder with its own, newer attempt. Both attempts are valid;
@@ -430,7 +431,10 @@ impl<S: Store> Tasks<S> {
         lease_ms: i64,
         spec: Speculation,
     ) -> Result<Option<(TaskRecord, LeaseKind)>, CoordinatorError> {
-        let all = self.list(job).await?;
+        // Only shards are backed up: a stage task (training, evaluation)
+        // writes the job's own directory, and two attempts must never
+        // write it at once.
+        let all = self.shards(job).await?;
         let mut durations: Vec<i64> = all
             .iter()
             .filter_map(|t| match &t.value.state {

@@ -196,7 +196,12 @@ pub fn fields(spec: &JobSpec, with_labels: bool) -> Fields {
 pub fn training_examples(spec: &JobSpec) -> Result<Read> {
     let mut all = Read::default();
     let files = [
-        ("data.train", &spec.data.train, true),
+        // Labels are read (and so can be bad) only where the task has them.
+        (
+            "data.train",
+            &spec.data.train,
+            spec.task.is_classification(),
+        ),
         ("data.unlabelled", &spec.data.unlabelled, false),
     ];
     for (field, path, labels) in files {

@@ -80,7 +80,10 @@ fn read_split(
     tok: &TextTokenizer,
     require_labels: bool,
 ) -> Result<(Split, Vec<Skipped>)> {
-    let fields = crate::data::fields(spec, true);
+    // Labels are read only where they mean something (the label set is
+    // known or required), as `distill_data::training_examples` does, so the
+    // coordinator's count and the worker's examples agree.
+    let fields = crate::data::fields(spec, require_labels || !labels.is_empty());
     let p = Path::new(path);
     let read = read_with(p, &fields, spec.data.on_bad_example)?;
     let ex = read.examples;

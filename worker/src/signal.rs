@@ -167,6 +167,14 @@ pub fn write_shard(
         )));
     }
     m.width = size[1];
+    // Write once: a shard another attempt already published (and that
+    // verifies) is kept, never overwritten under a reader.
+    let mkey = shard_object(&m.key, "manifest.json");
+    if read_shard(store, spec, examples)?.is_some() {
+        if let Some(existing) = store.get(&mkey)? {
+            return Ok((mkey, existing));
+        }
+    }
     let bytes = safetensors_bytes(&[("signal".into(), signal.to_kind(tch::Kind::Float))])?;
     m.file_sha256 = sha256_bytes(&bytes);
     store.put(&shard_object(&m.key, "signal.safetensors"), bytes)?;

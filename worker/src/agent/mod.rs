@@ -117,7 +117,6 @@ pub async fn serve(opts: Options, shutdown: impl Future<Output = ()> + Send) -> 
         endpoints.clone(),
         shared.clone(),
         interval_rx,
-        stop_rx.clone(),
     ));
     let worker = Worker {
         opts,
@@ -417,16 +416,12 @@ async fn heartbeat_loop(
     mut endpoints: Endpoints,
     shared: SharedState,
     mut interval: watch::Receiver<Duration>,
-    mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let every = *interval.borrow_and_update();
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            // Shutting down: the lease loop gives the task back; stop
-            // heartbeating.
-            _ = stop.wait_for(|s| *s) => return,
-        }
+        // Heartbeats go on through shutdown, until the lease loop has
+        // stopped the task and given it back (then `serve` ends this task).
+        tokio::time::sleep(every).await;
         let (session, running) = match shared.lock() {
             Ok(s) => (s.session.clone(), s.running.clone()),
             Err(_) => return,
@@ -466,8 +461,10 @@ async fn heartbeat_loop(
                             s.session = None;
                         }
                     }
-                    if let Some((_, c)) = &running {
-                        take_away(c);
+                    // Whatever runs now (a task leased after the snapshot
+                    // above too) belonged to the dead session.
+                    if let Some((_, c)) = shared.lock().ok().and_then(|s| s.running.clone()) {
+                        take_away(&c);
                     }
                 } else if let Some((r, c)) = &running {
                     if hb.abort.contains(r) {
