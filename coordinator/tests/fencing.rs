@@ -362,3 +362,64 @@ async fn a_released_task_is_pending_again_without_a_failure() {
     assert_eq!(status.code(), Code::FailedPrecondition);
     h.server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_straggling_stage_task_never_gets_a_speculative_backup() {
+    // Speculation on, with a low bar: shards commit in milliseconds, so a
+    // training task held for a second is a "straggler" by their median.
+    let etcd = EtcdServer::start().await.unwrap();
+    let store = etcd.store("/fence-spec/").await.unwrap();
+    let config = Config {
+        heartbeat_interval: Duration::from_millis(200),
+        session_timeout: Duration::from_secs(5),
+        task_lease: Duration::from_secs(5),
+        speculation: Some(distill_coordinator::tasks::Speculation {
+            factor: 2.0,
+            min_age_ms: 200,
+            min_committed: 2,
+        }),
+        ..Config::default()
+    };
+    let server = Served::start(store.clone(), config, false).await.unwrap();
+    let url = server.url();
+    distill_coordinator::testing::wait_serving(&url, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut h = Harness {
+        _etcd: etcd,
+        store,
+        server,
+        jobs: JobServiceClient::connect(url.clone()).await.unwrap(),
+        workers: WorkerServiceClient::connect(url).await.unwrap(),
+    };
+    let _id = h.submit().await;
+    let a = h.session("a").await;
+    let b = h.session("b").await;
+    // a commits both shards, then takes the training task and holds it.
+    let train = loop {
+        let t = h.lease(&a).await;
+        if t.kind == pb::TaskKind::Train as i32 {
+            break t.r#ref.unwrap();
+        }
+        let r = t.r#ref.unwrap();
+        h.workers
+            .report_task(success(&a, &r, digest()))
+            .await
+            .unwrap();
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // b asks for work: nothing is pending, the training task is past the
+    // threshold, and still it is not handed out a second time.
+    for _ in 0..3 {
+        let got = h
+            .workers
+            .lease_task(pb::LeaseTaskRequest {
+                session_id: b.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.task.is_none(), "a backup of {train:?}: {got:?}");
+    }
+    h.server.stop().await.unwrap();
+}
