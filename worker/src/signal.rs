@@ -170,10 +170,8 @@ pub fn write_shard(
     // Write once: a shard another attempt already published (and that
     // verifies) is kept, never overwritten under a reader.
     let mkey = shard_object(&m.key, "manifest.json");
-    if read_shard(store, spec, examples)?.is_some() {
-        if let Some(existing) = store.get(&mkey)? {
-            return Ok((mkey, existing));
-        }
+    if let Some((_, existing)) = read_shard_with_manifest(store, spec, examples)? {
+        return Ok((mkey, existing));
     }
     let bytes = safetensors_bytes(&[("signal".into(), signal.to_kind(tch::Kind::Float))])?;
     m.file_sha256 = sha256_bytes(&bytes);
@@ -191,6 +189,16 @@ pub fn read_shard(
     spec: &ShardSpec,
     examples: &[Encoded],
 ) -> Result<Option<Tensor>> {
+    Ok(read_shard_with_manifest(store, spec, examples)?.map(|(t, _)| t))
+}
+
+/// [`read_shard`], also returning the bytes of the manifest that was
+/// checked (so a caller reports the digest of exactly what it verified).
+pub fn read_shard_with_manifest(
+    store: &Artifacts,
+    spec: &ShardSpec,
+    examples: &[Encoded],
+) -> Result<Option<(Tensor, Vec<u8>)>> {
     let want = spec.expected(examples);
     let mkey = shard_object(&want.key, "manifest.json");
     let mpath = PathBuf::from(store.uri(&mkey));
@@ -263,5 +271,5 @@ pub fn read_shard(
             message: format!("signal shape {:?} disagrees with the manifest", s.size()),
         });
     }
-    Ok(Some(s.shallow_clone()))
+    Ok(Some((s.shallow_clone(), text)))
 }

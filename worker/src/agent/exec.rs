@@ -205,26 +205,24 @@ fn teacher_signal(
     }
     let sspec = pipeline::shard_spec(&c.prepared, &c.id, start, end);
     let store = Artifacts::open(&signal_root(&task.artifact_root))?;
-    let (mkey, manifest, reused) = match signal::read_shard(&store, &sspec, &c.examples)? {
-        Some(_) => {
-            let mkey = signal::shard_object(&sspec.key(&c.examples), "manifest.json");
-            let bytes = store.get(&mkey)?.ok_or_else(|| {
-                Error::Invalid(format!("{}: vanished after it was read", store.uri(&mkey)))
-            })?;
-            (mkey, bytes, true)
-        }
-        None => {
-            let t = infer(
-                &c.teacher,
-                &c.prepared.tok,
-                &c.examples[start..end],
-                InferOptions::default(),
-                |_, _| {},
-            )?;
-            let (mkey, bytes) = signal::write_shard(&store, &sspec, &c.examples, &t)?;
-            (mkey, bytes, false)
-        }
-    };
+    let (mkey, manifest, reused) =
+        match signal::read_shard_with_manifest(&store, &sspec, &c.examples)? {
+            Some((_, bytes)) => {
+                let mkey = signal::shard_object(&sspec.key(&c.examples), "manifest.json");
+                (mkey, bytes, true)
+            }
+            None => {
+                let t = infer(
+                    &c.teacher,
+                    &c.prepared.tok,
+                    &c.examples[start..end],
+                    InferOptions::default(),
+                    |_, _| {},
+                )?;
+                let (mkey, bytes) = signal::write_shard(&store, &sspec, &c.examples, &t)?;
+                (mkey, bytes, false)
+            }
+        };
     Ok(pb::TaskSuccess {
         manifest_sha256: signal::sha256_bytes(&manifest),
         manifest_uri: store.uri(&mkey),
