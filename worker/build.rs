@@ -3,7 +3,8 @@
 //! It also compiles `csrc/autocast.cpp` (mixed-precision autocast per device
 //! type, which tch does not expose) and `csrc/collective.cpp` (c10d's
 //! TCPStore, PrefixStore and ProcessGroupGloo, which live in libtorch_cpu)
-//! against libtorch's headers; the wheel lacks gloo's own headers, which
+//! against libtorch's headers, and `csrc/quant.cpp` (FBGEMM's dynamic-INT8
+//! linear, an ATen function tch does not wrap); the wheel lacks gloo's own headers, which
 //! come from Debian's libgloo-dev (`scripts/setup.sh` installs it).
 include!("../build-support/libtorch_link.rs");
 
@@ -11,6 +12,7 @@ fn main() {
     libtorch_link_args();
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     println!("cargo:rerun-if-changed=csrc/collective.cpp");
+    println!("cargo:rerun-if-changed=csrc/quant.cpp");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("DEP_TCH_LIBTORCH_LIB (set by torch-sys) locates libtorch's headers");
     let root = std::path::Path::new(&lib)
@@ -28,6 +30,15 @@ fn main() {
         .flag_if_supported("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .compile("distill_autocast");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/quant.cpp")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag_if_supported("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .compile("distill_quant");
     if !std::path::Path::new("/usr/include/gloo/config.h").exists() {
         panic!("gloo's headers are missing (/usr/include/gloo): run scripts/setup.sh, or apt-get install libgloo-dev");
     }

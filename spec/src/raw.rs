@@ -111,6 +111,8 @@ pub struct RawQuantization {
     pub formats: Option<WordOrList<String>>,
     pub hardware: Option<String>,
     pub max_accuracy_drop: Option<f64>,
+    pub group_size: Option<i64>,
+    pub keep_all: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

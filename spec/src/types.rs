@@ -248,6 +248,25 @@ pub struct Quantization {
     pub hardware: Hardware,
     /// Largest allowed drop in the task metric versus the FP32 student (0..1).
     pub max_accuracy_drop: f64,
+    /// Input columns per scale/zero pair in `int4` (32, 64, 128 or 256).
+    pub group_size: u32,
+    /// Keep every variant that passes the quality gate, not only the fastest.
+    pub keep_all: bool,
+}
+
+impl Quantization {
+    /// The candidate formats: the list given, or for `"auto"` the table
+    /// per hardware target (documented in the job-spec guide):
+    /// CPU → int8_dynamic, int8_weight_only, int4, bf16;
+    /// NVIDIA GPU → fp16, bf16, int8_weight_only, int4.
+    pub fn formats_for_target(&self) -> Vec<QuantFormat> {
+        use QuantFormat::*;
+        match (&self.formats, self.hardware) {
+            (QuantFormats::List(v), _) => v.clone(),
+            (QuantFormats::Auto, Hardware::Cpu) => vec![Int8Dynamic, Int8WeightOnly, Int4, Bf16],
+            (QuantFormats::Auto, Hardware::NvidiaGpu) => vec![Fp16, Bf16, Int8WeightOnly, Int4],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -271,7 +290,14 @@ impl Serialize for QuantFormats {
 pub enum QuantFormat {
     Fp16,
     Bf16,
+    /// The target's INT8: dynamic on a CPU, weight-only on a GPU.
     Int8,
+    /// Per-channel int8 weights, activations quantized per batch (FBGEMM,
+    /// x86 CPUs only).
+    Int8Dynamic,
+    /// Per-channel int8 weights, bf16 activations.
+    Int8WeightOnly,
+    /// Grouped 4-bit weights (`group_size`), bf16 activations.
     Int4,
 }
 
@@ -279,7 +305,8 @@ pub enum QuantFormat {
 #[serde(rename_all = "snake_case")]
 pub enum Hardware {
     Cpu,
-    Gpu,
+    /// `"nvidia_gpu"` (`"gpu"` is accepted as the same).
+    NvidiaGpu,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

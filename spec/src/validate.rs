@@ -612,6 +612,8 @@ fn quantization(c: &mut Check, q: RawQuantization) -> Quantization {
                 ("fp16", QuantFormat::Fp16),
                 ("bf16", QuantFormat::Bf16),
                 ("int8", QuantFormat::Int8),
+                ("int8_dynamic", QuantFormat::Int8Dynamic),
+                ("int8_weight_only", QuantFormat::Int8WeightOnly),
                 ("int4", QuantFormat::Int4),
             ];
             let list = v.iter().enumerate().map(|(i, f)| {
@@ -625,14 +627,40 @@ fn quantization(c: &mut Check, q: RawQuantization) -> Quantization {
             QuantFormats::List(list.collect())
         }
     };
+    let hardware = c.word(
+        "quantization.hardware",
+        q.hardware.as_deref(),
+        Hardware::Cpu,
+        &[
+            ("cpu", Hardware::Cpu),
+            ("nvidia_gpu", Hardware::NvidiaGpu),
+            ("gpu", Hardware::NvidiaGpu),
+        ],
+    );
+    // A format that has no kernel on the target is refused here, so
+    // `distill plan` reports it before any compute is spent.
+    if let QuantFormats::List(list) = &formats {
+        for (i, f) in list.iter().enumerate() {
+            if *f == QuantFormat::Int8Dynamic && hardware == Hardware::NvidiaGpu {
+                c.err(
+                    &format!("quantization.formats[{i}]"),
+                    "\"int8_dynamic\" runs on FBGEMM, an x86 CPU kernel; hardware \"nvidia_gpu\" cannot run it (use \"int8_weight_only\", or \"int8\" for the target's INT8)",
+                );
+            }
+        }
+    }
+    let group_size = c.int("quantization.group_size", q.group_size, 32u32, 1, 1 << 20);
+    if ![32, 64, 128, 256].contains(&group_size) {
+        c.err(
+            "quantization.group_size",
+            format!("{group_size} is not one of 32, 64, 128, 256 (the sizes libtorch's int4 kernels take)"),
+        );
+    }
     Quantization {
         formats,
-        hardware: c.word(
-            "quantization.hardware",
-            q.hardware.as_deref(),
-            Hardware::Cpu,
-            &[("cpu", Hardware::Cpu), ("gpu", Hardware::Gpu)],
-        ),
+        hardware,
+        group_size,
+        keep_all: q.keep_all.unwrap_or(false),
         max_accuracy_drop: c.float(
             "quantization.max_accuracy_drop",
             q.max_accuracy_drop,

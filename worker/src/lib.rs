@@ -25,6 +25,7 @@ pub mod infer;
 pub mod model;
 pub mod pipeline;
 pub mod plan;
+pub mod quant;
 pub mod signal;
 pub mod tokenize;
 

@@ -80,6 +80,29 @@ impl Embeddings {
     }
 }
 
+/// A linear layer that can be swapped for a quantized one
+/// (`crate::quant`): the float layer while `q` is `None`.
+pub struct Proj {
+    pub lin: nn::Linear,
+    pub q: Option<crate::quant::QLinear>,
+}
+
+impl Proj {
+    pub(crate) fn new(p: nn::Path, i: i64, o: i64, c: &BertConfig) -> Self {
+        Proj {
+            lin: linear(p, i, o, c),
+            q: None,
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        match &self.q {
+            Some(q) => q.forward(xs),
+            None => self.lin.forward(xs),
+        }
+    }
+}
+
 pub(crate) fn linear(p: nn::Path, i: i64, o: i64, c: &BertConfig) -> nn::Linear {
     let cfg = nn::LinearConfig {
         ws_init: nn::Init::Randn {
@@ -93,13 +116,13 @@ pub(crate) fn linear(p: nn::Path, i: i64, o: i64, c: &BertConfig) -> nn::Linear 
 }
 
 struct Layer {
-    query: nn::Linear,
-    key: nn::Linear,
-    value: nn::Linear,
-    attn_out: nn::Linear,
+    query: Proj,
+    key: Proj,
+    value: Proj,
+    attn_out: Proj,
     attn_norm: nn::LayerNorm,
-    intermediate: nn::Linear,
-    output: nn::Linear,
+    intermediate: Proj,
+    output: Proj,
     out_norm: nn::LayerNorm,
     heads: i64,
     head_dim: i64,
@@ -117,13 +140,13 @@ impl Layer {
         };
         let att = &p / "attention";
         Layer {
-            query: linear(&att / "self" / "query", h, h, c),
-            key: linear(&att / "self" / "key", h, h, c),
-            value: linear(&att / "self" / "value", h, h, c),
-            attn_out: linear(&att / "output" / "dense", h, h, c),
+            query: Proj::new(&att / "self" / "query", h, h, c),
+            key: Proj::new(&att / "self" / "key", h, h, c),
+            value: Proj::new(&att / "self" / "value", h, h, c),
+            attn_out: Proj::new(&att / "output" / "dense", h, h, c),
             attn_norm: nn::layer_norm(&att / "output" / "LayerNorm", vec![h], ln),
-            intermediate: linear(&p / "intermediate" / "dense", h, c.intermediate_size, c),
-            output: linear(&p / "output" / "dense", c.intermediate_size, h, c),
+            intermediate: Proj::new(&p / "intermediate" / "dense", h, c.intermediate_size, c),
+            output: Proj::new(&p / "output" / "dense", c.intermediate_size, h, c),
             out_norm: nn::layer_norm(&p / "output" / "LayerNorm", vec![h], ln),
             heads: c.num_attention_heads,
             head_dim: c.head_dim(),
@@ -131,6 +154,20 @@ impl Layer {
             dropout: c.hidden_dropout_prob,
             attn_dropout: c.attention_probs_dropout_prob,
         }
+    }
+
+    /// The variable names of layer `i`'s linear layers, in field order
+    /// (query, key, value, attention output, intermediate, output).
+    fn proj_names(i: usize) -> [String; 6] {
+        let p = format!("encoder.layer.{i}");
+        [
+            format!("{p}.attention.self.query"),
+            format!("{p}.attention.self.key"),
+            format!("{p}.attention.self.value"),
+            format!("{p}.attention.output.dense"),
+            format!("{p}.intermediate.dense"),
+            format!("{p}.output.dense"),
+        ]
     }
 
     fn split_heads(&self, xs: Tensor, b: i64, s: i64) -> Tensor {
@@ -212,6 +249,41 @@ impl BertEncoder {
 
     /// `attention_mask` is 1 for real tokens and 0 for padding
     /// (`[batch, seq]`, any integer or float kind).
+    /// Every linear layer with its variable name (without `.weight`), in
+    /// layer order.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Proj)> {
+        let mut v = vec![];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let refs = [
+                &mut l.query,
+                &mut l.key,
+                &mut l.value,
+                &mut l.attn_out,
+                &mut l.intermediate,
+                &mut l.output,
+            ];
+            v.extend(Layer::proj_names(i).into_iter().zip(refs));
+        }
+        v
+    }
+
+    /// As `projections_mut`, read-only.
+    pub fn projections(&self) -> Vec<(String, &Proj)> {
+        let mut v = vec![];
+        for (i, l) in self.layers.iter().enumerate() {
+            let refs = [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ];
+            v.extend(Layer::proj_names(i).into_iter().zip(refs));
+        }
+        v
+    }
+
     pub fn forward_t(
         &self,
         input_ids: &Tensor,

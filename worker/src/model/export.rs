@@ -27,7 +27,12 @@ pub fn export(model: &TaskModel, out: &Path, tokenizer_dir: &Path) -> Result<()>
     };
     obj.insert("architectures".into(), serde_json::json!([arch]));
     obj.insert("model_type".into(), "bert".into());
-    obj.insert("torch_dtype".into(), "float32".into());
+    let dtype = match model.vs.kind() {
+        tch::Kind::Half => "float16",
+        tch::Kind::BFloat16 => "bfloat16",
+        _ => "float32",
+    };
+    obj.insert("torch_dtype".into(), dtype.into());
     if model.task == Task::Classification {
         let label2id: serde_json::Map<String, serde_json::Value> = model
             .labels
@@ -63,6 +68,14 @@ pub fn export(model: &TaskModel, out: &Path, tokenizer_dir: &Path) -> Result<()>
     }
     if model.task == Task::Embedding {
         write_sentence_transformers(model, out)?;
+    }
+    // A quantized model says how (`crate::quant`); fp16/bf16 directories
+    // stay plain Hugging Face checkpoints that transformers loads.
+    if let Some(m) = model.quant_manifest() {
+        write_atomic(
+            &out.join(crate::quant::MANIFEST),
+            serde_json::to_string_pretty(&m).unwrap().as_bytes(),
+        )?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod weights;
 pub use bert::{BertEncoder, EncoderOutput, Outputs};
 pub use config::BertConfig;
 
+use crate::quant::{QLinear, QuantManifest, Scheme};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::{self, Module};
@@ -80,12 +81,14 @@ impl ModelOutput {
 pub struct TaskModel {
     pub vs: nn::VarStore,
     pub encoder: BertEncoder,
-    pooler: nn::Linear,
+    pooler: bert::Proj,
     classifier: Option<nn::Linear>,
     pub task: Task,
     /// L2-normalise sentence embeddings (sentence-transformers `Normalize`).
     pub normalize: bool,
     pub labels: Vec<String>,
+    /// The quantization applied (`quantize`, or a quantized directory).
+    pub quant: Option<Scheme>,
 }
 
 impl TaskModel {
@@ -107,7 +110,7 @@ impl TaskModel {
         let root = vs.root();
         let mut encoder = BertEncoder::new(root.clone(), config);
         let h = config.hidden_size;
-        let pooler = bert::linear(&root / "pooler" / "dense", h, h, config);
+        let pooler = bert::Proj::new(&root / "pooler" / "dense", h, h, config);
         let classifier = (task == Task::Classification)
             .then(|| bert::linear(&root / "classifier", h, labels.len() as i64, config));
         let mut config = config.clone();
@@ -130,6 +133,7 @@ impl TaskModel {
             task,
             normalize: false,
             labels,
+            quant: None,
         })
     }
 
@@ -196,6 +200,13 @@ impl TaskModel {
         if !head_fits {
             tensors.retain(|n, _| !n.starts_with("classifier."));
         }
+        let manifest = read_manifest(dir)?;
+        if let Some(m) = &manifest {
+            model.attach_stored(m, &mut tensors).map_err(|e| Error::Weights {
+                path: origin.clone(),
+                message: e.to_string(),
+            })?;
+        }
         weights::load_into(
             &mut model.vs,
             &tensors,
@@ -204,6 +215,12 @@ impl TaskModel {
             &origin,
         )?;
         model.normalize = task == Task::Embedding && sentence_transformers_normalizes(dir);
+        match manifest.as_ref().map(|m| m.scheme) {
+            Some(Scheme::Fp16) => model.set_kind(Kind::Half),
+            Some(Scheme::Bf16) => model.set_kind(Kind::BFloat16),
+            _ => {}
+        }
+        model.quant = manifest.map(|m| m.scheme);
         Ok(model)
     }
 
@@ -215,12 +232,98 @@ impl TaskModel {
         self.vs.device()
     }
 
+    /// Parameters, counting a quantized layer's weight and bias as the
+    /// float layer it replaced.
     pub fn num_params(&self) -> i64 {
-        self.vs
+        let float: i64 = self
+            .vs
             .trainable_variables()
             .iter()
             .map(|t| t.numel() as i64)
-            .sum()
+            .sum();
+        let quantized: i64 = self
+            .projections()
+            .iter()
+            .filter_map(|(_, p)| p.q.as_ref())
+            .map(|q| {
+                let w = q.dequantize();
+                w.numel() as i64 + w.size()[0]
+            })
+            .sum();
+        float + quantized
+    }
+
+    /// Every linear layer that quantization may replace, with its variable
+    /// name: the encoder's and the pooler.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut bert::Proj)> {
+        let mut v = self.encoder.projections_mut();
+        v.push(("pooler.dense".to_string(), &mut self.pooler));
+        v
+    }
+
+    pub fn projections(&self) -> Vec<(String, &bert::Proj)> {
+        let mut v = self.encoder.projections();
+        v.push(("pooler.dense".to_string(), &self.pooler));
+        v
+    }
+
+    /// Post-training quantization in place (see `crate::quant`): fp16/bf16
+    /// cast every variable; the integer schemes replace each linear layer
+    /// of `projections` by its quantized form and free the float weight.
+    pub fn quantize(&mut self, scheme: Scheme) -> Result<()> {
+        if let Some(q) = self.quant {
+            return Err(Error::Invalid(format!(
+                "the model is already quantized ({})",
+                q.name()
+            )));
+        }
+        match scheme {
+            Scheme::Fp16 => self.set_kind(Kind::Half),
+            Scheme::Bf16 => self.set_kind(Kind::BFloat16),
+            _ => {
+                let device = self.device();
+                let mut dropped = vec![];
+                for (name, p) in self.projections_mut() {
+                    let bias = p.lin.bs.as_ref().expect("linear layers have a bias");
+                    let q = QLinear::new(&p.lin.ws, bias, scheme, device)
+                        .map_err(|e| Error::Invalid(format!("quantizing {name}: {e}")))?;
+                    p.q = Some(q);
+                    dropped.push(take_float(&name, p));
+                }
+                forget(&self.vs, &dropped);
+            }
+        }
+        self.quant = Some(scheme);
+        Ok(())
+    }
+
+    /// Rebuilds the quantized layers a manifest lists from their stored
+    /// tensors (removed from `tensors`, so the float ones remain).
+    fn attach_stored(
+        &mut self,
+        m: &QuantManifest,
+        tensors: &mut std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        if matches!(m.scheme, Scheme::Fp16 | Scheme::Bf16) {
+            return Ok(());
+        }
+        let device = self.device();
+        let mut dropped = vec![];
+        let prefix = if self.task == Task::Classification { "bert." } else { "" };
+        let mut projs: std::collections::HashMap<String, &mut bert::Proj> =
+            self.projections_mut().into_iter().collect();
+        for layer in &m.layers {
+            let p = projs.get_mut(layer).ok_or_else(|| {
+                Error::Invalid(format!("{}: unknown layer {layer}", crate::quant::MANIFEST))
+            })?;
+            let stored = format!("{prefix}{layer}");
+            p.q = Some(QLinear::from_stored(tensors, &stored, m.scheme, device)?);
+            dropped.push(take_float(layer, p));
+            tensors.retain(|n, _| !n.starts_with(&format!("{stored}.")));
+        }
+        drop(projs);
+        forget(&self.vs, &dropped);
+        Ok(())
     }
 
     pub fn forward_t(&self, batch: &Batch, outputs: Outputs, train: bool) -> ModelOutput {
@@ -259,8 +362,14 @@ impl TaskModel {
     /// Every variable with the name it has in a Hugging Face checkpoint of
     /// this task (`bert.` prefix for classification, as
     /// `BertForSequenceClassification` saves it).
+    /// A quantized layer contributes the tensors of `QLinear::stored`.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        for (name, p) in self.projections() {
+            if let Some(q) = &p.q {
+                vars.extend(q.stored(&name));
+            }
+        }
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars.into_iter()
             .map(|(n, t)| match self.task {
@@ -270,10 +379,82 @@ impl TaskModel {
             .collect()
     }
 
+    /// `quantization.json` for this model, when it is quantized.
+    pub fn quant_manifest(&self) -> Option<QuantManifest> {
+        let scheme = self.quant?;
+        let layers = self
+            .projections()
+            .into_iter()
+            .filter(|(_, p)| p.q.is_some())
+            .map(|(n, _)| n)
+            .collect();
+        Some(QuantManifest {
+            version: crate::quant::MANIFEST_VERSION,
+            scheme,
+            layers,
+        })
+    }
+
     /// Switch every variable to `kind` (fp16/bf16 inference on GPU).
     pub fn set_kind(&mut self, kind: Kind) {
         self.vs.set_kind(kind);
     }
+}
+
+/// A replaced layer's float weight and bias: set aside by `take_float`,
+/// then removed from the variable store by `forget` (so they are neither
+/// saved nor kept in memory).
+struct Dropped {
+    name: String,
+    ptrs: Vec<usize>,
+}
+
+fn take_float(name: &str, p: &mut bert::Proj) -> Dropped {
+    let mut ptrs = vec![p.lin.ws.data_ptr() as usize];
+    ptrs.extend(p.lin.bs.as_ref().map(|b| b.data_ptr() as usize));
+    p.lin.ws = Tensor::zeros([0], (Kind::Float, p.lin.ws.device()));
+    p.lin.bs = None;
+    Dropped {
+        name: name.to_string(),
+        ptrs,
+    }
+}
+
+fn forget(vs: &nn::VarStore, dropped: &[Dropped]) {
+    let mut v = vs.variables_.lock().expect("variable store lock");
+    for d in dropped {
+        for suffix in ["weight", "bias"] {
+            v.named_variables.remove(&format!("{}.{suffix}", d.name));
+        }
+    }
+    let gone: std::collections::HashSet<usize> =
+        dropped.iter().flat_map(|d| d.ptrs.iter().copied()).collect();
+    v.trainable_variables
+        .retain(|t| !gone.contains(&(t.tensor.data_ptr() as usize)));
+}
+
+/// The `quantization.json` of a model directory, if it has one.
+pub fn read_manifest(dir: &Path) -> Result<Option<QuantManifest>> {
+    let path = dir.join(crate::quant::MANIFEST);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let m: QuantManifest = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.clone(),
+        message: format!("not a quantization manifest: {e}"),
+    })?;
+    if m.version != crate::quant::MANIFEST_VERSION {
+        return Err(Error::Config {
+            path,
+            message: format!(
+                "field version: layout {} is not the {} this build reads",
+                m.version,
+                crate::quant::MANIFEST_VERSION
+            ),
+        });
+    }
+    Ok(Some(m))
 }
 
 /// Mean of `hidden` over positions where `mask` is 1.

@@ -81,6 +81,8 @@ pub fn tensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, 
                 safetensors::Dtype::F64 => Kind::Double,
                 safetensors::Dtype::I64 => Kind::Int64,
                 safetensors::Dtype::I32 => Kind::Int,
+                safetensors::Dtype::I8 => Kind::Int8,
+                safetensors::Dtype::U8 => Kind::Uint8,
                 other => {
                     return Err(Error::Weights {
                         path: path.clone(),

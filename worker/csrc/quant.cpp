@@ -1,0 +1,64 @@
+// PyTorch's x86 dynamic-INT8 linear kernels (FBGEMM), which libtorch
+// exports as ATen functions but tch does not wrap:
+// `at::fbgemm_pack_quantized_matrix` packs an int8 weight once, and
+// `at::fbgemm_linear_int8_weight_fp32_activation` quantizes each incoming
+// batch of fp32 activations to uint8 with its own scale (per batch) and runs
+// the int8 GEMM. Called from worker/src/quant.rs; every function catches C++
+// exceptions and returns null with the message in `err`.
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <string>
+
+namespace {
+void set_err(char* err, int errlen, const std::string& msg) {
+  if (err == nullptr || errlen <= 0) return;
+  std::strncpy(err, msg.c_str(), errlen - 1);
+  err[errlen - 1] = 0;
+}
+}  // namespace
+
+extern "C" {
+
+// Whether this libtorch was built with FBGEMM (x86 only).
+int distill_fbgemm_available() {
+  try {
+    for (auto e : at::Context::supportedQEngines()) {
+      if (e == at::QEngine::FBGEMM) return 1;
+    }
+    return 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
+// Packs an int8 `[out, in]` weight for the FBGEMM GEMM.
+at::Tensor* distill_fbgemm_pack(const at::Tensor* weight, char* err, int errlen) {
+  try {
+    return new at::Tensor(at::fbgemm_pack_quantized_matrix(*weight));
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+  }
+  return nullptr;
+}
+
+// y = dequant(quant(x)) · (weight_scale · (q - zero_point))ᵀ + bias, with
+// the activation quantized per call; `col_offsets` (int32 `[out]`) is the
+// row sum of the int8 weight.
+at::Tensor* distill_fbgemm_linear(const at::Tensor* input, const at::Tensor* weight,
+                                  const at::Tensor* packed, const at::Tensor* col_offsets,
+                                  double weight_scale, int64_t weight_zero_point,
+                                  const at::Tensor* bias, char* err, int errlen) {
+  try {
+    return new at::Tensor(at::fbgemm_linear_int8_weight_fp32_activation(
+        *input, *weight, *packed, *col_offsets, weight_scale, weight_zero_point, *bias));
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+  }
+  return nullptr;
+}
+}
