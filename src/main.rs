@@ -29,6 +29,12 @@ enum Command {
     /// Validate a job spec and its files (config, weights, tokenizer, data) and
     /// print the plan: teacher, derived student, data counts, steps.
     Plan(cmd::run::PlanArgs),
+    /// Quantize a model directory (fp16, bf16, int8_dynamic, int8_weight_only,
+    /// int4) into a directory `distill eval` and `distill infer` load.
+    Quantize(cmd::quantize::QuantizeArgs),
+    /// Measure model directories on a job's test split: metric, agreement
+    /// with the teacher, latency p50 per batch size, size on disk.
+    Eval(cmd::quantize::EvalArgs),
     /// Run a whole distillation job on this machine: fine-tune the teacher if
     /// asked, distil, evaluate, export. Re-running resumes from checkpoints.
     Run(cmd::run::RunArgs),
@@ -80,6 +86,8 @@ fn main() -> ExitCode {
         Command::Infer(a) => cmd::infer::run(a),
         Command::Student(a) => cmd::student::run(a),
         Command::Plan(a) => cmd::run::plan(a),
+        Command::Quantize(a) => cmd::quantize::quantize(a),
+        Command::Eval(a) => cmd::quantize::eval(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Coordinator(a) => cmd::coordinator::run(a),
         Command::Worker(a) => cmd::worker::run(a),

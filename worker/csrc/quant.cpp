@@ -11,6 +11,14 @@
 #include <string>
 
 namespace {
+// FBGEMM's legacy entry points warn once that they are deprecated; the
+// warning would reach every user's log, so it is dropped here (the kernels
+// are pinned with libtorch 2.11).
+struct Quiet : c10::WarningHandler {
+  void process(const c10::Warning&) override {}
+};
+Quiet quiet;
+
 void set_err(char* err, int errlen, const std::string& msg) {
   if (err == nullptr || errlen <= 0) return;
   std::strncpy(err, msg.c_str(), errlen - 1);
@@ -35,6 +43,7 @@ int distill_fbgemm_available() {
 // Packs an int8 `[out, in]` weight for the FBGEMM GEMM.
 at::Tensor* distill_fbgemm_pack(const at::Tensor* weight, char* err, int errlen) {
   try {
+    c10::WarningUtils::WarningHandlerGuard guard(&quiet);
     return new at::Tensor(at::fbgemm_pack_quantized_matrix(*weight));
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
@@ -52,6 +61,7 @@ at::Tensor* distill_fbgemm_linear(const at::Tensor* input, const at::Tensor* wei
                                   double weight_scale, int64_t weight_zero_point,
                                   const at::Tensor* bias, char* err, int errlen) {
   try {
+    c10::WarningUtils::WarningHandlerGuard guard(&quiet);
     return new at::Tensor(at::fbgemm_linear_int8_weight_fp32_activation(
         *input, *weight, *packed, *col_offsets, weight_scale, weight_zero_point, *bias));
   } catch (const std::exception& e) {

@@ -19,12 +19,12 @@ use crate::model::student::{
     derive_config, init_from_teacher, last_layer_map, uniform_layer_map, StudentShape,
 };
 use crate::model::{Task, TaskModel};
+use crate::quant::Scheme;
 use crate::tokenize::{Encoded, TextTokenizer};
 use crate::{Error, Result};
 use distill_spec::{
     JobSpec, LayerMap, LrSchedule, Precision, StudentInit, TeacherSignal, TrainingLength, Weight,
 };
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -39,38 +39,12 @@ pub struct RunOptions {
     pub baseline: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelReport {
-    pub params: i64,
-    pub layers: i64,
-    pub hidden: i64,
-    /// Accuracy (classification) or mean cosine to the teacher (embedding) on the test split.
-    pub metric: f64,
-    /// Size of the exported model directory; `None` for a model that is not
-    /// exported (the labels-only baseline).
-    pub bytes_on_disk: Option<u64>,
-    pub examples_per_second: f64,
-}
+pub use crate::report::{render, ModelReport, Report};
+use crate::report::{Bench, StageClock, Variant, Verdict};
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub task: String,
-    pub metric_name: String,
-    pub teacher: ModelReport,
-    pub student: ModelReport,
-    pub baseline: Option<ModelReport>,
-    /// student metric / teacher metric.
-    pub retention: f64,
-    /// Bad examples skipped under `data.on_bad_example = "skip"`, as
-    /// `file: line N: reason`.
-    pub skipped_examples: Vec<String>,
-    pub student_dir: PathBuf,
-    pub seconds: f64,
-}
-
-struct Split {
-    examples: Vec<Encoded>,
-    labels: Vec<i64>,
+pub(crate) struct Split {
+    pub(crate) examples: Vec<Encoded>,
+    pub(crate) labels: Vec<i64>,
 }
 
 fn read_split(
@@ -203,18 +177,6 @@ fn log_step(stage: &'static str, total: u64) -> impl FnMut(&StepLog) {
             );
         }
     }
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|r| {
-            r.filter_map(|e| e.ok())
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// Test metric and throughput of a model.
@@ -670,11 +632,27 @@ pub fn baseline(
         metric: m,
         bytes_on_disk: None,
         examples_per_second: eps,
+        ..ModelReport::default()
     })
 }
 
-/// Evaluates teacher and student on the test split and writes
-/// `out/report.json` and `out/report.md`.
+/// The batch sizes latency is measured at: 1 and the spec's.
+fn latency_batches(spec: &JobSpec) -> Vec<u32> {
+    let mut v = spec.evaluation.latency_batch_sizes.clone();
+    v.push(1);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Evaluates teacher and student on the test split, quantizes the student
+/// to the spec's formats (`crate::quant`) and evaluates each variant, runs
+/// the quality gate, and writes `out/report.json`, `out/report.md` and the
+/// plots. Quantized variants go to `out/quantized/<format>/`; rejected ones
+/// are removed, and kept ones that are not chosen unless
+/// `quantization.keep_all`. `stages` are the wall times of the stages
+/// before this one.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     spec: &JobSpec,
     p: &Prepared,
@@ -683,51 +661,128 @@ pub fn evaluate(
     baseline: Option<ModelReport>,
     out: &Path,
     started: Instant,
+    stages: &[(String, f64)],
 ) -> Result<Report> {
-    let task = p.task;
-    let teacher_test_emb = if task == Task::Embedding {
-        Some(infer(
-            teacher,
-            &p.tok,
-            &p.test.examples,
-            InferOptions::default(),
-            |_, _| {},
-        )?)
-    } else {
-        None
+    let t_eval = Instant::now();
+    let batches = latency_batches(spec);
+    let mut bench = Bench {
+        tok: &p.tok,
+        examples: &p.test.examples,
+        labels: &p.test.labels,
+        n_labels: p.labels.len(),
+        task: p.task,
+        batch_sizes: batches.clone(),
+        iters: spec.evaluation.latency_iters,
+        teacher_out: None,
     };
-    let (tm, teps) = measure(teacher, &p.tok, &p.test, teacher_test_emb.as_ref())?;
-    let (sm, seps) = measure(student, &p.tok, &p.test, teacher_test_emb.as_ref())?;
+    let device = student.device();
+    eprintln!("evaluate: teacher and fp32 student on {} test examples", p.test.examples.len());
+    let tm = bench.measure(teacher, Some(&served_teacher_dir(p, out)))?;
     let student_dir = out.join("student");
-    let report = Report {
+    let sm = bench.measure(student, Some(&student_dir))?;
+    let qdevice = match spec.quantization.hardware {
+        distill_spec::Hardware::Cpu => Device::Cpu,
+        distill_spec::Hardware::NvidiaGpu => device,
+    };
+    let labels = (!p.labels.is_empty()).then(|| p.labels.clone());
+    let mut variants = vec![];
+    for scheme in Scheme::from_spec(&spec.quantization) {
+        let t0 = Instant::now();
+        let dir = out.join("quantized").join(scheme.name());
+        let mut m = TaskModel::load(&student_dir, p.task, labels.clone(), qdevice)?;
+        if let Err(e) = m.quantize(scheme) {
+            // An explicit format was checked by `distill plan`; an "auto"
+            // candidate that does not fit this model is skipped, and said.
+            if spec.quantization.formats != distill_spec::QuantFormats::Auto {
+                return Err(e);
+            }
+            eprintln!("quantize: {} skipped: {e}", scheme.name());
+            variants.push(Variant {
+                format: scheme.name().to_string(),
+                model: ModelReport::default(),
+                fast_kernel: scheme.fast_kernel(qdevice),
+                verdict: Verdict::Skipped,
+                reason: Some(format!("not applicable: {e}")),
+                dir: None,
+            });
+            continue;
+        }
+        export(&m, &dir, &student_dir)?;
+        let model = bench.measure(&m, Some(&dir))?;
+        eprintln!(
+            "quantize: {} metric {:.4} (fp32 {:.4}), {:.1} MB, in {:.1} s",
+            scheme.name(),
+            model.metric,
+            sm.metric,
+            model.bytes_on_disk.unwrap_or(0) as f64 / 1e6,
+            t0.elapsed().as_secs_f64()
+        );
+        variants.push(Variant {
+            format: scheme.name().to_string(),
+            model,
+            fast_kernel: scheme.fast_kernel(qdevice),
+            verdict: Verdict::Kept,
+            reason: None,
+            dir: Some(dir),
+        });
+    }
+    let at = *batches.last().expect("batch 1 at least");
+    let chosen = crate::report::gate(
+        sm.metric,
+        sm.p50_at(at),
+        spec.quantization.max_accuracy_drop,
+        at,
+        &mut variants,
+    );
+    for v in variants.iter_mut() {
+        let drop_it = match v.verdict {
+            Verdict::Rejected | Verdict::Skipped => true,
+            Verdict::Kept => !spec.quantization.keep_all,
+            Verdict::Chosen => false,
+        };
+        if let (true, Some(d)) = (drop_it, &v.dir) {
+            std::fs::remove_dir_all(d).map_err(|e| Error::io(d, e))?;
+            v.dir = None;
+        }
+    }
+    let chosen_dir = if chosen == "fp32" {
+        student_dir.clone()
+    } else {
+        out.join("quantized").join(&chosen)
+    };
+    let mut stage_seconds = stages.to_vec();
+    stage_seconds.push((
+        "evaluation and quantization".into(),
+        t_eval.elapsed().as_secs_f64(),
+    ));
+    let mut report = Report {
+        version: crate::report::REPORT_VERSION,
         task: format!("{:?}", spec.task),
-        metric_name: if task == Task::Classification {
+        metric_name: if p.task == Task::Classification {
             "accuracy".into()
         } else {
             "mean cosine to teacher".into()
         },
-        teacher: ModelReport {
-            params: teacher.num_params(),
-            layers: teacher.config().num_hidden_layers,
-            hidden: teacher.config().hidden_size,
-            metric: tm,
-            bytes_on_disk: Some(dir_bytes(&served_teacher_dir(p, out))),
-            examples_per_second: teps,
-        },
-        student: ModelReport {
-            params: student.num_params(),
-            layers: student.config().num_hidden_layers,
-            hidden: student.config().hidden_size,
-            metric: sm,
-            bytes_on_disk: Some(dir_bytes(&student_dir)),
-            examples_per_second: seps,
-        },
+        retention: sm.metric / tm.metric,
+        teacher: tm,
+        student: sm,
         baseline,
-        retention: sm / tm,
+        variants,
+        chosen: Some(chosen),
+        chosen_dir: Some(chosen_dir),
+        chosen_at_batch: Some(at),
         skipped_examples: p.skipped.iter().map(|s| s.to_string()).collect(),
         student_dir,
         seconds: started.elapsed().as_secs_f64(),
+        stage_seconds,
+        measured_on: format!(
+            "{device:?} (quantized variants: {qdevice:?}), {} threads",
+            tch::get_num_threads()
+        ),
+        config: serde_json::to_value(spec).unwrap_or_default(),
+        plots: vec![],
     };
+    report.plots = crate::report::plots(&report, out, at)?;
     write_atomic(
         &out.join("report.json"),
         serde_json::to_string_pretty(&report).unwrap().as_bytes(),
@@ -742,10 +797,14 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
     let started = Instant::now();
     let out = &opts.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut clock = StageClock::default();
+    clock.start("prepare");
     let p = prepare(spec)?;
     let mut hooks = Hooks::default();
+    clock.start("teacher");
     let teacher = teacher(spec, &p, out, opts.device, &mut hooks)?;
     let teacher_output = if spec.distill.teacher_signal == TeacherSignal::Offline {
+        clock.start("teacher signal");
         let (examples, _) = p.training();
         Some(offline_signal(
             &p,
@@ -758,6 +817,7 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
     } else {
         None
     };
+    clock.start("distillation");
     let student = distill_student(
         spec,
         &p,
@@ -768,11 +828,22 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
         &mut hooks,
     )?;
     let baseline = if opts.baseline && p.task == Task::Classification {
+        clock.start("labels-only baseline");
         Some(baseline(spec, &p, &teacher, out, opts.device, &mut hooks)?)
     } else {
         None
     };
-    evaluate(spec, &p, &teacher, &student, baseline, out, started)
+    clock.stop();
+    evaluate(
+        spec,
+        &p,
+        &teacher,
+        &student,
+        baseline,
+        out,
+        started,
+        &clock.stages,
+    )
 }
 
 /// The identity of shard `[start, end)` of the job's teacher signal.
@@ -895,39 +966,42 @@ fn eval_fn_with<'a>(
     })
 }
 
-/// The result table as Markdown.
-pub fn render(r: &Report) -> String {
-    let mut s = format!("| model | layers | hidden | params | {} | examples/s | bytes on disk |\n|---|---|---|---|---|---|---|\n", r.metric_name);
-    let mut row = |name: &str, m: &ModelReport| {
-        s.push_str(&format!(
-            "| {name} | {} | {} | {} | {:.4} | {:.0} | {} |\n",
-            m.layers,
-            m.hidden,
-            m.params,
-            m.metric,
-            m.examples_per_second,
-            m.bytes_on_disk
-                .map_or("— (not exported)".to_string(), |b| b.to_string())
-        ));
+/// `distill eval`: the teacher at `teacher_dir` and each model directory
+/// (fp32, fp16/bf16 or quantized) measured on the job's test split exactly
+/// as the job's report measures them. Returns `(name, report)` rows, the
+/// teacher first.
+pub fn evaluate_dirs(
+    spec: &JobSpec,
+    teacher_dir: &Path,
+    models: &[PathBuf],
+    device: Device,
+) -> Result<Vec<(String, ModelReport)>> {
+    let p = prepare(spec)?;
+    let labels = (!p.labels.is_empty()).then(|| p.labels.clone());
+    let mut bench = Bench {
+        tok: &p.tok,
+        examples: &p.test.examples,
+        labels: &p.test.labels,
+        n_labels: p.labels.len(),
+        task: p.task,
+        batch_sizes: latency_batches(spec),
+        iters: spec.evaluation.latency_iters,
+        teacher_out: None,
     };
-    row("teacher", &r.teacher);
-    row("student (distilled)", &r.student);
-    if let Some(b) = &r.baseline {
-        row("student (labels only)", b);
+    let teacher = TaskModel::load(teacher_dir, p.task, labels.clone(), device)?;
+    let mut rows = vec![(
+        format!("teacher {}", teacher_dir.display()),
+        bench.measure(&teacher, Some(teacher_dir))?,
+    )];
+    drop(teacher);
+    for dir in models {
+        let m = TaskModel::load(dir, p.task, labels.clone(), device)?;
+        let name = format!(
+            "{} ({})",
+            dir.display(),
+            m.quant.map_or("fp32", |q| q.name())
+        );
+        rows.push((name, bench.measure(&m, Some(dir))?));
     }
-    s.push_str(&format!(
-        "\nretention (student / teacher): {:.2}%  \ntime: {:.0} s\n",
-        100.0 * r.retention,
-        r.seconds
-    ));
-    if !r.skipped_examples.is_empty() {
-        s.push_str(&format!(
-            "\nbad examples skipped (data.on_bad_example = \"skip\"): {}\n",
-            r.skipped_examples.len()
-        ));
-        for e in &r.skipped_examples {
-            s.push_str(&format!("- {e}\n"));
-        }
-    }
-    s
+    Ok(rows)
 }

@@ -16,6 +16,8 @@ pub struct Plan {
     pub student: serde_json::Value,
     pub data: serde_json::Value,
     pub steps: u64,
+    /// The quantization candidates for the hardware target.
+    pub quantization: Vec<String>,
 }
 
 pub fn plan(spec: &JobSpec) -> Result<Plan> {
@@ -64,6 +66,22 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
         }
     }
     let steps = crate::pipeline::total_steps(spec, n_train);
+    let schemes = crate::quant::Scheme::from_spec(&spec.quantization);
+    // An explicit int4 needs a group size that divides every quantized
+    // layer's inputs (hidden and intermediate sizes); "auto" skips it.
+    if spec.quantization.formats != distill_spec::QuantFormats::Auto {
+        for sch in &schemes {
+            if let crate::quant::Scheme::Int4 { group_size } = sch {
+                for (what, k) in [("hidden_size", s.hidden_size), ("intermediate_size", s.intermediate_size)] {
+                    if k % group_size != 0 {
+                        return Err(Error::Invalid(format!(
+                            "quantization.group_size: {group_size} does not divide the student's {what} {k}; int4 needs it to"
+                        )));
+                    }
+                }
+            }
+        }
+    }
     Ok(Plan {
         teacher: serde_json::json!({"path": dir, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
             "params": cfg.encoder_params(), "vocab": cfg.vocab_size, "tokenizer_vocab": tok.vocab_size()}),
@@ -72,5 +90,6 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
             "kept_fraction": s.encoder_params() as f64 / cfg.encoder_params() as f64}),
         data: counts.into(),
         steps,
+        quantization: schemes.iter().map(|s| s.name().to_string()).collect(),
     })
 }

@@ -310,7 +310,7 @@ fn evaluate(
     if control.stop.load(Ordering::Relaxed) {
         return Err(Error::Stopped);
     }
-    pipeline::evaluate(spec, &p, &teacher, &student, None, job_dir, started)?;
+    pipeline::evaluate(spec, &p, &teacher, &student, None, job_dir, started, &[])?;
     let report = job_dir.join("report.json");
     Ok(pb::TaskSuccess {
         manifest_sha256: signal::sha256_path(&report)?,
