@@ -451,11 +451,11 @@ pub fn render(r: &Report) -> String {
         let parts: Vec<String> = r
             .stage_seconds
             .iter()
-            .map(|(n, t)| format!("{n} {t:.0} s"))
+            .map(|(n, t)| format!("{n} {t:.1} s"))
             .collect();
         s.push_str(&format!("stages: {}  \n", parts.join(", ")));
     }
-    s.push_str(&format!("time: {:.0} s\n", r.seconds));
+    s.push_str(&format!("time: {:.1} s\n", r.seconds));
     for p in &r.plots {
         s.push_str(&format!("\n![{p}]({p})\n"));
     }
@@ -496,6 +496,7 @@ fn plot_err(e: impl std::fmt::Display) -> crate::Error {
 /// and `size.svg` (MB on disk per model) into `dir`; returns their names.
 pub fn plots(r: &Report, dir: &Path, batch: u32) -> Result<Vec<String>> {
     use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
     let models = plotted(r);
     let pts: Vec<(String, f64, f64)> = models
         .iter()
@@ -527,21 +528,42 @@ pub fn plots(r: &Report, dir: &Path, batch: u32) -> Result<Vec<String>> {
             .y_desc(r.metric_name.clone())
             .draw()
             .map_err(plot_err)?;
-        let palette = [&BLUE, &RED, &GREEN, &MAGENTA, &CYAN, &BLACK, &YELLOW];
+        let palette = [
+            RGBColor(31, 119, 180),
+            RGBColor(255, 127, 14),
+            RGBColor(44, 160, 44),
+            RGBColor(214, 39, 40),
+            RGBColor(148, 103, 189),
+            RGBColor(140, 86, 75),
+            RGBColor(227, 119, 194),
+            RGBColor(127, 127, 127),
+        ];
         for (i, (name, x, y)) in pts.iter().enumerate() {
             let c = palette[i % palette.len()];
+            // The name beside the point (staggered, as points may sit close)
+            // and the full numbers in the legend.
             chart
                 .draw_series(std::iter::once(
                     EmptyElement::at((*x, *y))
                         + Circle::new((0, 0), 6, c.filled())
                         + Text::new(
-                            format!("{name}: {:.4}, {:.1} ms", y, x),
-                            (9, -16 + 14 * ((i % 3) as i32 - 1)),
-                            ("sans-serif", 15),
+                            name.clone(),
+                            (9, -22 + 15 * (i % 4) as i32),
+                            ("sans-serif", 14).into_font().color(&c),
                         ),
                 ))
-                .map_err(plot_err)?;
+                .map_err(plot_err)?
+                .label(format!("{name}: {y:.4}, {x:.2} ms"))
+                .legend(move |(lx, ly)| Circle::new((lx + 8, ly), 5, c.filled()));
         }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
     }
     let b = "size.svg";
@@ -587,11 +609,16 @@ pub fn plots(r: &Report, dir: &Path, batch: u32) -> Result<Vec<String>> {
             .map_err(plot_err)?;
         chart
             .draw_series(bars.iter().enumerate().map(|(i, (_, mb))| {
-                Text::new(
-                    format!("{mb:.1} MB"),
-                    (SegmentValue::CenterOf(i as i32), *mb + ymax * 0.02),
-                    ("sans-serif", 15),
-                )
+                let style = ("sans-serif", 15)
+                    .into_font()
+                    .into_text_style(&root)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom));
+                let label = if *mb < 10.0 {
+                    format!("{mb:.2} MB")
+                } else {
+                    format!("{mb:.1} MB")
+                };
+                Text::new(label, (SegmentValue::CenterOf(i as i32), *mb + ymax * 0.01), style)
             }))
             .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
