@@ -8,9 +8,11 @@
 //! | `int8_weight_only` | int8, symmetric, one scale per output channel | bf16 | `_weight_int8pack_mm` |
 //! | `int4` | 4-bit, asymmetric, one scale and zero per group of `group_size` inputs per output channel | bf16 | `_convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu` |
 //!
-//! Only the encoder's linear layers and the pooler are quantized (as
-//! PyTorch's `quantize_dynamic` does for `nn.Linear`); embeddings, layer
-//! norms and the classifier stay fp32. Per-channel INT8 on FBGEMM: the
+//! The integer schemes quantize the encoder's linear layers and the pooler
+//! (as PyTorch's `quantize_dynamic` does for `nn.Linear`) and store the
+//! word-embedding table as int8 rows (`QEmbedding`); position and
+//! token-type embeddings, layer norms and the classifier stay fp32. The
+//! full description is `docs/quantization.md`. Per-channel INT8 on FBGEMM: the
 //! kernel takes one weight scale, so it runs with scale 1 and the
 //! per-channel scales are applied to its output (`bias + y · s`, one fused
 //! `addcmul`), which is exact because the scale of output channel `n`
@@ -486,6 +488,54 @@ impl QLinear {
     }
 }
 
+/// The word-embedding table as int8 rows with one fp32 scale per row
+/// (symmetric, as `quantize_int8`): a lookup gathers the rows and scales
+/// them. Used by every integer scheme, since the table is most of a small
+/// student's bytes (MiniLM's 30522 × 384 rows are 52 % of its parameters).
+pub struct QEmbedding {
+    pub q: Tensor,
+    pub scales: Tensor,
+}
+
+impl QEmbedding {
+    pub fn new(table: &Tensor) -> Self {
+        let _g = tch::no_grad_guard();
+        let (q, scales) = quantize_int8(table);
+        QEmbedding { q, scales }
+    }
+
+    /// `[.., hidden]` fp32 rows for `ids` of any shape.
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        let flat = ids.reshape([-1]);
+        let rows = self.q.index_select(0, &flat).to_kind(Kind::Float)
+            * self.scales.index_select(0, &flat).unsqueeze(1);
+        let mut size = ids.size();
+        size.push(self.q.size()[1]);
+        rows.reshape(size)
+    }
+
+    pub fn stored(&self, name: &str) -> Vec<(String, Tensor)> {
+        vec![
+            (format!("{name}.qweight"), self.q.shallow_clone()),
+            (format!("{name}.scales"), self.scales.shallow_clone()),
+        ]
+    }
+
+    pub fn from_stored(tensors: &BTreeMap<String, Tensor>, name: &str, device: Device) -> Result<Self> {
+        let q = tensors.get(&format!("{name}.qweight"));
+        let s = tensors.get(&format!("{name}.scales"));
+        match (q, s) {
+            (Some(q), Some(s)) if q.kind() == Kind::Int8 && s.size() == [q.size()[0]] => Ok(QEmbedding {
+                q: q.to_device(device),
+                scales: s.to_kind(Kind::Float).to_device(device),
+            }),
+            _ => Err(Error::Invalid(format!(
+                "quantized embeddings {name}: expected int8 {name}.qweight [rows, hidden] and {name}.scales [rows]"
+            ))),
+        }
+    }
+}
+
 /// `quantization.json` in a quantized model directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QuantManifest {
@@ -494,6 +544,9 @@ pub struct QuantManifest {
     pub scheme: Scheme,
     /// The quantized layers (Hugging Face names, without `.weight`).
     pub layers: Vec<String>,
+    /// Whether the word embeddings are int8 rows (`QEmbedding`).
+    #[serde(default)]
+    pub int8_word_embeddings: bool,
 }
 
 pub const MANIFEST: &str = "quantization.json";

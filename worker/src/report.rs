@@ -654,3 +654,69 @@ pub fn read(path: &Path) -> Result<Report> {
         message: format!("not a distill report: {e}"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(format: &str, metric: f64, p50: f64) -> Variant {
+        Variant {
+            format: format.into(),
+            model: ModelReport {
+                metric,
+                latency: vec![Latency {
+                    batch_size: 32,
+                    p50_ms: p50,
+                    p95_ms: p50,
+                }],
+                ..ModelReport::default()
+            },
+            fast_kernel: true,
+            verdict: Verdict::Kept,
+            reason: None,
+            dir: None,
+        }
+    }
+
+    #[test]
+    fn the_gate_rejects_drops_beyond_the_allowance_and_chooses_the_fastest_survivor() {
+        let mut v = vec![
+            variant("int4", 0.80, 5.0),         // fastest, but drops 0.03
+            variant("int8_dynamic", 0.825, 7.0), // drops 0.005: passes
+            variant("bf16", 0.83, 9.0),          // no drop, slower
+        ];
+        let chosen = gate(0.83, Some(10.0), 0.01, 32, &mut v);
+        assert_eq!(chosen, "int8_dynamic");
+        assert_eq!(v[0].verdict, Verdict::Rejected);
+        assert!(v[0].reason.as_ref().unwrap().contains("0.0300 below"), "{:?}", v[0].reason);
+        assert_eq!(v[1].verdict, Verdict::Chosen);
+        assert_eq!(v[2].verdict, Verdict::Kept);
+        // A zero allowance rejects any drop at all, and keeps no drop.
+        let mut v = vec![variant("int8_dynamic", 0.8299, 7.0), variant("bf16", 0.83, 9.0)];
+        assert_eq!(gate(0.83, Some(10.0), 0.0, 32, &mut v), "bf16");
+        assert_eq!(v[0].verdict, Verdict::Rejected);
+        // Nothing faster than the fp32 student: the student is the output.
+        let mut v = vec![variant("fp16", 0.83, 12.0)];
+        assert_eq!(gate(0.83, Some(10.0), 0.01, 32, &mut v), "fp32");
+        assert_eq!(v[0].verdict, Verdict::Kept);
+        assert!(v[0].reason.as_ref().unwrap().contains("slower"));
+        // Skipped variants are left alone.
+        let mut v = vec![variant("int4", 0.0, 1.0)];
+        v[0].verdict = Verdict::Skipped;
+        assert_eq!(gate(0.83, Some(10.0), 0.01, 32, &mut v), "fp32");
+        assert_eq!(v[0].verdict, Verdict::Skipped);
+    }
+
+    #[test]
+    fn accuracy_and_macro_f1_follow_the_definition() {
+        // By hand, as scikit-learn's f1_score(average="macro"): class 0
+        // tp 2 fp 1 fn 1 → 4/6; class 1 tp 1 fp 1 fn 2 → 2/5; class 2 tp 1
+        // fp 2 fn 1 → 2/5; mean 0.4889. Accuracy 4/8.
+        let gold = [0, 0, 0, 1, 1, 1, 2, 2];
+        let pred = [0, 0, 1, 1, 2, 2, 2, 0];
+        let (acc, f1) = classification_metrics(&pred, &gold, 3);
+        assert!((acc - 0.5).abs() < 1e-12);
+        let want = (2.0 * 2.0 / 6.0 + 2.0 * 1.0 / 5.0 + 2.0 * 1.0 / 5.0) / 3.0;
+        assert!((f1 - want).abs() < 1e-12, "{f1} vs {want}");
+    }
+}

@@ -155,10 +155,13 @@ fn quantized_minilm_stays_close_to_fp32_and_round_trips_through_its_directory() 
         let bytes = std::fs::metadata(out.join("model.safetensors")).unwrap().len();
         let ratio = bytes as f64 / fp32_bytes as f64;
         eprintln!("{}: {bytes} bytes, {ratio:.3} of fp32", scheme.name());
-        // Embeddings (12.5 M of MiniLM's 22.7 M parameters) stay fp32.
+        // Integer schemes store int8 word embeddings too (MiniLM's table is
+        // 52 % of its parameters); layer norms, position embeddings and the
+        // classifier stay fp32.
         let most = match scheme {
             Scheme::Fp16 | Scheme::Bf16 => 0.51,
-            _ => 0.70,
+            Scheme::Int8Dynamic | Scheme::Int8WeightOnly => 0.27,
+            Scheme::Int4 { .. } => 0.24,
         };
         assert!(ratio < most, "{}: {ratio} of the fp32 size", scheme.name());
     }

@@ -31,6 +31,9 @@ pub struct EncoderOutput {
 
 struct Embeddings {
     word: nn::Embedding,
+    /// The word embeddings as int8 rows (`crate::quant::QEmbedding`) once
+    /// the model is quantized; `word` is then empty.
+    word_q: Option<crate::quant::QEmbedding>,
     position: nn::Embedding,
     token_type: nn::Embedding,
     norm: nn::LayerNorm,
@@ -53,6 +56,7 @@ impl Embeddings {
         };
         Embeddings {
             word: nn::embedding(&p / "word_embeddings", c.vocab_size, c.hidden_size, ec),
+            word_q: None,
             position: nn::embedding(
                 &p / "position_embeddings",
                 c.max_position_embeddings,
@@ -73,7 +77,11 @@ impl Embeddings {
     fn forward_t(&self, input_ids: &Tensor, token_type_ids: &Tensor, train: bool) -> Tensor {
         let seq = input_ids.size()[1];
         let positions = Tensor::arange(seq, (Kind::Int64, input_ids.device())).unsqueeze(0);
-        let xs = self.word.forward(input_ids)
+        let word = match &self.word_q {
+            Some(q) => q.forward(input_ids),
+            None => self.word.forward(input_ids),
+        };
+        let xs = word
             + self.position.forward(&positions)
             + self.token_type.forward(token_type_ids);
         self.norm.forward(&xs).dropout(self.dropout, train)
@@ -265,6 +273,17 @@ impl BertEncoder {
             v.extend(Layer::proj_names(i).into_iter().zip(refs));
         }
         v
+    }
+
+    /// The word-embedding table and its quantized form, if any.
+    pub fn word_embeddings_mut(
+        &mut self,
+    ) -> (&mut nn::Embedding, &mut Option<crate::quant::QEmbedding>) {
+        (&mut self.embeddings.word, &mut self.embeddings.word_q)
+    }
+
+    pub fn word_embeddings_q(&self) -> Option<&crate::quant::QEmbedding> {
+        self.embeddings.word_q.as_ref()
     }
 
     /// As `projections_mut`, read-only.

@@ -10,7 +10,7 @@ pub mod weights;
 pub use bert::{BertEncoder, EncoderOutput, Outputs};
 pub use config::BertConfig;
 
-use crate::quant::{QLinear, QuantManifest, Scheme};
+use crate::quant::{QEmbedding, QLinear, QuantManifest, Scheme};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::{self, Module};
@@ -250,7 +250,11 @@ impl TaskModel {
                 w.numel() as i64 + w.size()[0]
             })
             .sum();
-        float + quantized
+        let table = self
+            .encoder
+            .word_embeddings_q()
+            .map_or(0, |q| q.q.numel() as i64);
+        float + quantized + table
     }
 
     /// Every linear layer that quantization may replace, with its variable
@@ -290,6 +294,9 @@ impl TaskModel {
                     p.q = Some(q);
                     dropped.push(take_float(&name, p));
                 }
+                let (word, word_q) = self.encoder.word_embeddings_mut();
+                *word_q = Some(QEmbedding::new(&word.ws));
+                dropped.push(take_table(WORD_EMBEDDINGS, word));
                 forget(&self.vs, &dropped);
             }
         }
@@ -322,6 +329,14 @@ impl TaskModel {
             tensors.retain(|n, _| !n.starts_with(&format!("{stored}.")));
         }
         drop(projs);
+        if m.int8_word_embeddings {
+            let stored = format!("{prefix}{WORD_EMBEDDINGS}");
+            let q = QEmbedding::from_stored(tensors, &stored, device)?;
+            tensors.retain(|n, _| !n.starts_with(&format!("{stored}.")));
+            let (word, word_q) = self.encoder.word_embeddings_mut();
+            *word_q = Some(q);
+            dropped.push(take_table(WORD_EMBEDDINGS, word));
+        }
         forget(&self.vs, &dropped);
         Ok(())
     }
@@ -370,6 +385,9 @@ impl TaskModel {
                 vars.extend(q.stored(&name));
             }
         }
+        if let Some(q) = self.encoder.word_embeddings_q() {
+            vars.extend(q.stored(WORD_EMBEDDINGS));
+        }
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars.into_iter()
             .map(|(n, t)| match self.task {
@@ -392,6 +410,7 @@ impl TaskModel {
             version: crate::quant::MANIFEST_VERSION,
             scheme,
             layers,
+            int8_word_embeddings: self.encoder.word_embeddings_q().is_some(),
         })
     }
 
@@ -414,6 +433,17 @@ fn take_float(name: &str, p: &mut bert::Proj) -> Dropped {
     ptrs.extend(p.lin.bs.as_ref().map(|b| b.data_ptr() as usize));
     p.lin.ws = Tensor::zeros([0], (Kind::Float, p.lin.ws.device()));
     p.lin.bs = None;
+    Dropped {
+        name: name.to_string(),
+        ptrs,
+    }
+}
+
+const WORD_EMBEDDINGS: &str = "embeddings.word_embeddings";
+
+fn take_table(name: &str, e: &mut nn::Embedding) -> Dropped {
+    let ptrs = vec![e.ws.data_ptr() as usize];
+    e.ws = Tensor::zeros([0], (Kind::Float, e.ws.device()));
     Dropped {
         name: name.to_string(),
         ptrs,
