@@ -284,8 +284,8 @@ async fn workers_killed_and_frozen_mid_labelling_still_give_one_exact_signal() {
     assert_eq!(committed(&done), total);
     assert_eq!(
         done.outputs.len(),
-        3,
-        "student, report.json, report.md: {done:?}"
+        6,
+        "student, report.json, report.md, two plots, the chosen variant: {done:?}"
     );
     for o in &done.outputs {
         assert!(Path::new(o).exists(), "{o} exists");
@@ -507,7 +507,7 @@ async fn a_worker_waits_for_its_coordinator_and_sigterm_gives_training_back() {
         j.state == pb::JobState::Succeeded as i32
     })
     .await;
-    assert_eq!(done.outputs.len(), 3);
+    assert_eq!(done.outputs.len(), 6, "{done:?}");
     let late = std::fs::read_to_string(dir.join("late.log")).unwrap();
     assert!(
         !late.contains("distill: step 1/600 "),

@@ -73,6 +73,15 @@ pub fn fbgemm_available() -> bool {
     unsafe { distill_fbgemm_available() == 1 }
 }
 
+/// Whether this machine's CPU has any of `flags` (`/proc/cpuinfo`).
+fn cpu_flags(flags: &[&str]) -> bool {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("flags"))
+        .take(1)
+        .any(|l| l.split_whitespace().any(|f| flags.contains(&f)))
+}
+
 /// A quantization scheme for the student.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "format", rename_all = "snake_case")]
@@ -102,8 +111,11 @@ impl Scheme {
             (Scheme::Int8Dynamic, Device::Cpu) => fbgemm_available(),
             (Scheme::Int8Dynamic, _) => false,
             (Scheme::Fp16 | Scheme::Bf16, Device::Cuda(_)) => true,
-            (Scheme::Bf16, Device::Cpu) => true,
-            (Scheme::Fp16, _) => false,
+            // Reduced-precision dense kernels are fast on a CPU only with
+            // the instructions for them; without, libtorch converts.
+            (Scheme::Bf16, Device::Cpu) => cpu_flags(&["avx512_bf16", "amx_bf16"]),
+            (Scheme::Fp16, Device::Cpu) => cpu_flags(&["avx512_fp16", "amx_fp16"]),
+            (Scheme::Fp16 | Scheme::Bf16, _) => false,
             (Scheme::Int8WeightOnly | Scheme::Int4 { .. }, Device::Cpu) => true,
             (Scheme::Int4 { .. }, Device::Cuda(_)) => true,
             _ => false,

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | teacher signal `[start, end)` | `signal/<key>/{signal.safetensors, manifest.json}` (`crate::signal`; the key is the content address, so a resubmitted job finds it) | the manifest and its sha256; `reused` when it was already there and verified |
 //! | train | `jobs/<job>/student-ckpt/` (checkpoints, resumable by any worker), `jobs/<job>/teacher/` (when fine-tuned), `jobs/<job>/student/` (the exported student) | `student/model.safetensors` and its sha256 |
-//! | evaluate | `jobs/<job>/report.json`, `report.md` | `report.json` and its sha256 |
+//! | evaluate (+ quantize, gate) | `jobs/<job>/report.json`, `report.md`, plots, `quantized/<format>/` | `report.json` and its sha256 |
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -310,17 +310,20 @@ fn evaluate(
     if control.stop.load(Ordering::Relaxed) {
         return Err(Error::Stopped);
     }
-    pipeline::evaluate(spec, &p, &teacher, &student, None, job_dir, started, &[])?;
+    let r = pipeline::evaluate(spec, &p, &teacher, &student, None, job_dir, started, &[])?;
     let report = job_dir.join("report.json");
+    let mut outputs = vec![
+        report.display().to_string(),
+        job_dir.join("report.md").display().to_string(),
+    ];
+    outputs.extend(r.plots.iter().map(|p| job_dir.join(p).display().to_string()));
+    outputs.extend(r.chosen_dir.iter().map(|d| d.display().to_string()));
     Ok(pb::TaskSuccess {
         manifest_sha256: signal::sha256_path(&report)?,
         manifest_uri: report.display().to_string(),
         samples: 0,
         reused: false,
-        outputs: vec![
-            report.display().to_string(),
-            job_dir.join("report.md").display().to_string(),
-        ],
+        outputs,
     })
 }
 
