@@ -34,6 +34,8 @@ pub struct RawSpec {
 pub struct RawTeacher {
     pub path: Option<String>,
     pub fine_tune: Option<bool>,
+    pub epochs: Option<i64>,
+    pub learning_rate: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -49,6 +49,12 @@ pub struct Teacher {
     /// A Hugging Face model directory or an object-store URI.
     pub path: String,
     pub fine_tune: bool,
+    /// Epochs of teacher fine-tuning (its own budget, independent of
+    /// `[training]`); the best dev checkpoint is kept.
+    pub epochs: u32,
+    /// Peak learning rate of teacher fine-tuning (`None`: training.learning_rate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -132,6 +132,8 @@ pub(crate) fn validate(raw: RawSpec) -> Result<JobSpec, Vec<FieldError>> {
             Teacher {
                 path: String::new(),
                 fine_tune: false,
+                epochs: 2,
+                learning_rate: None,
             }
         }
         Some(t) => {
@@ -147,9 +149,21 @@ pub(crate) fn validate(raw: RawSpec) -> Result<JobSpec, Vec<FieldError>> {
                     String::new()
                 }
             };
+            let epochs = c.int("teacher.epochs", t.epochs, 2u32, 1, 1000);
+            let learning_rate = t.learning_rate.map(|lr| {
+                c.float("teacher.learning_rate", Some(lr), 5e-5, |x| x > 0.0 && x < 1.0, "in (0, 1)")
+            });
+            if !t.fine_tune.unwrap_or(false) && (t.epochs.is_some() || t.learning_rate.is_some()) {
+                c.err(
+                    "teacher.epochs",
+                    "teacher.epochs and teacher.learning_rate apply only with teacher.fine_tune = true",
+                );
+            }
             Teacher {
                 path,
                 fine_tune: t.fine_tune.unwrap_or(false),
+                epochs,
+                learning_rate,
             }
         }
     };

@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// CPU threads for libtorch (at least 1; default: libtorch's choice).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub threads: Option<i32>,
+    /// Override training.seed (the job's one seed: data order, fresh
+    /// parameters, dropout); scripts/seeds.sh runs a job over several.
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 fn load(spec: &PathBuf) -> anyhow::Result<distill_spec::JobSpec> {
@@ -33,7 +37,10 @@ fn load(spec: &PathBuf) -> anyhow::Result<distill_spec::JobSpec> {
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    let spec = load(&a.spec)?;
+    let mut spec = load(&a.spec)?;
+    if let Some(seed) = a.seed {
+        spec.training.seed = seed;
+    }
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
     }

@@ -414,8 +414,15 @@ pub fn teacher(
             .ok_or_else(|| Error::Invalid("teacher.fine_tune: needs data.train".into()))?;
         tch::manual_seed(spec.training.seed as i64);
         let mut teacher = TaskModel::load(&p.teacher_dir, task, Some(labels), device)?;
+        // The teacher's own budget: teacher.epochs over the labelled data
+        // at teacher.learning_rate (warmup and schedule as [training]).
         let mut cfg = train_config(spec, train.examples.len(), vec![]);
         cfg.weights = task_only();
+        let per_step = (cfg.batch_size * cfg.grad_accum) as u64;
+        cfg.total_steps =
+            (train.examples.len() as u64).div_ceil(per_step) * spec.teacher.epochs as u64;
+        cfg.warmup_steps = (spec.training.warmup_ratio * cfg.total_steps as f64).round() as u64;
+        cfg.learning_rate = spec.teacher.learning_rate.unwrap_or(spec.training.learning_rate);
         let data = TrainData {
             examples: train.examples.clone(),
             labels: train.labels.clone(),

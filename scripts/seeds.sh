@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Quality over seeds: runs a job once per seed (1..N, `distill run --seed`,
+# with the labels-only baseline) into runs/<name>-seed<K>/ and prints, for
+# each model, the mean ± sample standard deviation of its test metric, the
+# retention (student / teacher), the gain of the distilled student over
+# labels-only, and on how many seeds the distilled student won. Re-running
+# resumes or reuses finished runs. Report figures come from here, not from
+# single runs.
+#   scripts/seeds.sh JOB.toml [N=3] [extra distill run args...]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+job=${1:?usage: scripts/seeds.sh JOB.toml [N] [distill run args...]}
+n=${2:-3}
+shift $(( $# >= 2 ? 2 : 1 ))
+bin=target/release/distill
+[ -x "$bin" ] || cargo build --release --bin distill
+name=$(.venv/bin/python -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("name", "job"))' "$job")
+mkdir -p runs
+reports=()
+for seed in $(seq 1 "$n"); do
+  out=runs/$name-seed$seed
+  if [ ! -e "$out/report.json" ]; then
+    echo "seeds: $job seed $seed → $out" >&2
+    "$bin" run "$job" --seed "$seed" --baseline --output "$out" "$@" > "$out.log" 2>&1 \
+      || { echo "seeds: seed $seed failed, see $out.log" >&2; exit 1; }
+  fi
+  reports+=("$out/report.json")
+done
+python3 - "${reports[@]}" <<'PY'
+import json, statistics, sys
+rs = [json.load(open(p)) for p in sys.argv[1:]]
+def ms(xs):
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.4f} ± {sd:.4f}"
+name = rs[0]["metric_name"]
+rows = [("teacher", [r["teacher"]["metric"] for r in rs]),
+        ("student (distilled)", [r["student"]["metric"] for r in rs])]
+if all(r.get("baseline") for r in rs):
+    rows.append(("student (labels only)", [r["baseline"]["metric"] for r in rs]))
+print(f"\n{len(rs)} seeds, test {name}, mean ± sd")
+for label, xs in rows:
+    print(f"  {label:24s} {ms(xs)}   per seed: {', '.join(f'{x:.4f}' for x in xs)}")
+ret = [100 * r["retention"] for r in rs]
+print(f"  {'retention %':24s} {statistics.mean(ret):.2f} ± {statistics.stdev(ret) if len(ret) > 1 else 0:.2f}")
+if len(rows) == 3:
+    gain = [100 * (s - b) for s, b in zip(rows[1][1], rows[2][1])]
+    wins = sum(g > 0 for g in gain)
+    print(f"  {'gain over labels-only':24s} {statistics.mean(gain):+.2f} ± {statistics.stdev(gain) if len(gain) > 1 else 0:.2f} points, distilled ahead on {wins}/{len(gain)} seeds")
+f1 = [r["student"].get("macro_f1") for r in rs]
+if all(x is not None for x in f1):
+    print(f"  {'student macro-F1':24s} {ms(f1)}")
+PY
