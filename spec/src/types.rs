@@ -50,7 +50,8 @@ pub struct Teacher {
     pub path: String,
     pub fine_tune: bool,
     /// Epochs of teacher fine-tuning (its own budget, independent of
-    /// `[training]`); the best dev checkpoint is kept.
+    /// `[training]`); the best dev checkpoint is kept. Ignored unless
+    /// `fine_tune`.
     pub epochs: u32,
     /// Peak learning rate of teacher fine-tuning (`None`: training.learning_rate).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -153,12 +153,6 @@ pub(crate) fn validate(raw: RawSpec) -> Result<JobSpec, Vec<FieldError>> {
             let learning_rate = t.learning_rate.map(|lr| {
                 c.float("teacher.learning_rate", Some(lr), 5e-5, |x| x > 0.0 && x < 1.0, "in (0, 1)")
             });
-            if !t.fine_tune.unwrap_or(false) && (t.epochs.is_some() || t.learning_rate.is_some()) {
-                c.err(
-                    "teacher.epochs",
-                    "teacher.epochs and teacher.learning_rate apply only with teacher.fine_tune = true",
-                );
-            }
             Teacher {
                 path,
                 fine_tune: t.fine_tune.unwrap_or(false),

@@ -429,3 +429,28 @@ fn job_names_are_safe_path_components() {
         );
     }
 }
+
+#[test]
+fn quantization_and_teacher_budget_fields_are_checked() {
+    let spec = from_toml_str(MINIMAL).unwrap();
+    assert_eq!(spec.quantization.hardware, Hardware::Cpu);
+    assert_eq!(spec.quantization.group_size, 32);
+    assert!(!spec.quantization.keep_all);
+    assert_eq!(spec.teacher.epochs, 2);
+    assert_eq!(spec.teacher.learning_rate, None);
+    // "gpu" is the same target as "nvidia_gpu"; "int8" is its INT8.
+    let gpu = from_toml_str(&format!("{MINIMAL}[quantization]\nhardware = \"gpu\"\nformats = [\"int8\"]\n")).unwrap();
+    assert_eq!(gpu.quantization.hardware, Hardware::NvidiaGpu);
+    let e = one_error(&format!(
+        "{MINIMAL}[quantization]\nhardware = \"nvidia_gpu\"\nformats = [\"int8_dynamic\"]\n"
+    ));
+    assert_eq!(e.field, "quantization.formats[0]", "{e}");
+    let e = one_error(&format!("{MINIMAL}[quantization]\ngroup_size = 48\n"));
+    assert_eq!(e.field, "quantization.group_size", "{e}");
+    let ok = from_toml_str(&MINIMAL.replace(
+        "path = \"models/teacher\"",
+        "path = \"models/teacher\"\nfine_tune = true\nepochs = 3\nlearning_rate = 2e-5",
+    ))
+    .unwrap();
+    assert_eq!((ok.teacher.epochs, ok.teacher.learning_rate), (3, Some(2e-5)));
+}
