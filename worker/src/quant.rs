@@ -13,10 +13,10 @@
 //! word-embedding table as int8 rows (`QEmbedding`); position and
 //! token-type embeddings, layer norms and the classifier stay fp32. The
 //! full description is `docs/quantization.md`. Per-channel INT8 on FBGEMM: the
-//! kernel takes one weight scale, so it runs with scale 1 and the
-//! per-channel scales are applied to its output (`bias + y · s`, one fused
-//! `addcmul`), which is exact because the scale of output channel `n`
-//! multiplies only column `n`.
+//! kernel takes one weight scale, so it runs with scale 1 and bias `b/s`,
+//! and the per-channel scales are applied to its output in place
+//! (`(x·qᵀ + b/s)·s = x·(q·s)ᵀ + b`), which is exact because the scale of
+//! output channel `n` multiplies only column `n`.
 //!
 //! Storage (see `save`): the float tensors as in a Hugging Face checkpoint,
 //! plus per quantized layer `NAME.qweight` (int8 `[out, in]`, or for int4
@@ -203,7 +203,8 @@ pub enum QLinear {
         bias: Tensor,
         packed: Tensor,
         col_offsets: Tensor,
-        zero_bias: Tensor,
+        /// `bias / scales`, what the kernel adds before the scales.
+        bias_over_scales: Tensor,
     },
     Int8WeightOnly {
         q: Tensor,
@@ -273,14 +274,16 @@ impl QLinear {
                 };
                 let packed = shim_result(raw, &err, "fbgemm_pack_quantized_matrix")?;
                 let col_offsets = q.sum_dim_intlist(1, false, Kind::Int).to_kind(Kind::Int);
-                let zero_bias = bias.zeros_like();
+                // The kernel adds this before the per-channel scale is
+                // applied in place: (x·qᵀ + b/s)·s = x·(q·s)ᵀ + b.
+                let bias_over_scales = &bias / &scales;
                 Ok(QLinear::Int8Dynamic {
                     q,
                     scales,
                     bias,
                     packed,
                     col_offsets,
-                    zero_bias,
+                    bias_over_scales,
                 })
             }
             _ => {
@@ -335,7 +338,7 @@ impl QLinear {
                 bias,
                 packed,
                 col_offsets,
-                zero_bias,
+                bias_over_scales,
             } => {
                 let x2 = x2.to_kind(Kind::Float).contiguous();
                 let mut err = [0u8; ERRLEN];
@@ -349,14 +352,16 @@ impl QLinear {
                         col_offsets.as_ptr(),
                         1.0,
                         0,
-                        zero_bias.as_ptr(),
+                        bias_over_scales.as_ptr(),
                         err.as_mut_ptr() as *mut c_char,
                         ERRLEN as c_int,
                     )
                 };
-                let y = shim_result(raw, &err, "fbgemm_linear_int8_weight_fp32_activation")
+                let mut y = shim_result(raw, &err, "fbgemm_linear_int8_weight_fp32_activation")
                     .unwrap_or_else(|e| panic!("{e}"));
-                bias.addcmul(&y, scales)
+                let _ = bias;
+                let _ = y.g_mul_(scales);
+                y
             }
             QLinear::Int8WeightOnly {
                 q,
