@@ -21,35 +21,24 @@ fn main() {
         .to_path_buf();
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/autocast.cpp")
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag_if_supported("-w")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .compile("distill_autocast");
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/quant.cpp")
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag_if_supported("-w")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .compile("distill_quant");
+    // One C++ shim per concern, each against libtorch's headers.
+    let shim = |file: &str| {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .file(file)
+            .include(root.join("include"))
+            .include(root.join("include/torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag_if_supported("-w")
+            .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str());
+        b
+    };
+    shim("csrc/autocast.cpp").compile("distill_autocast");
+    shim("csrc/quant.cpp").compile("distill_quant");
     if !std::path::Path::new("/usr/include/gloo/config.h").exists() {
         panic!("gloo's headers are missing (/usr/include/gloo): run scripts/setup.sh, or apt-get install libgloo-dev");
     }
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/collective.cpp")
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag_if_supported("-w")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+    shim("csrc/collective.cpp")
         .define("USE_C10D_GLOO", None)
         .define("USE_DISTRIBUTED", None)
         .compile("distill_collective");

@@ -412,8 +412,8 @@ pub fn teacher(
             .labelled
             .as_ref()
             .ok_or_else(|| Error::Invalid("teacher.fine_tune: needs data.train".into()))?;
-        tch::manual_seed(spec.training.seed as i64);
-        let mut teacher = TaskModel::load(&p.teacher_dir, task, Some(labels), device)?;
+        let mut teacher =
+            TaskModel::load_seeded(&p.teacher_dir, task, Some(labels), device, spec.training.seed)?;
         // The teacher's own budget: teacher.epochs over the labelled data
         // at teacher.learning_rate (warmup and schedule as [training]).
         let mut cfg = train_config(spec, train.examples.len(), vec![]);
@@ -463,12 +463,12 @@ pub fn teacher(
 /// head, say) is initialised from the job seed, so every worker and every
 /// run builds the same teacher.
 pub fn load_teacher(spec: &JobSpec, p: &Prepared, device: Device) -> Result<TaskModel> {
-    tch::manual_seed(spec.training.seed as i64);
-    TaskModel::load(
+    TaskModel::load_seeded(
         &p.teacher_dir,
         p.task,
         (!p.labels.is_empty()).then(|| p.labels.clone()),
         device,
+        spec.training.seed,
     )
 }
 
@@ -509,8 +509,13 @@ impl StudentPlan {
         teacher: &TaskModel,
         device: Device,
     ) -> Result<TaskModel> {
-        tch::manual_seed(spec.training.seed as i64);
-        let mut s = TaskModel::new(&self.config, p.task, p.labels.clone(), device)?;
+        let mut s = TaskModel::new_seeded(
+            &self.config,
+            p.task,
+            p.labels.clone(),
+            device,
+            spec.training.seed,
+        )?;
         s.normalize = teacher.normalize;
         if spec.student.init == StudentInit::Teacher {
             init_from_teacher(&mut s, teacher, &self.layer_map)?;
@@ -652,6 +657,20 @@ fn latency_batches(spec: &JobSpec) -> Vec<u32> {
     v
 }
 
+/// The job's test split, measured the way its report measures.
+fn bench<'a>(spec: &JobSpec, p: &'a Prepared) -> Bench<'a> {
+    Bench {
+        tok: &p.tok,
+        examples: &p.test.examples,
+        labels: &p.test.labels,
+        n_labels: p.labels.len(),
+        task: p.task,
+        batch_sizes: latency_batches(spec),
+        iters: spec.evaluation.latency_iters,
+        teacher_out: None,
+    }
+}
+
 /// Evaluates teacher and student on the test split, quantizes the student
 /// to the spec's formats (`crate::quant`) and evaluates each variant, runs
 /// the quality gate, and writes `out/report.json`, `out/report.md` and the
@@ -672,16 +691,7 @@ pub fn evaluate(
 ) -> Result<Report> {
     let t_eval = Instant::now();
     let batches = latency_batches(spec);
-    let mut bench = Bench {
-        tok: &p.tok,
-        examples: &p.test.examples,
-        labels: &p.test.labels,
-        n_labels: p.labels.len(),
-        task: p.task,
-        batch_sizes: batches.clone(),
-        iters: spec.evaluation.latency_iters,
-        teacher_out: None,
-    };
+    let mut bench = bench(spec, p);
     let device = student.device();
     eprintln!("evaluate: teacher and fp32 student on {} test examples", p.test.examples.len());
     let tm = bench.measure(teacher, Some(&served_teacher_dir(p, out)))?;
@@ -985,16 +995,7 @@ pub fn evaluate_dirs(
 ) -> Result<Vec<(String, ModelReport)>> {
     let p = prepare(spec)?;
     let labels = (!p.labels.is_empty()).then(|| p.labels.clone());
-    let mut bench = Bench {
-        tok: &p.tok,
-        examples: &p.test.examples,
-        labels: &p.test.labels,
-        n_labels: p.labels.len(),
-        task: p.task,
-        batch_sizes: latency_batches(spec),
-        iters: spec.evaluation.latency_iters,
-        teacher_out: None,
-    };
+    let mut bench = bench(spec, &p);
     let teacher = TaskModel::load(teacher_dir, p.task, labels.clone(), device)?;
     let mut rows = vec![(
         format!("teacher {}", teacher_dir.display()),

@@ -165,7 +165,6 @@ impl<'a> Trainer<'a> {
                 ));
             }
         }
-        tch::manual_seed(cfg.seed as i64);
         let aux = nn::VarStore::new(student.device());
         let offline = teacher.is_none() && offline_width.is_some();
         let hs = student.config().hidden_size;
@@ -174,13 +173,19 @@ impl<'a> Trainer<'a> {
             .or(offline_width)
             .unwrap_or(hs);
         let on = |t: Term| cfg.weights[t as usize] != TermWeight::Fixed(0.0);
-        let proj_hidden = (teacher.is_some() && on(Term::Hidden) && hs != ht)
-            .then(|| nn::linear(aux.root() / "proj_hidden", hs, ht, Default::default()));
+        // Each projection from a generator seeded by the job seed and its
+        // name (libtorch's default linear init).
+        let seeded_linear = |name: &str| {
+            tch::manual_seed(crate::model::name_seed(cfg.seed, &format!("aux.{name}")) as i64);
+            nn::linear(aux.root() / name, hs, ht, Default::default())
+        };
+        let proj_hidden =
+            (teacher.is_some() && on(Term::Hidden) && hs != ht).then(|| seeded_linear("proj_hidden"));
         let proj_embedding = ((teacher.is_some() || offline)
             && on(Term::Embedding)
             && student.task == Task::Embedding
             && hs != ht)
-            .then(|| nn::linear(aux.root() / "proj_embedding", hs, ht, Default::default()));
+            .then(|| seeded_linear("proj_embedding"));
         let mut params: Vec<(String, Tensor)> = student
             .vs
             .variables()

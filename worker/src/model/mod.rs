@@ -137,6 +137,20 @@ impl TaskModel {
         })
     }
 
+    /// [`TaskModel::new`] with every variable initialised by
+    /// [`init_by_name`] from `seed`.
+    pub fn new_seeded(
+        config: &BertConfig,
+        task: Task,
+        labels: Vec<String>,
+        device: Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let m = TaskModel::new(config, task, labels, device)?;
+        init_by_name(&m.vs, seed, config.initializer_range);
+        Ok(m)
+    }
+
     /// Load a Hugging Face model directory. For classification, the labels
     /// come from `config.json` (`id2label`/`num_labels`) unless `labels` is
     /// given; a checkpoint without a classifier (a plain encoder to be
@@ -147,6 +161,18 @@ impl TaskModel {
         task: Task,
         labels: Option<Vec<String>>,
         device: Device,
+    ) -> Result<Self> {
+        Self::load_seeded(dir, task, labels, device, 0)
+    }
+
+    /// [`TaskModel::load`], where any parameter the directory lacks (a new
+    /// classifier head) is initialised by name from `seed`.
+    pub fn load_seeded(
+        dir: &Path,
+        task: Task,
+        labels: Option<Vec<String>>,
+        device: Device,
+        seed: u64,
     ) -> Result<Self> {
         let config = BertConfig::from_dir(dir)?;
         let files = weights::weight_files(dir)?;
@@ -185,7 +211,7 @@ impl TaskModel {
                 l
             }
         };
-        let mut model = TaskModel::new(&config, task, labels, device)?;
+        let mut model = TaskModel::new_seeded(&config, task, labels, device, seed)?;
         let mut optional = vec!["pooler."];
         let head_fits = model
             .classifier
@@ -461,6 +487,68 @@ fn forget(vs: &nn::VarStore, dropped: &[Dropped]) {
         dropped.iter().flat_map(|d| d.ptrs.iter().copied()).collect();
     v.trainable_variables
         .retain(|t| !gone.contains(&(t.tensor.data_ptr() as usize)));
+}
+
+/// A stable 64-bit seed for variable `name` of a model seeded with `seed`
+/// (FNV-1a over the name, mixed with the seed).
+pub fn name_seed(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// `n` draws from N(0, std) from a generator seeded with `seed`
+/// (splitmix64 + Box-Muller): the same values on every machine, thread
+/// and libtorch version.
+fn normal(seed: u64, n: usize, std: f64) -> Vec<f32> {
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let (u1, u2) = (next().max(f64::MIN_POSITIVE), next());
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let t = std::f64::consts::TAU * u2;
+        out.push((r * t.cos()) as f32);
+        out.push((r * t.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+/// Initialises every variable of `vs` as Hugging Face's BERT does
+/// (weights and embeddings N(0, `range`), biases 0, layer-norm scales 1),
+/// each from a generator seeded by `seed` and the variable's name: a fresh
+/// parameter's values depend on the job seed and its name only — not on
+/// the global random state, nor on how many parameters were made before
+/// it, nor on the thread.
+pub fn init_by_name(vs: &nn::VarStore, seed: u64, range: f64) {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (name, mut t) in vars {
+            if name.ends_with("LayerNorm.weight") {
+                let _ = t.fill_(1.0);
+            } else if name.ends_with(".bias") || name.ends_with("LayerNorm.bias") {
+                let _ = t.zero_();
+            } else {
+                let v = normal(name_seed(seed, &name), t.numel(), range);
+                let src = Tensor::from_slice(&v)
+                    .reshape(t.size())
+                    .to_kind(t.kind())
+                    .to_device(t.device());
+                t.copy_(&src);
+            }
+        }
+    });
 }
 
 /// The `quantization.json` of a model directory, if it has one.
