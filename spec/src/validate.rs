@@ -151,7 +151,13 @@ pub(crate) fn validate(raw: RawSpec) -> Result<JobSpec, Vec<FieldError>> {
             };
             let epochs = c.int("teacher.epochs", t.epochs, 2u32, 1, 1000);
             let learning_rate = t.learning_rate.map(|lr| {
-                c.float("teacher.learning_rate", Some(lr), 5e-5, |x| x > 0.0 && x < 1.0, "in (0, 1)")
+                c.float(
+                    "teacher.learning_rate",
+                    Some(lr),
+                    5e-5,
+                    |x| x > 0.0 && x < 1.0,
+                    "in (0, 1)",
+                )
             });
             Teacher {
                 path,

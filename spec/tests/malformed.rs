@@ -439,7 +439,10 @@ fn quantization_and_teacher_budget_fields_are_checked() {
     assert_eq!(spec.teacher.epochs, 2);
     assert_eq!(spec.teacher.learning_rate, None);
     // "gpu" is the same target as "nvidia_gpu"; "int8" is its INT8.
-    let gpu = from_toml_str(&format!("{MINIMAL}[quantization]\nhardware = \"gpu\"\nformats = [\"int8\"]\n")).unwrap();
+    let gpu = from_toml_str(&format!(
+        "{MINIMAL}[quantization]\nhardware = \"gpu\"\nformats = [\"int8\"]\n"
+    ))
+    .unwrap();
     assert_eq!(gpu.quantization.hardware, Hardware::NvidiaGpu);
     let e = one_error(&format!(
         "{MINIMAL}[quantization]\nhardware = \"nvidia_gpu\"\nformats = [\"int8_dynamic\"]\n"
@@ -452,5 +455,8 @@ fn quantization_and_teacher_budget_fields_are_checked() {
         "path = \"models/teacher\"\nfine_tune = true\nepochs = 3\nlearning_rate = 2e-5",
     ))
     .unwrap();
-    assert_eq!((ok.teacher.epochs, ok.teacher.learning_rate), (3, Some(2e-5)));
+    assert_eq!(
+        (ok.teacher.epochs, ok.teacher.learning_rate),
+        (3, Some(2e-5))
+    );
 }

@@ -412,8 +412,13 @@ pub fn teacher(
             .labelled
             .as_ref()
             .ok_or_else(|| Error::Invalid("teacher.fine_tune: needs data.train".into()))?;
-        let mut teacher =
-            TaskModel::load_seeded(&p.teacher_dir, task, Some(labels), device, spec.training.seed)?;
+        let mut teacher = TaskModel::load_seeded(
+            &p.teacher_dir,
+            task,
+            Some(labels),
+            device,
+            spec.training.seed,
+        )?;
         // The teacher's own budget: teacher.epochs over the labelled data
         // at teacher.learning_rate (warmup and schedule as [training]).
         let mut cfg = train_config(spec, train.examples.len(), vec![]);
@@ -422,7 +427,10 @@ pub fn teacher(
         cfg.total_steps =
             (train.examples.len() as u64).div_ceil(per_step) * spec.teacher.epochs as u64;
         cfg.warmup_steps = (spec.training.warmup_ratio * cfg.total_steps as f64).round() as u64;
-        cfg.learning_rate = spec.teacher.learning_rate.unwrap_or(spec.training.learning_rate);
+        cfg.learning_rate = spec
+            .teacher
+            .learning_rate
+            .unwrap_or(spec.training.learning_rate);
         let data = TrainData {
             examples: train.examples.clone(),
             labels: train.labels.clone(),
@@ -693,7 +701,10 @@ pub fn evaluate(
     let batches = latency_batches(spec);
     let mut bench = bench(spec, p);
     let device = student.device();
-    eprintln!("evaluate: teacher and fp32 student on {} test examples", p.test.examples.len());
+    eprintln!(
+        "evaluate: teacher and fp32 student on {} test examples",
+        p.test.examples.len()
+    );
     let tm = bench.measure(teacher, Some(&served_teacher_dir(p, out)))?;
     let student_dir = out.join("student");
     let sm = bench.measure(student, Some(&student_dir))?;

@@ -72,7 +72,10 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
     if spec.quantization.formats != distill_spec::QuantFormats::Auto {
         for sch in &schemes {
             if let crate::quant::Scheme::Int4 { group_size } = sch {
-                for (what, k) in [("hidden_size", s.hidden_size), ("intermediate_size", s.intermediate_size)] {
+                for (what, k) in [
+                    ("hidden_size", s.hidden_size),
+                    ("intermediate_size", s.intermediate_size),
+                ] {
                     if k % group_size != 0 {
                         return Err(Error::Invalid(format!(
                             "quantization.group_size: {group_size} does not divide the student's {what} {k}; int4 needs it to"

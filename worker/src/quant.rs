@@ -176,7 +176,9 @@ pub fn quantize_int4(w: &Tensor, group: i64) -> Result<(Tensor, Tensor)> {
         .clamp(0, 15)
         .to_kind(Kind::Int)
         .view([n, k]);
-    let sz = Tensor::stack(&[scale, zero], -1).transpose(0, 1).contiguous();
+    let sz = Tensor::stack(&[scale, zero], -1)
+        .transpose(0, 1)
+        .contiguous();
     Ok((codes, sz))
 }
 
@@ -257,8 +259,18 @@ impl QLinear {
         }
     }
 
-    fn int8(q: Tensor, scales: Tensor, bias: Tensor, scheme: Scheme, device: Device) -> Result<Self> {
-        let (q, scales, bias) = (q.to_device(device), scales.to_device(device), bias.to_device(device));
+    fn int8(
+        q: Tensor,
+        scales: Tensor,
+        bias: Tensor,
+        scheme: Scheme,
+        device: Device,
+    ) -> Result<Self> {
+        let (q, scales, bias) = (
+            q.to_device(device),
+            scales.to_device(device),
+            bias.to_device(device),
+        );
         match scheme {
             Scheme::Int8Dynamic => {
                 if device != Device::Cpu || !fbgemm_available() {
@@ -270,7 +282,11 @@ impl QLinear {
                 let mut err = [0u8; ERRLEN];
                 // SAFETY: `q` outlives the call; the shim copies what it keeps.
                 let raw = unsafe {
-                    distill_fbgemm_pack(q.as_ptr(), err.as_mut_ptr() as *mut c_char, ERRLEN as c_int)
+                    distill_fbgemm_pack(
+                        q.as_ptr(),
+                        err.as_mut_ptr() as *mut c_char,
+                        ERRLEN as c_int,
+                    )
                 };
                 let packed = shim_result(raw, &err, "fbgemm_pack_quantized_matrix")?;
                 let col_offsets = q.sum_dim_intlist(1, false, Kind::Int).to_kind(Kind::Int);
@@ -298,11 +314,19 @@ impl QLinear {
         }
     }
 
-    fn int4(nibbles: Tensor, scales_zeros: Tensor, bias: Tensor, group: i64, device: Device) -> Result<Self> {
+    fn int4(
+        nibbles: Tensor,
+        scales_zeros: Tensor,
+        bias: Tensor,
+        group: i64,
+        device: Device,
+    ) -> Result<Self> {
         let codes = unpack_nibbles(&nibbles);
         let (packed, sz) = match device {
             Device::Cpu => (
-                codes.contiguous().f_internal_convert_weight_to_int4pack_for_cpu(1)?,
+                codes
+                    .contiguous()
+                    .f_internal_convert_weight_to_int4pack_for_cpu(1)?,
                 scales_zeros.to_kind(Kind::BFloat16),
             ),
             // libtorch's CUDA int4 kernel wants the codes two per byte with
@@ -468,7 +492,9 @@ impl QLinear {
             tensors
                 .get(&format!("{name}.{suffix}"))
                 .map(|t| t.shallow_clone())
-                .ok_or_else(|| Error::Invalid(format!("quantized layer {name}: no {name}.{suffix} tensor")))
+                .ok_or_else(|| {
+                    Error::Invalid(format!("quantized layer {name}: no {name}.{suffix} tensor"))
+                })
         };
         let (qweight, bias) = (get("qweight")?, get("bias")?);
         match scheme {
@@ -482,7 +508,13 @@ impl QLinear {
                         scales.size()
                     )));
                 }
-                Self::int8(qweight, scales.to_kind(Kind::Float), bias.to_kind(Kind::Float), scheme, device)
+                Self::int8(
+                    qweight,
+                    scales.to_kind(Kind::Float),
+                    bias.to_kind(Kind::Float),
+                    scheme,
+                    device,
+                )
             }
             Scheme::Int4 { group_size } => {
                 let sz = get("scales_zeros")?;
@@ -495,7 +527,13 @@ impl QLinear {
                         sz.size()
                     )));
                 }
-                Self::int4(qweight, sz.to_kind(Kind::Float), bias.to_kind(Kind::Float), group_size, device)
+                Self::int4(
+                    qweight,
+                    sz.to_kind(Kind::Float),
+                    bias.to_kind(Kind::Float),
+                    group_size,
+                    device,
+                )
             }
             Scheme::Fp16 | Scheme::Bf16 => Err(Error::Invalid(format!(
                 "quantized layer {name}: {} has no per-layer tensors",
@@ -538,7 +576,11 @@ impl QEmbedding {
         ]
     }
 
-    pub fn from_stored(tensors: &BTreeMap<String, Tensor>, name: &str, device: Device) -> Result<Self> {
+    pub fn from_stored(
+        tensors: &BTreeMap<String, Tensor>,
+        name: &str,
+        device: Device,
+    ) -> Result<Self> {
         let q = tensors.get(&format!("{name}.qweight"));
         let s = tensors.get(&format!("{name}.scales"));
         match (q, s) {

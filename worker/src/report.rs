@@ -147,7 +147,11 @@ pub struct Report {
 pub fn classification_metrics(pred: &[i64], gold: &[i64], n_labels: usize) -> (f64, f64) {
     let n = gold.len().max(1) as f64;
     let correct = pred.iter().zip(gold).filter(|(p, g)| p == g).count() as f64;
-    let (mut tp, mut fp, mut fneg) = (vec![0f64; n_labels], vec![0f64; n_labels], vec![0f64; n_labels]);
+    let (mut tp, mut fp, mut fneg) = (
+        vec![0f64; n_labels],
+        vec![0f64; n_labels],
+        vec![0f64; n_labels],
+    );
     let mut seen = vec![false; n_labels];
     for (&p, &g) in pred.iter().zip(gold) {
         let (p, g) = (p as usize, g as usize);
@@ -323,7 +327,10 @@ pub fn gate(
     batch: u32,
     variants: &mut [Variant],
 ) -> String {
-    for v in variants.iter_mut().filter(|v| v.verdict != Verdict::Skipped) {
+    for v in variants
+        .iter_mut()
+        .filter(|v| v.verdict != Verdict::Skipped)
+    {
         let drop = reference - v.model.metric;
         if drop > max_drop + 1e-12 {
             v.verdict = Verdict::Rejected;
@@ -345,7 +352,9 @@ pub fn gate(
         (Some((i, p)), r) if r.is_none_or(|r| p <= r) => {
             variants[i].verdict = Verdict::Chosen;
             for v in variants.iter_mut().filter(|v| v.verdict == Verdict::Kept) {
-                v.reason = Some(format!("passed, but slower at batch {batch} than the chosen one"));
+                v.reason = Some(format!(
+                    "passed, but slower at batch {batch} than the chosen one"
+                ));
             }
             variants[i].format.clone()
         }
@@ -367,7 +376,9 @@ fn fmt_ms(m: &ModelReport, b: u32) -> String {
     m.latency
         .iter()
         .find(|l| l.batch_size == b)
-        .map_or("—".into(), |l| format!("{:.2} / {:.2}", l.p50_ms, l.p95_ms))
+        .map_or("—".into(), |l| {
+            format!("{:.2} / {:.2}", l.p50_ms, l.p95_ms)
+        })
 }
 
 fn fmt_mb(b: Option<u64>) -> String {
@@ -392,7 +403,8 @@ pub fn render(r: &Report) -> String {
         };
         s.push_str(&format!(
             "| {name} | {metric} | {} | ",
-            m.agreement_with_teacher.map_or("—".into(), |a| format!("{a:.4}"))
+            m.agreement_with_teacher
+                .map_or("—".into(), |a| format!("{a:.4}"))
         ));
         for b in &batches {
             s.push_str(&format!("{} | ", fmt_ms(m, *b)));
@@ -409,7 +421,11 @@ pub fn render(r: &Report) -> String {
     row(
         "student fp32",
         &r.student,
-        if chosen_fp32 { "**chosen**" } else { "reference" },
+        if chosen_fp32 {
+            "**chosen**"
+        } else {
+            "reference"
+        },
     );
     for v in &r.variants {
         let verdict = match v.verdict {
@@ -508,9 +524,9 @@ pub fn plots(r: &Report, dir: &Path, batch: u32) -> Result<Vec<String>> {
         let root = SVGBackend::new(&path, (900, 560)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         let xmax = pts.iter().map(|p| p.1).fold(0.0, f64::max) * 1.25 + 1e-6;
-        let (ymin, ymax) = pts
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.2), hi.max(p.2)));
+        let (ymin, ymax) = pts.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+            (lo.min(p.2), hi.max(p.2))
+        });
         let pad = ((ymax - ymin) * 0.15).max(0.005);
         let mut chart = ChartBuilder::on(&root)
             .caption(
@@ -600,7 +616,10 @@ pub fn plots(r: &Report, dir: &Path, batch: u32) -> Result<Vec<String>> {
             .draw_series(bars.iter().enumerate().map(|(i, (_, mb))| {
                 let i = i as i32;
                 let mut r = Rectangle::new(
-                    [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *mb)],
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), *mb),
+                    ],
                     BLUE.mix(0.6).filled(),
                 );
                 r.set_margin(0, 0, 12, 12);
@@ -618,7 +637,11 @@ pub fn plots(r: &Report, dir: &Path, batch: u32) -> Result<Vec<String>> {
                 } else {
                     format!("{mb:.1} MB")
                 };
-                Text::new(label, (SegmentValue::CenterOf(i as i32), *mb + ymax * 0.01), style)
+                Text::new(
+                    label,
+                    (SegmentValue::CenterOf(i as i32), *mb + ymax * 0.01),
+                    style,
+                )
             }))
             .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
@@ -681,18 +704,25 @@ mod tests {
     #[test]
     fn the_gate_rejects_drops_beyond_the_allowance_and_chooses_the_fastest_survivor() {
         let mut v = vec![
-            variant("int4", 0.80, 5.0),         // fastest, but drops 0.03
+            variant("int4", 0.80, 5.0),          // fastest, but drops 0.03
             variant("int8_dynamic", 0.825, 7.0), // drops 0.005: passes
             variant("bf16", 0.83, 9.0),          // no drop, slower
         ];
         let chosen = gate(0.83, Some(10.0), 0.01, 32, &mut v);
         assert_eq!(chosen, "int8_dynamic");
         assert_eq!(v[0].verdict, Verdict::Rejected);
-        assert!(v[0].reason.as_ref().unwrap().contains("0.0300 below"), "{:?}", v[0].reason);
+        assert!(
+            v[0].reason.as_ref().unwrap().contains("0.0300 below"),
+            "{:?}",
+            v[0].reason
+        );
         assert_eq!(v[1].verdict, Verdict::Chosen);
         assert_eq!(v[2].verdict, Verdict::Kept);
         // A zero allowance rejects any drop at all, and keeps no drop.
-        let mut v = vec![variant("int8_dynamic", 0.8299, 7.0), variant("bf16", 0.83, 9.0)];
+        let mut v = vec![
+            variant("int8_dynamic", 0.8299, 7.0),
+            variant("bf16", 0.83, 9.0),
+        ];
         assert_eq!(gate(0.83, Some(10.0), 0.0, 32, &mut v), "bf16");
         assert_eq!(v[0].verdict, Verdict::Rejected);
         // Nothing faster than the fp32 student: the student is the output.

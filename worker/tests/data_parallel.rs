@@ -53,8 +53,22 @@ fn config(accum: usize) -> TrainConfig {
 fn make_teacher(root: &Path) -> PathBuf {
     let dir = root.join("teacher");
     reference(&[
-        "make-random", dir.to_str().unwrap(), "--seed", "9", "--layers", "2", "--hidden", "32",
-        "--heads", "4", "--intermediate", "64", "--vocab", "60", "--labels", "2",
+        "make-random",
+        dir.to_str().unwrap(),
+        "--seed",
+        "9",
+        "--layers",
+        "2",
+        "--hidden",
+        "32",
+        "--heads",
+        "4",
+        "--intermediate",
+        "64",
+        "--vocab",
+        "60",
+        "--labels",
+        "2",
     ]);
     dir
 }
@@ -78,22 +92,46 @@ fn data(tok: &TextTokenizer) -> TrainData {
 
 /// Trains a fresh student (same init everywhere) as rank `group.rank`
 /// (or alone); returns its weights and step logs.
-fn train(model_dir: &Path, ckpt: &Path, accum: usize, group: Option<&GlooGroup>) -> (Vec<(String, Tensor)>, Vec<StepLog>) {
+fn train(
+    model_dir: &Path,
+    ckpt: &Path,
+    accum: usize,
+    group: Option<&GlooGroup>,
+) -> (Vec<(String, Tensor)>, Vec<StepLog>) {
     let teacher = TaskModel::load(model_dir, Task::Classification, None, Device::Cpu).unwrap();
     let tok = TextTokenizer::load(model_dir, teacher.config(), 16).unwrap();
     let d = data(&tok);
     let mut cfg = derive_config(
         teacher.config(),
-        &StudentShape::Explicit { layers: 1, hidden: 16, heads: 2, intermediate: 32 },
+        &StudentShape::Explicit {
+            layers: 1,
+            hidden: 16,
+            heads: 2,
+            intermediate: 32,
+        },
     )
     .unwrap();
     cfg.hidden_dropout_prob = 0.0;
     cfg.attention_probs_dropout_prob = 0.0;
-    let mut s = TaskModel::new(&cfg, Task::Classification, teacher.labels.clone(), Device::Cpu).unwrap();
+    let mut s = TaskModel::new(
+        &cfg,
+        Task::Classification,
+        teacher.labels.clone(),
+        Device::Cpu,
+    )
+    .unwrap();
     init_from_teacher(&mut s, &teacher, &[1]).unwrap();
     let mut logs = vec![];
     {
-        let mut tr = Trainer::new(&mut s, Some(&teacher), None, &tok, config(accum), ckpt.to_path_buf()).unwrap();
+        let mut tr = Trainer::new(
+            &mut s,
+            Some(&teacher),
+            None,
+            &tok,
+            config(accum),
+            ckpt.to_path_buf(),
+        )
+        .unwrap();
         if let Some(g) = group {
             tr.data_parallel(g).unwrap();
         }
@@ -102,11 +140,22 @@ fn train(model_dir: &Path, ckpt: &Path, accum: usize, group: Option<&GlooGroup>)
     (s.named_tensors(), logs)
 }
 
-fn two_ranks(model_dir: &Path, root: &Path, accum: usize) -> Vec<(Vec<(String, Tensor)>, Vec<StepLog>)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+fn two_ranks(
+    model_dir: &Path,
+    root: &Path,
+    accum: usize,
+) -> Vec<(Vec<(String, Tensor)>, Vec<StepLog>)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {
-            let (model_dir, ckpt) = (model_dir.to_path_buf(), root.join(format!("rank{rank}-{accum}")));
+            let (model_dir, ckpt) = (
+                model_dir.to_path_buf(),
+                root.join(format!("rank{rank}-{accum}")),
+            );
             std::thread::spawn(move || {
                 let g = GlooGroup::join(&Rendezvous {
                     host: "127.0.0.1".into(),
@@ -132,7 +181,10 @@ fn two_ranks(model_dir: &Path, root: &Path, accum: usize) -> Vec<(Vec<(String, T
         .into_iter()
         .map(|h| {
             let (w, l) = h.join().unwrap();
-            let w = w.into_iter().map(|(n, v, s)| (n, Tensor::from_slice(&v).reshape(s))).collect();
+            let w = w
+                .into_iter()
+                .map(|(n, v, s)| (n, Tensor::from_slice(&v).reshape(s)))
+                .collect();
             (w, l)
         })
         .collect()
@@ -143,7 +195,12 @@ fn two_ranks_with_half_batches_match_one_process_with_the_whole_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = make_teacher(tmp.path());
     for accum in [1, 2] {
-        let (single, single_logs) = train(&model_dir, &tmp.path().join(format!("single-{accum}")), accum, None);
+        let (single, single_logs) = train(
+            &model_dir,
+            &tmp.path().join(format!("single-{accum}")),
+            accum,
+            None,
+        );
         let ranks = two_ranks(&model_dir, tmp.path(), accum);
         let (r0, r0_logs) = &ranks[0];
         let (r1, _) = &ranks[1];
@@ -155,13 +212,25 @@ fn two_ranks_with_half_batches_match_one_process_with_the_whole_batch() {
             worst = worst.max(max_abs_diff(a, b));
             moved = moved.max(a.abs().max().double_value(&[]));
         }
-        eprintln!("grad_accum {accum}: max |single − 2 ranks| = {worst:.3e} over {} tensors", single.len());
+        eprintln!(
+            "grad_accum {accum}: max |single − 2 ranks| = {worst:.3e} over {} tensors",
+            single.len()
+        );
         // 12 AdamW steps at lr 1e-3: each step moves a weight by up to 1e-3,
         // so a reduction-order difference shows as ≪ 1e-3 (measured: 4e-7).
-        assert!(worst < 1e-5, "grad_accum {accum}: weights differ by {worst}");
+        assert!(
+            worst < 1e-5,
+            "grad_accum {accum}: weights differ by {worst}"
+        );
         // The logged loss is the global batch's loss on every rank.
         for (a, b) in single_logs.iter().zip(r0_logs) {
-            assert!((a.loss - b.loss).abs() < 1e-5 * a.loss.abs().max(1.0), "step {}: loss {} vs {}", a.step, a.loss, b.loss);
+            assert!(
+                (a.loss - b.loss).abs() < 1e-5 * a.loss.abs().max(1.0),
+                "step {}: loss {} vs {}",
+                a.step,
+                a.loss,
+                b.loss
+            );
         }
         assert!(moved > 0.0);
     }

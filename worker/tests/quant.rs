@@ -32,7 +32,9 @@ fn round_trip_error_is_within_half_a_quantization_step() {
     // INT8: |w − q·s| ≤ s/2 per output channel, s = max|row| / 127.
     let (q, s) = quantize_int8(&w);
     let deq = q.to_kind(Kind::Float) * s.unsqueeze(1);
-    let excess = ((&deq - &w).abs() - s.unsqueeze(1) * (0.5 + 1e-4)).max().double_value(&[]);
+    let excess = ((&deq - &w).abs() - s.unsqueeze(1) * (0.5 + 1e-4))
+        .max()
+        .double_value(&[]);
     assert!(excess <= 0.0, "int8 round trip exceeds s/2 by {excess}");
     assert!(q.abs().max().int64_value(&[]) <= 127);
     // INT4 grouped: |w − ((code − 8)·scale + zero)| ≤ scale/2 per group.
@@ -45,9 +47,18 @@ fn round_trip_error_is_within_half_a_quantization_step() {
             .view([96, 128]);
         let err = (&deq - &w).abs().view([96, 128 / g, g]);
         let excess = (err - scale * (0.5 + 1e-4)).max().double_value(&[]);
-        assert!(excess <= 0.0, "int4 (group {g}) round trip exceeds scale/2 by {excess}");
+        assert!(
+            excess <= 0.0,
+            "int4 (group {g}) round trip exceeds scale/2 by {excess}"
+        );
         // The layer's own dequantization agrees with the formula above.
-        let layer = QLinear::new(&w, &Tensor::zeros([96], (Kind::Float, Device::Cpu)), Scheme::Int4 { group_size: g }, Device::Cpu).unwrap();
+        let layer = QLinear::new(
+            &w,
+            &Tensor::zeros([96], (Kind::Float, Device::Cpu)),
+            Scheme::Int4 { group_size: g },
+            Device::Cpu,
+        )
+        .unwrap();
         assert!(max_abs_diff(&layer.dequantize(), &deq) < 1e-6);
     }
     // fp16 / bf16: relative error ≤ 2^-11 / 2^-8 (round to nearest), and
@@ -59,10 +70,15 @@ fn round_trip_error_is_within_half_a_quantization_step() {
         let back = w.to_kind(kind).to_kind(Kind::Float);
         let bound = w.abs() * (rel * (1.0 + 1e-3)) + abs * (1.0 + 1e-3);
         let excess = ((&back - &w).abs() - bound).max().double_value(&[]);
-        assert!(excess <= 0.0, "{kind:?} round trip error above {rel} relative");
+        assert!(
+            excess <= 0.0,
+            "{kind:?} round trip error above {rel} relative"
+        );
     }
     // A group size that does not divide the layer is refused by name.
-    let err = quantize_int4(&weight(8, 48, 2), 32).unwrap_err().to_string();
+    let err = quantize_int4(&weight(8, 48, 2), 32)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("quantization.group_size"), "{err}");
 }
 
@@ -105,7 +121,12 @@ fn real_inputs() -> (TaskModel, distill_worker::model::Batch) {
     let texts: Vec<String> = text
         .lines()
         .take(64)
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
     let enc = tok.encode(&refs, None).unwrap();
@@ -114,7 +135,11 @@ fn real_inputs() -> (TaskModel, distill_worker::model::Batch) {
 }
 
 fn embed(m: &TaskModel, b: &distill_worker::model::Batch) -> Tensor {
-    tch::no_grad(|| m.forward_t(b, Outputs::default(), false).output.to_kind(Kind::Float))
+    tch::no_grad(|| {
+        m.forward_t(b, Outputs::default(), false)
+            .output
+            .to_kind(Kind::Float)
+    })
 }
 
 /// The documented tolerances (docs/quantization): the mean cosine between
@@ -135,24 +160,40 @@ fn quantized_minilm_stays_close_to_fp32_and_round_trips_through_its_directory() 
     let dir = tempfile::tempdir().unwrap();
     let fp32_dir = dir.path().join("fp32");
     export(&fp32, &fp32_dir, &minilm_dir()).unwrap();
-    let fp32_bytes = std::fs::metadata(fp32_dir.join("model.safetensors")).unwrap().len();
+    let fp32_bytes = std::fs::metadata(fp32_dir.join("model.safetensors"))
+        .unwrap()
+        .len();
     for scheme in SCHEMES {
         let (mut m, _) = real_inputs();
         let params = m.num_params();
         m.quantize(scheme).unwrap();
         assert_eq!(m.num_params(), params, "{}: parameter count", scheme.name());
         let got = embed(&m, &batch);
-        let cos = Tensor::cosine_similarity(&got, &want, -1, 1e-8).mean(Kind::Float).double_value(&[]);
+        let cos = Tensor::cosine_similarity(&got, &want, -1, 1e-8)
+            .mean(Kind::Float)
+            .double_value(&[]);
         eprintln!("{}: mean cosine to fp32 {cos:.6}", scheme.name());
-        assert!(cos >= min_cosine(scheme), "{}: mean cosine {cos} below {}", scheme.name(), min_cosine(scheme));
+        assert!(
+            cos >= min_cosine(scheme),
+            "{}: mean cosine {cos} below {}",
+            scheme.name(),
+            min_cosine(scheme)
+        );
         // Saved and loaded back: the same outputs, bit for bit.
         let out = dir.path().join(scheme.name());
         export(&m, &out, &minilm_dir()).unwrap();
         let back = TaskModel::load(&out, Task::Embedding, None, Device::Cpu).unwrap();
         assert_eq!(back.quant, Some(scheme));
         let again = embed(&back, &batch);
-        assert_eq!(max_abs_diff(&again, &got), 0.0, "{}: reloaded model differs", scheme.name());
-        let bytes = std::fs::metadata(out.join("model.safetensors")).unwrap().len();
+        assert_eq!(
+            max_abs_diff(&again, &got),
+            0.0,
+            "{}: reloaded model differs",
+            scheme.name()
+        );
+        let bytes = std::fs::metadata(out.join("model.safetensors"))
+            .unwrap()
+            .len();
         let ratio = bytes as f64 / fp32_bytes as f64;
         eprintln!("{}: {bytes} bytes, {ratio:.3} of fp32", scheme.name());
         // Integer schemes store int8 word embeddings too (MiniLM's table is
@@ -191,7 +232,15 @@ fn fp16_and_bf16_directories_load_in_transformers() {
     }
     reference(&args);
     let hf = distill_worker::model::weights::read_tensors(&[got]).unwrap();
-    let theirs = hf.get("embeddings").expect("reference output").to_kind(Kind::Float);
-    let cos = Tensor::cosine_similarity(&ours, &theirs, -1, 1e-8).min().double_value(&[]);
-    assert!(cos > 0.999, "transformers' bf16 output differs: min cosine {cos}");
+    let theirs = hf
+        .get("embeddings")
+        .expect("reference output")
+        .to_kind(Kind::Float);
+    let cos = Tensor::cosine_similarity(&ours, &theirs, -1, 1e-8)
+        .min()
+        .double_value(&[]);
+    assert!(
+        cos > 0.999,
+        "transformers' bf16 output differs: min cosine {cos}"
+    );
 }

@@ -12,7 +12,16 @@ use tch::{Device, Kind, Tensor};
 
 fn shape(layers: i64) -> BertConfig {
     let base = BertConfig::from_dir(&minilm_dir()).unwrap();
-    derive_config(&base, &StudentShape::Explicit { layers, hidden: 32, heads: 2, intermediate: 64 }).unwrap()
+    derive_config(
+        &base,
+        &StudentShape::Explicit {
+            layers,
+            hidden: 32,
+            heads: 2,
+            intermediate: 64,
+        },
+    )
+    .unwrap()
 }
 
 fn vars(m: &TaskModel) -> std::collections::HashMap<String, Tensor> {
@@ -24,29 +33,54 @@ fn fresh_parameters_depend_on_the_seed_and_their_name_only() {
     let labels = vec!["a".to_string(), "b".to_string()];
     tch::manual_seed(1);
     let _ = Tensor::randn([1000], (Kind::Float, Device::Cpu));
-    let one = TaskModel::new_seeded(&shape(1), Task::Classification, labels.clone(), Device::Cpu, 5).unwrap();
+    let one = TaskModel::new_seeded(
+        &shape(1),
+        Task::Classification,
+        labels.clone(),
+        Device::Cpu,
+        5,
+    )
+    .unwrap();
     tch::manual_seed(999);
-    let two = TaskModel::new_seeded(&shape(2), Task::Classification, labels.clone(), Device::Cpu, 5).unwrap();
+    let two = TaskModel::new_seeded(
+        &shape(2),
+        Task::Classification,
+        labels.clone(),
+        Device::Cpu,
+        5,
+    )
+    .unwrap();
     let other = std::thread::spawn({
         let labels = labels.clone();
         move || {
-            let m = TaskModel::new_seeded(&shape(1), Task::Classification, labels, Device::Cpu, 5).unwrap();
-            vars(&m).into_iter().map(|(n, t)| (n, Vec::<f32>::try_from(t.reshape([-1])).unwrap())).collect::<Vec<_>>()
+            let m = TaskModel::new_seeded(&shape(1), Task::Classification, labels, Device::Cpu, 5)
+                .unwrap();
+            vars(&m)
+                .into_iter()
+                .map(|(n, t)| (n, Vec::<f32>::try_from(t.reshape([-1])).unwrap()))
+                .collect::<Vec<_>>()
         }
     })
     .join()
     .unwrap();
-    let reseeded = TaskModel::new_seeded(&shape(1), Task::Classification, labels, Device::Cpu, 6).unwrap();
+    let reseeded =
+        TaskModel::new_seeded(&shape(1), Task::Classification, labels, Device::Cpu, 6).unwrap();
     let (v1, v2, v6) = (vars(&one), vars(&two), vars(&reseeded));
     assert!(v2.len() > v1.len());
     for (name, t) in &v1 {
         // Layer 0, the embeddings and the head exist in both shapes.
-        assert!(t.equal(&v2[name]), "{name} depends on the model's other parameters or the global RNG");
+        assert!(
+            t.equal(&v2[name]),
+            "{name} depends on the model's other parameters or the global RNG"
+        );
         let random = !(name.ends_with(".bias") || name.ends_with("LayerNorm.weight"));
         if random {
             assert!(!t.equal(&v6[name]), "{name} ignores the seed");
             let std = t.std(true).double_value(&[]);
-            assert!((std - 0.02).abs() < 0.01, "{name}: std {std}, want the config's initializer_range");
+            assert!(
+                (std - 0.02).abs() < 0.01,
+                "{name}: std {std}, want the config's initializer_range"
+            );
         }
     }
     for (name, v) in other {

@@ -316,7 +316,11 @@ fn evaluate(
         report.display().to_string(),
         job_dir.join("report.md").display().to_string(),
     ];
-    outputs.extend(r.plots.iter().map(|p| job_dir.join(p).display().to_string()));
+    outputs.extend(
+        r.plots
+            .iter()
+            .map(|p| job_dir.join(p).display().to_string()),
+    );
     outputs.extend(r.chosen_dir.iter().map(|d| d.display().to_string()));
     Ok(pb::TaskSuccess {
         manifest_sha256: signal::sha256_path(&report)?,

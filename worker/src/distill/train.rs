@@ -18,11 +18,11 @@ use super::checkpoint::{self, CheckpointMeta};
 use super::loss;
 use super::schedule::{learning_rate, temperature, Balancer, Decay, Term, TermWeight, TERMS};
 use crate::autocast::{self, Reduced};
+use crate::collective::GlooGroup;
 use crate::infer::{infer, InferOptions};
 use crate::model::{ModelOutput, Outputs, Task, TaskModel};
 use crate::tokenize::{Encoded, Padding, TextTokenizer};
 use crate::{Error, Result};
-use crate::collective::GlooGroup;
 use std::path::PathBuf;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -179,8 +179,8 @@ impl<'a> Trainer<'a> {
             tch::manual_seed(crate::model::name_seed(cfg.seed, &format!("aux.{name}")) as i64);
             nn::linear(aux.root() / name, hs, ht, Default::default())
         };
-        let proj_hidden =
-            (teacher.is_some() && on(Term::Hidden) && hs != ht).then(|| seeded_linear("proj_hidden"));
+        let proj_hidden = (teacher.is_some() && on(Term::Hidden) && hs != ht)
+            .then(|| seeded_linear("proj_hidden"));
         let proj_embedding = ((teacher.is_some() || offline)
             && on(Term::Embedding)
             && student.task == Task::Embedding
@@ -324,7 +324,10 @@ impl<'a> Trainer<'a> {
                 off += len;
             } else {
                 let len = g.numel() as i64;
-                *g = flat.narrow(0, off, len).view(g.size().as_slice()).to_kind(g.kind());
+                *g = flat
+                    .narrow(0, off, len)
+                    .view(g.size().as_slice())
+                    .to_kind(g.kind());
                 off += len;
             }
         }

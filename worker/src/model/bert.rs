@@ -81,9 +81,7 @@ impl Embeddings {
             Some(q) => q.forward(input_ids),
             None => self.word.forward(input_ids),
         };
-        let xs = word
-            + self.position.forward(&positions)
-            + self.token_type.forward(token_type_ids);
+        let xs = word + self.position.forward(&positions) + self.token_type.forward(token_type_ids);
         self.norm.forward(&xs).dropout(self.dropout, train)
     }
 }

@@ -228,10 +228,12 @@ impl TaskModel {
         }
         let manifest = read_manifest(dir)?;
         if let Some(m) = &manifest {
-            model.attach_stored(m, &mut tensors).map_err(|e| Error::Weights {
-                path: origin.clone(),
-                message: e.to_string(),
-            })?;
+            model
+                .attach_stored(m, &mut tensors)
+                .map_err(|e| Error::Weights {
+                    path: origin.clone(),
+                    message: e.to_string(),
+                })?;
         }
         weights::load_into(
             &mut model.vs,
@@ -342,7 +344,11 @@ impl TaskModel {
         }
         let device = self.device();
         let mut dropped = vec![];
-        let prefix = if self.task == Task::Classification { "bert." } else { "" };
+        let prefix = if self.task == Task::Classification {
+            "bert."
+        } else {
+            ""
+        };
         let mut projs: std::collections::HashMap<String, &mut bert::Proj> =
             self.projections_mut().into_iter().collect();
         for layer in &m.layers {
@@ -483,8 +489,10 @@ fn forget(vs: &nn::VarStore, dropped: &[Dropped]) {
             v.named_variables.remove(&format!("{}.{suffix}", d.name));
         }
     }
-    let gone: std::collections::HashSet<usize> =
-        dropped.iter().flat_map(|d| d.ptrs.iter().copied()).collect();
+    let gone: std::collections::HashSet<usize> = dropped
+        .iter()
+        .flat_map(|d| d.ptrs.iter().copied())
+        .collect();
     v.trainable_variables
         .retain(|t| !gone.contains(&(t.tensor.data_ptr() as usize)));
 }
