@@ -359,10 +359,10 @@ impl QLinear {
             QLinear::Int8Dynamic {
                 q,
                 scales,
-                bias,
                 packed,
                 col_offsets,
                 bias_over_scales,
+                ..
             } => {
                 let x2 = x2.to_kind(Kind::Float).contiguous();
                 let mut err = [0u8; ERRLEN];
@@ -383,7 +383,6 @@ impl QLinear {
                 };
                 let mut y = shim_result(raw, &err, "fbgemm_linear_int8_weight_fp32_activation")
                     .unwrap_or_else(|e| panic!("{e}"));
-                let _ = bias;
                 let _ = y.g_mul_(scales);
                 y
             }
@@ -420,6 +419,15 @@ impl QLinear {
         };
         let n = self.out_features();
         unflatten(y.to_kind(kind), size, n)
+    }
+
+    /// The number of weights the layer stands for (`out × in`).
+    pub fn weight_numel(&self) -> i64 {
+        match self {
+            QLinear::Int8Dynamic { q, .. } | QLinear::Int8WeightOnly { q, .. } => q.numel() as i64,
+            // Two 4-bit codes per byte.
+            QLinear::Int4 { nibbles, .. } => 2 * nibbles.numel() as i64,
+        }
     }
 
     pub fn out_features(&self) -> i64 {

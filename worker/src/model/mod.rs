@@ -273,10 +273,7 @@ impl TaskModel {
             .projections()
             .iter()
             .filter_map(|(_, p)| p.q.as_ref())
-            .map(|q| {
-                let w = q.dequantize();
-                w.numel() as i64 + w.size()[0]
-            })
+            .map(|q| q.weight_numel() + q.out_features())
             .sum();
         let table = self
             .encoder
