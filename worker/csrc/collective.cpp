@@ -7,6 +7,7 @@
 // truncated to `errlen`). Every collective waits at most the group's
 // timeout: a dead peer (connection reset) fails at once, a frozen one at
 // the deadline; nothing waits forever.
+#include <chrono>
 #include <cstring>
 #include <string>
 
@@ -27,6 +28,41 @@ void set_err(char* err, int errlen, const std::string& msg) {
   auto n = std::min<size_t>(msg.size(), static_cast<size_t>(errlen - 1));
   std::memcpy(err, msg.data(), n);
   err[n] = '\0';
+}
+
+// Waits for `work` until it completes, the group's deadline passes, or
+// `*abort` becomes non-zero (checked every 20 ms; the Rust side sets it
+// when the coordinator says the group changed). 0 on success; -1 on
+// error or timeout; -2 when aborted. An aborted or timed-out operation
+// may still be in flight in Gloo's threads: the group must not be used
+// again (the Rust side frees it off-thread).
+int wait_work(Group* g, const c10::intrusive_ptr<c10d::Work>& work, const unsigned char* abort,
+              const char* what, char* err, int errlen) {
+  auto deadline = std::chrono::steady_clock::now() + g->timeout;
+  for (;;) {
+    try {
+      if (work->wait(std::chrono::milliseconds(20))) return 0;
+      set_err(err, errlen, std::string(what) + " was aborted");
+      return -1;
+    } catch (const std::exception& e) {
+      // A slice that ran out throws too; only a completed work's
+      // exception is the operation's own error.
+      if (work->isCompleted()) {
+        set_err(err, errlen, e.what());
+        return -1;
+      }
+    }
+    if (abort != nullptr && __atomic_load_n(abort, __ATOMIC_RELAXED) != 0) {
+      set_err(err, errlen, std::string(what) + " aborted: the training group changed");
+      return -2;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      set_err(err, errlen,
+              std::string(what) + " did not complete within the group timeout of " +
+                  std::to_string(g->timeout.count()) + " ms");
+      return -1;
+    }
+  }
 }
 
 }  // namespace
@@ -67,20 +103,36 @@ void* distill_gloo_new(const char* host, int port, int is_master, const char* pr
 }
 
 // Sums `t` (a CPU tensor, contiguous) over the group, in place. 0 on
-// success, -1 on error (timeout, a peer gone).
-int distill_gloo_allreduce_sum(void* group, at::Tensor* t, char* err, int errlen) {
+// success, -1 on error (timeout, a peer gone), -2 when aborted.
+int distill_gloo_allreduce_sum(void* group, at::Tensor* t, const unsigned char* abort, char* err,
+                               int errlen) {
   try {
     auto* g = static_cast<Group*>(group);
     std::vector<at::Tensor> ts{*t};
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
     o.timeout = g->timeout;
-    auto work = g->pg->allreduce(ts, o);
-    if (!work->wait(g->timeout)) {
-      set_err(err, errlen, "all-reduce did not complete within the group timeout");
-      return -1;
-    }
-    return 0;
+    return wait_work(g, g->pg->allreduce(ts, o), abort, "all-reduce", err, errlen);
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return -1;
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+    return -1;
+  }
+}
+
+// Copies `t` of rank `root` into `t` of every rank.
+int distill_gloo_broadcast(void* group, at::Tensor* t, int root, const unsigned char* abort,
+                           char* err, int errlen) {
+  try {
+    auto* g = static_cast<Group*>(group);
+    std::vector<at::Tensor> ts{*t};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    o.rootTensor = 0;
+    o.timeout = g->timeout;
+    return wait_work(g, g->pg->broadcast(ts, o), abort, "broadcast", err, errlen);
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;
@@ -91,17 +143,12 @@ int distill_gloo_allreduce_sum(void* group, at::Tensor* t, char* err, int errlen
 }
 
 // Waits until every rank reaches the barrier (or the timeout).
-int distill_gloo_barrier(void* group, char* err, int errlen) {
+int distill_gloo_barrier(void* group, const unsigned char* abort, char* err, int errlen) {
   try {
     auto* g = static_cast<Group*>(group);
     c10d::BarrierOptions o;
     o.timeout = g->timeout;
-    auto work = g->pg->barrier(o);
-    if (!work->wait(g->timeout)) {
-      set_err(err, errlen, "barrier did not complete within the group timeout");
-      return -1;
-    }
-    return 0;
+    return wait_work(g, g->pg->barrier(o), abort, "barrier", err, errlen);
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;

@@ -8,11 +8,16 @@
 //! failed group is dropped and a new one formed on a fresh prefix of the
 //! same store (as TorchFT does per quorum).
 //!
-//! This is the engine only: nothing in the trainer uses it yet (data-
-//! parallel training is the next piece). NCCL (`ProcessGroupNCCL` in
-//! libtorch_cuda) is not wired: it needs a GPU to test.
+//! A collective can also be aborted from another thread (the coordinator
+//! said the group changed): it returns within 20 ms, and the group, whose
+//! operation may still be in flight inside Gloo, is never used again.
+//!
+//! NCCL (`ProcessGroupNCCL` in libtorch_cuda) is not wired: it needs a GPU
+//! to test.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tch::{Device, Tensor};
@@ -35,10 +40,24 @@ extern "C" {
     fn distill_gloo_allreduce_sum(
         group: *mut c_void,
         t: *mut torch_sys::C_tensor,
+        abort: *const u8,
         err: *mut c_char,
         errlen: c_int,
     ) -> c_int;
-    fn distill_gloo_barrier(group: *mut c_void, err: *mut c_char, errlen: c_int) -> c_int;
+    fn distill_gloo_broadcast(
+        group: *mut c_void,
+        t: *mut torch_sys::C_tensor,
+        root: c_int,
+        abort: *const u8,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
+    fn distill_gloo_barrier(
+        group: *mut c_void,
+        abort: *const u8,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
     fn distill_gloo_free(group: *mut c_void);
 }
 
@@ -75,6 +94,13 @@ pub struct GlooGroup {
     raw: *mut c_void,
     pub rank: u32,
     pub world: u32,
+    /// Set (by another thread) to abort the collective in flight: it
+    /// returns within 20 ms with [`Error::Collective`].
+    abort: Arc<AtomicBool>,
+    /// A collective failed, timed out or was aborted: it may still be in
+    /// flight in Gloo's threads, so the group is never used again and is
+    /// freed off-thread (freeing waits for Gloo's own deadline).
+    poisoned: AtomicBool,
 }
 
 // The group is used from one thread at a time (the libtorch thread); the
@@ -85,6 +111,12 @@ impl GlooGroup {
     /// Joins the group; returns once every rank has joined, or fails at the
     /// deadline.
     pub fn join(r: &Rendezvous) -> Result<Self> {
+        Self::join_abortable(r, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// Like [`join`](Self::join); every collective of the group returns
+    /// early with an error once `abort` is set.
+    pub fn join_abortable(r: &Rendezvous, abort: Arc<AtomicBool>) -> Result<Self> {
         if r.world == 0 || r.rank >= r.world {
             return Err(Error::Invalid(format!(
                 "rank {} is not in a world of {}",
@@ -124,7 +156,55 @@ impl GlooGroup {
             raw,
             rank: r.rank,
             world: r.world,
+            abort,
+            poisoned: AtomicBool::new(false),
         })
+    }
+
+    fn abort_ptr(&self) -> *const u8 {
+        self.abort.as_ptr() as *const u8
+    }
+
+    /// Turns the shim's return code into a result; any failure poisons
+    /// the group.
+    fn check(&self, rc: c_int, what: &str, err: &[u8]) -> Result<()> {
+        if rc == 0 {
+            return Ok(());
+        }
+        self.poisoned.store(true, Ordering::Relaxed);
+        Err(Error::Collective(format!(
+            "{what} on rank {} of {}: {}",
+            self.rank,
+            self.world,
+            message(err)
+        )))
+    }
+
+    /// Whether a collective of this group has failed (it is not used again).
+    pub fn failed(&self) -> bool {
+        self.poisoned.load(Ordering::Relaxed)
+    }
+
+    /// Copies `t` on rank `root` into `t` on every rank. `t` must be a
+    /// contiguous CPU tensor of the same shape and kind on every rank.
+    pub fn broadcast(&self, t: &mut Tensor, root: u32) -> Result<()> {
+        if t.device() != Device::Cpu || !t.is_contiguous() {
+            return Err(Error::Invalid(
+                "gloo broadcast needs a contiguous CPU tensor".into(),
+            ));
+        }
+        let mut err = vec![0u8; ERRLEN];
+        let rc = unsafe {
+            distill_gloo_broadcast(
+                self.raw,
+                t.as_mut_ptr(),
+                root as c_int,
+                self.abort_ptr(),
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        self.check(rc, "broadcast", &err)
     }
 
     /// Sums `t` over the group, in place. `t` must be a contiguous CPU
@@ -140,41 +220,45 @@ impl GlooGroup {
             distill_gloo_allreduce_sum(
                 self.raw,
                 t.as_mut_ptr(),
+                self.abort_ptr(),
                 err.as_mut_ptr() as *mut c_char,
                 ERRLEN as c_int,
             )
         };
-        if rc != 0 {
-            return Err(Error::Collective(format!(
-                "all-reduce on rank {} of {}: {}",
-                self.rank,
-                self.world,
-                message(&err)
-            )));
-        }
-        Ok(())
+        self.check(rc, "all-reduce", &err)
     }
 
     /// Waits for every rank (or fails at the deadline).
     pub fn barrier(&self) -> Result<()> {
         let mut err = vec![0u8; ERRLEN];
         let rc = unsafe {
-            distill_gloo_barrier(self.raw, err.as_mut_ptr() as *mut c_char, ERRLEN as c_int)
+            distill_gloo_barrier(
+                self.raw,
+                self.abort_ptr(),
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
         };
-        if rc != 0 {
-            return Err(Error::Collective(format!(
-                "barrier on rank {} of {}: {}",
-                self.rank,
-                self.world,
-                message(&err)
-            )));
-        }
-        Ok(())
+        self.check(rc, "barrier", &err)
     }
 }
 
+struct Raw(*mut c_void);
+// Only moved to the thread that frees it.
+unsafe impl Send for Raw {}
+
 impl Drop for GlooGroup {
     fn drop(&mut self) {
-        unsafe { distill_gloo_free(self.raw) }
+        let raw = Raw(self.raw);
+        if self.failed() {
+            // An operation may still be in flight: c10d's destructor waits
+            // for it (up to Gloo's deadline), so free it off this thread.
+            std::thread::spawn(move || {
+                let raw = raw;
+                unsafe { distill_gloo_free(raw.0) }
+            });
+        } else {
+            unsafe { distill_gloo_free(raw.0) }
+        }
     }
 }

@@ -31,6 +31,10 @@ pub enum Error {
     /// deadline.
     #[error("collective: {0}")]
     Collective(String),
+    /// The coordinator changed the training group: leave it and join the
+    /// new generation (no step is lost).
+    #[error("the training group changed")]
+    Regroup,
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -112,3 +112,50 @@ fn a_dead_peer_fails_the_collective_at_once() {
         "a closed connection fails well before the 20 s deadline: {took:?}"
     );
 }
+
+/// A collective waiting on a silent peer returns as soon as another
+/// thread sets the group's abort flag (the coordinator changed the
+/// group), long before the 20 s deadline, and says it was aborted.
+#[test]
+fn an_aborted_collective_returns_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let port = free_port();
+    let flag = Arc::new(AtomicBool::new(false));
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let r = rendezvous(port, "abort/gen-1/", rank, Duration::from_secs(20));
+            let flag = flag.clone();
+            std::thread::spawn(move || {
+                let g = GlooGroup::join_abortable(&r, flag.clone()).expect("join");
+                g.barrier().unwrap();
+                if rank == 1 {
+                    // Silent until rank 0 gave up.
+                    while !flag.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                    return (Ok(()), Duration::ZERO, false);
+                }
+                let setter = flag.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(300));
+                    setter.store(true, Ordering::Relaxed);
+                });
+                let t0 = Instant::now();
+                let mut t = Tensor::ones([8], (Kind::Float, tch::Device::Cpu));
+                let r = g.all_reduce_sum(&mut t);
+                (r, t0.elapsed(), g.failed())
+            })
+        })
+        .collect();
+    let out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let (r, took, failed) = &out[0];
+    let e = r.as_ref().expect_err("aborted").to_string();
+    assert!(e.contains("aborted: the training group changed"), "{e}");
+    assert!(*failed, "an aborted group is not used again");
+    assert!(
+        *took >= Duration::from_millis(300) && *took < Duration::from_secs(2),
+        "returned {took:?} after the start, the flag was set at 300 ms"
+    );
+}

@@ -90,17 +90,11 @@ fn data(tok: &TextTokenizer) -> TrainData {
     }
 }
 
-/// Trains a fresh student (same init everywhere) as rank `group.rank`
-/// (or alone); returns its weights and step logs.
-fn train(
-    model_dir: &Path,
-    ckpt: &Path,
-    accum: usize,
-    group: Option<&GlooGroup>,
-) -> (Vec<(String, Tensor)>, Vec<StepLog>) {
+/// The teacher, its tokenizer and a fresh student (the same init
+/// everywhere).
+fn setup(model_dir: &Path) -> (TaskModel, TextTokenizer, TaskModel) {
     let teacher = TaskModel::load(model_dir, Task::Classification, None, Device::Cpu).unwrap();
     let tok = TextTokenizer::load(model_dir, teacher.config(), 16).unwrap();
-    let d = data(&tok);
     let mut cfg = derive_config(
         teacher.config(),
         &StudentShape::Explicit {
@@ -121,6 +115,19 @@ fn train(
     )
     .unwrap();
     init_from_teacher(&mut s, &teacher, &[1]).unwrap();
+    (teacher, tok, s)
+}
+
+/// Trains a fresh student as rank `group.rank` (or alone); returns its
+/// weights and step logs.
+fn train(
+    model_dir: &Path,
+    ckpt: &Path,
+    accum: usize,
+    group: Option<GlooGroup>,
+) -> (Vec<(String, Tensor)>, Vec<StepLog>) {
+    let (teacher, tok, mut s) = setup(model_dir);
+    let d = data(&tok);
     let mut logs = vec![];
     {
         let mut tr = Trainer::new(
@@ -167,7 +174,7 @@ fn two_ranks(
                     timeout: Duration::from_secs(60),
                 })
                 .unwrap();
-                let (w, l) = train(&model_dir, &ckpt, accum, Some(&g));
+                let (w, l) = train(&model_dir, &ckpt, accum, Some(g));
                 // Tensors go back across the thread boundary as plain data.
                 let w: Vec<(String, Vec<f32>, Vec<i64>)> = w
                     .into_iter()
@@ -233,5 +240,76 @@ fn two_ranks_with_half_batches_match_one_process_with_the_whole_batch() {
             );
         }
         assert!(moved > 0.0);
+    }
+}
+
+/// Weights as plain data, to cross a thread boundary.
+type Plain = Vec<(String, Vec<f32>)>;
+
+fn plain(ts: Vec<(String, Tensor)>) -> Plain {
+    ts.into_iter()
+        .map(|(n, t)| (n, Vec::<f32>::try_from(t.reshape([-1])).unwrap()))
+        .collect()
+}
+
+/// A group re-formed with a new member: rank 0 has trained 4 steps alone,
+/// rank 1 starts fresh. `sync_state` finds rank 0 furthest on, sends its
+/// whole state (weights, AdamW moments, step, balancer) to rank 1 only,
+/// and from there the two ranks train in lockstep to bitwise-equal
+/// weights.
+#[test]
+fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = make_teacher(tmp.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let handles: Vec<_> = (0..2u32)
+        .map(|rank| {
+            let (model_dir, ckpt) = (model_dir.clone(), tmp.path().join(format!("late{rank}")));
+            std::thread::spawn(move || -> (Plain, (u32, u64, u32), u64, [u8; 32]) {
+                let (teacher, tok, mut s) = setup(&model_dir);
+                let d = data(&tok);
+                let mut tr =
+                    Trainer::new(&mut s, Some(&teacher), None, &tok, config(1), ckpt).unwrap();
+                if rank == 0 {
+                    tr.train_until(4, &d, None, |_| {}).unwrap();
+                }
+                let before = tr.step;
+                let g = GlooGroup::join(&Rendezvous {
+                    host: "127.0.0.1".into(),
+                    port,
+                    prefix: "late/gen-2/".into(),
+                    bind_host: "127.0.0.1".into(),
+                    rank,
+                    world: 2,
+                    timeout: Duration::from_secs(60),
+                })
+                .unwrap();
+                tr.data_parallel(g).unwrap();
+                let synced = tr.sync_state().unwrap();
+                let digest = tr.state_digest().unwrap();
+                assert_eq!(tr.step, 4, "rank {rank} continues from step 4");
+                tr.train(&d, None, |_| {}).unwrap();
+                drop(tr);
+                (plain(s.named_tensors()), synced, before, digest)
+            })
+        })
+        .collect();
+    let out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(out[0].2, 4);
+    assert_eq!(out[1].2, 0);
+    for (rank, o) in out.iter().enumerate() {
+        assert_eq!(
+            o.1,
+            (0, 4, 1),
+            "rank {rank}: source 0 at step 4, one receiver"
+        );
+    }
+    assert_eq!(out[0].3, out[1].3, "state digests equal after the sync");
+    for ((n, a), (_, b)) in out[0].0.iter().zip(&out[1].0) {
+        assert!(a == b, "{n}: ranks differ after training on together");
     }
 }

@@ -95,7 +95,11 @@ pub fn load_latest(dir: &Path) -> Result<Option<(CheckpointMeta, BTreeMap<String
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(&latest, e)),
     };
-    let ck = dir.join(&name);
+    load_dir(&dir.join(&name)).map(Some)
+}
+
+/// The checkpoint in directory `ck` (a `ckpt-<step>` directory), verified.
+pub fn load_dir(ck: &Path) -> Result<(CheckpointMeta, BTreeMap<String, Tensor>)> {
     let meta_path = ck.join("meta.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
     let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| {
@@ -112,7 +116,7 @@ pub fn load_latest(dir: &Path) -> Result<Option<(CheckpointMeta, BTreeMap<String
             message: format!("checksum mismatch (meta {}, file {sum})", meta.sha256),
         });
     }
-    Ok(Some((meta, read_tensors(&[state])?)))
+    Ok((meta, read_tensors(&[state])?))
 }
 
 /// The best student so far (weights only), for export at the end. It is

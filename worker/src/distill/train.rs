@@ -97,7 +97,13 @@ pub struct Trainer<'a> {
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Data-parallel membership (`data_parallel`): this rank trains on its
     /// slice of every micro-batch and gradients are summed over the group.
-    dp: Option<&'a GlooGroup>,
+    dp: Option<GlooGroup>,
+    /// When set, training stops at the next step boundary with
+    /// [`Error::Regroup`] (the coordinator changed the training group).
+    regroup: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Called after each checkpoint is written.
+    #[allow(clippy::type_complexity)]
+    on_checkpoint: Option<Box<dyn Fn(&std::path::Path, u64) -> Result<()> + 'a>>,
     /// Index in `params` of the word-embedding table, whose gradient is
     /// reduced on the rows the global batch touches only.
     word_param: Option<usize>,
@@ -218,6 +224,8 @@ impl<'a> Trainer<'a> {
             offline,
             stop: None,
             dp: None,
+            regroup: None,
+            on_checkpoint: None,
             word_param: None,
         })
     }
@@ -243,7 +251,7 @@ impl<'a> Trainer<'a> {
     /// reduction order; the attention and hidden-state terms are means over
     /// each rank's tokens, as in PyTorch DDP. Only rank 0 evaluates and
     /// writes checkpoints.
-    pub fn data_parallel(&mut self, group: &'a GlooGroup) -> Result<()> {
+    pub fn data_parallel(&mut self, group: GlooGroup) -> Result<()> {
         if self.cfg.batch_size < group.world as usize {
             return Err(Error::Invalid(format!(
                 "training.batch_size: {} is smaller than the {} ranks it is split over",
@@ -261,7 +269,124 @@ impl<'a> Trainer<'a> {
     /// `(rank, world)`: `(0, 1)` unless data-parallel.
     pub fn rank_world(&self) -> (usize, usize) {
         self.dp
+            .as_ref()
             .map_or((0, 1), |g| (g.rank as usize, g.world as usize))
+    }
+
+    /// Leaves the data-parallel group (if any) and returns it.
+    pub fn leave_group(&mut self) -> Option<GlooGroup> {
+        self.dp.take()
+    }
+
+    /// Stop with [`Error::Regroup`] at the next step boundary once `flag`
+    /// is set.
+    pub fn regroup_on(&mut self, flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+        self.regroup = flag;
+    }
+
+    /// Every tensor of the training state, by checkpoint name: the
+    /// parameters (student and projections) and AdamW's moments.
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        tensors.extend(
+            self.opt
+                .m
+                .iter()
+                .map(|(n, t)| (format!("adam_m.{n}"), t.shallow_clone())),
+        );
+        tensors.extend(
+            self.opt
+                .v
+                .iter()
+                .map(|(n, t)| (format!("adam_v.{n}"), t.shallow_clone())),
+        );
+        tensors
+    }
+
+    /// sha256 of the whole training state: every state tensor's bytes in
+    /// name order, then the step, AdamW's count, the balancer and the best
+    /// metric. Equal digests mean bitwise-equal states.
+    pub fn state_digest(&self) -> Result<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (name, t) in self.state_tensors() {
+            h.update(name.as_bytes());
+            let t = t.to_device(tch::Device::Cpu).contiguous();
+            let mut buf = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+            t.copy_data_u8(&mut buf, t.numel());
+            h.update(&buf);
+        }
+        h.update(serde_json::to_vec(&self.meta()).map_err(|e| Error::Invalid(e.to_string()))?);
+        Ok(h.finalize().into())
+    }
+
+    /// Makes every rank of the group hold the same training state, after a
+    /// group (re-)formed: the ranks exchange their step and state digest;
+    /// the source is the lowest rank among those furthest on. Ranks whose
+    /// digest differs from the source's (a new member, or one that missed
+    /// the last step) receive the source's state by broadcast. Returns
+    /// `(source rank, its step, ranks that received the state)`.
+    pub fn sync_state(&mut self) -> Result<(u32, u64, u32)> {
+        let Some(g) = self.dp.as_ref() else {
+            return Ok((0, self.step, 0));
+        };
+        let (rank, world) = (g.rank as usize, g.world as usize);
+        let _ng = tch::no_grad_guard();
+        let mut steps = Tensor::zeros([world as i64], (Kind::Int64, tch::Device::Cpu));
+        let _ = steps.get(rank as i64).fill_(self.step as i64);
+        g.all_reduce_sum(&mut steps)?;
+        let steps = Vec::<i64>::try_from(&steps).map_err(|e| Error::Collective(e.to_string()))?;
+        let best = *steps.iter().max().unwrap_or(&0);
+        let src = steps.iter().position(|&s| s == best).unwrap_or(0) as u32;
+        let mine = self.state_digest()?;
+        let mut digest = Tensor::from_slice(&mine);
+        g.broadcast(&mut digest, src)?;
+        let differs =
+            Vec::<u8>::try_from(&digest).map_err(|e| Error::Collective(e.to_string()))? != mine;
+        let mut count = Tensor::from_slice(&[differs as i64]);
+        g.all_reduce_sum(&mut count)?;
+        let receivers = count.int64_value(&[0]) as u32;
+        if receivers == 0 {
+            return Ok((src, best as u64, 0));
+        }
+        // Everyone takes part in the broadcast (it is a collective); the
+        // ranks that were equal receive what they already had.
+        for (_, t) in self.state_tensors() {
+            let mut cpu = t.to_device(tch::Device::Cpu).contiguous();
+            g.broadcast(&mut cpu, src)?;
+            if differs {
+                t.shallow_clone().copy_(&cpu);
+            }
+        }
+        let meta = serde_json::to_vec(&self.meta()).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut len = Tensor::from_slice(&[meta.len() as i64]);
+        g.broadcast(&mut len, src)?;
+        let mut bytes = Tensor::zeros([len.int64_value(&[0])], (Kind::Uint8, tch::Device::Cpu));
+        if rank as u32 == src {
+            bytes = Tensor::from_slice(&meta);
+        }
+        g.broadcast(&mut bytes, src)?;
+        if differs {
+            let bytes =
+                Vec::<u8>::try_from(&bytes).map_err(|e| Error::Collective(e.to_string()))?;
+            let meta: CheckpointMeta = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Collective(format!("state from rank {src}: {e}")))?;
+            self.apply_meta(meta);
+        }
+        Ok((src, best as u64, receivers))
+    }
+
+    fn apply_meta(&mut self, meta: CheckpointMeta) {
+        self.step = meta.step;
+        self.opt.t = meta.adam_t;
+        self.balancer = meta.balancer;
+        self.best_metric = meta.best_metric;
+        self.best_step = meta.best_step;
+        self.order_cache = None;
     }
 
     /// The sorted token ids of the examples `idx` (and the padding id).
@@ -501,8 +626,17 @@ impl<'a> Trainer<'a> {
                 .as_ref()
                 .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
             {
-                self.save()?;
+                if self.rank_world().0 == 0 {
+                    self.save()?;
+                }
                 return Err(Error::Stopped);
+            }
+            if self
+                .regroup
+                .as_ref()
+                .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                return Err(Error::Regroup);
             }
             let step = self.step;
             tch::manual_seed((self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(step)) as i64);
@@ -560,7 +694,7 @@ impl<'a> Trainer<'a> {
                     }
                 }
             }
-            if let Some(group) = self.dp {
+            if let Some(group) = self.dp.as_ref() {
                 let rows = self.touched_rows(&global, data);
                 self.all_reduce(group, &mut grads, &mut loss_sum, &mut term_sum, &rows)?;
             }
@@ -612,14 +746,18 @@ impl<'a> Trainer<'a> {
             self.step += 1;
             let at_end = self.step == until;
             let leader = self.rank_world().0 == 0;
-            if let Some(eval) = evaluate.as_deref_mut().filter(|_| leader) {
+            // Every rank evaluates its (identical) weights, so every rank
+            // makes the same best-keeping decision; rank 0 writes the file.
+            if let Some(eval) = evaluate.as_deref_mut() {
                 if (self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0) || at_end {
                     let metric = eval(self.student)?;
                     tracing::info!(step = self.step, metric, "evaluation");
                     if self.best_metric.is_none_or(|b| metric > b) {
                         self.best_metric = Some(metric);
                         self.best_step = Some(self.step);
-                        checkpoint::save_best(&self.checkpoint_dir, self.step, self.student)?;
+                        if leader {
+                            checkpoint::save_best(&self.checkpoint_dir, self.step, self.student)?;
+                        }
                     }
                 }
             }
@@ -646,24 +784,18 @@ impl<'a> Trainer<'a> {
 
     /// Write a checkpoint of the current state (atomic; then published as latest).
     pub fn save(&self) -> Result<PathBuf> {
-        let mut tensors: Vec<(String, Tensor)> = self
-            .params
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect();
-        tensors.extend(
-            self.opt
-                .m
-                .iter()
-                .map(|(n, t)| (format!("adam_m.{n}"), t.shallow_clone())),
-        );
-        tensors.extend(
-            self.opt
-                .v
-                .iter()
-                .map(|(n, t)| (format!("adam_v.{n}"), t.shallow_clone())),
-        );
-        checkpoint::save(&self.checkpoint_dir, self.meta(), &tensors)
+        let dir = checkpoint::save(&self.checkpoint_dir, self.meta(), &self.state_tensors())?;
+        if let Some(hook) = &self.on_checkpoint {
+            hook(&dir, self.step)?;
+        }
+        Ok(dir)
+    }
+
+    /// Called with each checkpoint written (its directory and step), after
+    /// it is published locally: the cluster path commits it to the
+    /// coordinator there.
+    pub fn on_checkpoint(&mut self, hook: Box<dyn Fn(&std::path::Path, u64) -> Result<()> + 'a>) {
+        self.on_checkpoint = Some(hook);
     }
 
     /// Stop (after a checkpoint) at the next step boundary once `flag` is set.
@@ -676,6 +808,21 @@ impl<'a> Trainer<'a> {
         let Some((meta, tensors)) = checkpoint::load_latest(&self.checkpoint_dir)? else {
             return Ok(false);
         };
+        self.restore(meta, tensors)?;
+        Ok(true)
+    }
+
+    /// Restore the checkpoint in directory `ck` (a committed one).
+    pub fn resume_from(&mut self, ck: &std::path::Path) -> Result<()> {
+        let (meta, tensors) = checkpoint::load_dir(ck)?;
+        self.restore(meta, tensors)
+    }
+
+    fn restore(
+        &mut self,
+        meta: CheckpointMeta,
+        tensors: std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<()> {
         let find = |name: &str| -> Result<&Tensor> {
             tensors.get(name).ok_or_else(|| {
                 Error::Invalid(format!(
@@ -693,14 +840,9 @@ impl<'a> Trainer<'a> {
             }
             Ok(())
         })?;
-        self.step = meta.step;
-        self.opt.t = meta.adam_t;
-        self.balancer = meta.balancer;
-        self.best_metric = meta.best_metric;
-        self.best_step = meta.best_step;
-        self.order_cache = None;
+        self.apply_meta(meta);
         tracing::info!(step = self.step, dir = %self.checkpoint_dir.display(), "resumed from checkpoint");
-        Ok(true)
+        Ok(())
     }
 
     pub fn aux_vars(&self) -> &nn::VarStore {
