@@ -44,6 +44,10 @@ pub struct Group {
     pub generation: u64,
     /// By rank.
     pub members: Vec<Member>,
+    /// When a member first reported that this generation's collective
+    /// failed while the membership was unchanged (see [`Groups::join`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +56,15 @@ pub struct Checkpoint {
     pub uri: String,
     pub sha256: String,
     pub generation: u64,
+}
+
+/// What a join gets: a group, or "call again later".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Join {
+    Joined(Joined),
+    /// The failed generation's membership is unchanged: a dead member's
+    /// session may not have expired yet.
+    Wait { retry_after_ms: u64 },
 }
 
 /// What a joining worker is told.
@@ -118,7 +131,21 @@ impl<S: Store> Groups<S> {
 
     /// Joins `session` to `job`'s training group, opening a new generation
     /// when the live membership changed.
-    pub async fn join(&self, session: &str, job: &str) -> Result<Joined, CoordinatorError> {
+    ///
+    /// `failed` is the generation whose collective failed on this worker
+    /// (0: none). While the membership still equals that generation's, a
+    /// member may have died without its session having expired yet: the
+    /// answer is [`Join::Wait`]. The first such report is timestamped on
+    /// the group; once `grace_ms` has passed with no change (the failure
+    /// was not a death — a network blip, a peer that re-joined), a new
+    /// generation of the same members is opened.
+    pub async fn join(
+        &self,
+        session: &str,
+        job: &str,
+        failed: u64,
+        grace_ms: i64,
+    ) -> Result<Join, CoordinatorError> {
         let gkey = format!("{GROUPS}{job}");
         for _ in 0..64 {
             let state = self
@@ -146,12 +173,28 @@ impl<S: Store> Groups<S> {
                 Some(kv) => (Some(parse::<Group>(&gkey, &kv.value)?), kv.mod_revision),
                 None => (None, 0),
             };
+            let now = crate::ledger::now_ms();
             let group = match old {
-                Some(g) if g.members == roster => g,
+                Some(g) if g.members == roster && (failed == 0 || failed != g.generation) => g,
+                Some(g) if g.members == roster && g.failed_at_ms.is_none_or(|t| now - t < grace_ms) => {
+                    if g.failed_at_ms.is_none() {
+                        let marked = Group {
+                            failed_at_ms: Some(now),
+                            ..g
+                        };
+                        if self.store.put_if(&gkey, json(&marked), rev).await?.is_none() {
+                            continue;
+                        }
+                    }
+                    return Ok(Join::Wait {
+                        retry_after_ms: 100,
+                    });
+                }
                 old => {
                     let next = Group {
                         generation: old.map_or(1, |g| g.generation + 1),
                         members: roster,
+                        failed_at_ms: None,
                     };
                     if self.store.put_if(&gkey, json(&next), rev).await?.is_none() {
                         continue; // another join moved it: re-read
@@ -165,15 +208,27 @@ impl<S: Store> Groups<S> {
                     next
                 }
             };
-            return Ok(Joined {
+            return Ok(Join::Joined(Joined {
                 group,
                 rank: rank as u32,
                 checkpoint: self.checkpoint(job).await?.map(|c| c.value),
-            });
+            }));
         }
         Err(CoordinatorError::Unavailable(format!(
             "too much contention forming the group of {job}"
         )))
+    }
+
+    /// `job`'s current generation (0: no group yet) and whether the live
+    /// membership differs from it (a member died, or a worker joined).
+    pub async fn status(&self, job: &str) -> Result<(u64, bool), CoordinatorError> {
+        let gkey = format!("{GROUPS}{job}");
+        let Some(kv) = self.store.get(&gkey).await? else {
+            return Ok((0, false));
+        };
+        let g: Group = parse(&gkey, &kv.value)?;
+        let roster = self.roster(job).await?;
+        Ok((g.generation, g.members != roster))
     }
 
     /// The committed checkpoint of `job`, if any.

@@ -23,7 +23,7 @@ use crate::convert::{parse_session, required, Report, Submit};
 use crate::driver::{self, Event, LoopHandle, Shutdown, ASSIGNMENTS};
 use crate::election::Election;
 use crate::error::CoordinatorError;
-use crate::groups::{Commit, Groups};
+use crate::groups::{Commit, Groups, Join};
 use crate::job::{JobEvent, JobState};
 use crate::ledger::{Ledger, Versioned};
 use crate::metrics::{serve_metrics, Metrics};
@@ -478,6 +478,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
                 return Ok(Response::new(pb::HeartbeatResponse {
                     abort,
                     reregister: true,
+                    ..Default::default()
                 }));
             }
             Err(e) => return Err(CoordinatorError::from(e).into()),
@@ -487,15 +488,44 @@ impl<S: Store> WorkerService for Coordinator<S> {
             .iter()
             .map(|t| (t.job_id.clone(), t.task_id.clone(), t.attempt))
             .collect();
-        let lost = self
+        let train = TaskKind::Train.stage_task_id();
+        // Attempt 0 of the training task: a member of the job's group, not
+        // a lease holder (see `lease_task`).
+        let (members, held): (Vec<_>, Vec<_>) = running
+            .iter()
+            .cloned()
+            .partition(|(_, task, attempt)| *attempt == 0 && task == train);
+        let mut lost = self
             .tasks
             .extend(
                 &r.session_id,
-                &running,
+                &held,
                 self.config.task_lease.as_millis() as i64,
             )
             .await?;
-        let mut lost = lost;
+        // A member stays while the job trains and the worker is assigned to it.
+        for m in members {
+            let training = self
+                .ledger
+                .get(&m.0)
+                .await?
+                .is_some_and(|j| j.value.state == JobState::Training);
+            let assigned = self
+                .store()
+                .get(&format!("{ASSIGNMENTS}{}", r.session_id))
+                .await
+                .map_err(CoordinatorError::from)?
+                .is_some_and(|kv| kv.value == m.0.as_bytes());
+            if !training || !assigned {
+                lost.push(m);
+            }
+        }
+        // The group of a running training task: its generation, and
+        // whether the live membership moved on from it.
+        let mut group = (0, false);
+        if let Some((job, _, _)) = running.iter().find(|(_, t, _)| t == train) {
+            group = Groups::new(self.store().clone()).status(job).await?;
+        }
         let mut finished: Vec<&str> = Vec::new();
         for (job_id, _, _) in &running {
             if finished.contains(&job_id.as_str()) {
@@ -564,6 +594,8 @@ impl<S: Store> WorkerService for Coordinator<S> {
         Ok(Response::new(pb::HeartbeatResponse {
             abort,
             reregister: false,
+            group_generation: group.0,
+            regroup: group.1,
         }))
     }
 
@@ -597,7 +629,43 @@ impl<S: Store> WorkerService for Coordinator<S> {
             return none();
         }
         let lease_ms = self.config.task_lease.as_millis() as i64;
-        let Some((t, kind)) = self.tasks.lease(&[job_id], &session, lease_ms).await? else {
+        let Some((t, kind)) = self.tasks.lease(&[job_id.clone()], &session, lease_ms).await?
+        else {
+            // Training is data-parallel over every worker assigned to the
+            // job: one holds the task (and reports it); each other one
+            // trains as a member of the group.
+            // (Not when the task fine-tunes the teacher: that runs on the
+            // holder alone.)
+            let fine_tunes = distill_spec::from_json_str(&job.value.spec_json)
+                .map_or(true, |s| s.teacher.fine_tune);
+            if job.value.state == JobState::Training && !fine_tunes {
+                let train = TaskKind::Train.stage_task_id();
+                if let Some(t) = self.tasks.get(&job_id, train).await? {
+                    if matches!(&t.state, TaskState::Leased { holder, .. } if holder.session != session)
+                    {
+                        let root = self.config.artifact_root.trim_end_matches('/');
+                        tracing::info!(job = job_id, session, "training member joins");
+                        return Ok(Response::new(pb::LeaseTaskResponse {
+                            task: Some(pb::Task {
+                                output_uri: format!("{root}/jobs/{job_id}/{train}"),
+                                artifact_root: root.to_string(),
+                                r#ref: Some(pb::TaskRef {
+                                    job_id: job_id.clone(),
+                                    task_id: train.to_string(),
+                                    attempt: 0,
+                                }),
+                                kind: pb::TaskKind::Train as i32,
+                                spec_json: job.value.spec_json,
+                                shard_start: t.shard_start,
+                                shard_end: t.shard_end,
+                                lease_deadline_ms: 0,
+                                member: true,
+                            }),
+                            retry_after_ms,
+                        }));
+                    }
+                }
+            }
             return none();
         };
         let counter = match kind {
@@ -635,6 +703,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
             shard_start: t.shard_start,
             shard_end: t.shard_end,
             lease_deadline_ms: deadline,
+            member: false,
         };
         Ok(Response::new(pb::LeaseTaskResponse {
             task: Some(task),
@@ -673,7 +742,19 @@ impl<S: Store> WorkerService for Coordinator<S> {
         let session = required("session_id", &r.session_id)?;
         let job = required("job_id", &r.job_id)?;
         self.session_lease(session).await?;
-        let joined = Groups::new(self.store().clone()).join(session, job).await?;
+        let grace = self.config.session_timeout.as_millis() as i64;
+        let joined = match Groups::new(self.store().clone())
+            .join(session, job, r.failed_generation, grace)
+            .await?
+        {
+            Join::Joined(j) => j,
+            Join::Wait { retry_after_ms } => {
+                return Ok(Response::new(pb::JoinGroupResponse {
+                    retry_after_ms,
+                    ..Default::default()
+                }))
+            }
+        };
         let (checkpoint_uri, checkpoint_step) = joined
             .checkpoint
             .map(|c| (c.uri, c.step))
@@ -690,6 +771,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
                 .collect(),
             checkpoint_uri,
             checkpoint_step,
+            retry_after_ms: 0,
         }))
     }
 

@@ -498,6 +498,15 @@ impl<S: Store> Tasks<S> {
         Ok(None)
     }
 
+    /// The record of task `task` of `job`, if it exists.
+    pub async fn get(&self, job: &str, task: &str) -> Result<Option<TaskRecord>, CoordinatorError> {
+        let k = key(job, task);
+        match self.store.get(&k).await? {
+            Some(kv) => Ok(Some(decode(&k, &kv.value)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Extends the leases `session` holds on the given (task, attempt) refs.
     /// Returns the refs it no longer holds (to abort).
     pub async fn extend(

@@ -68,6 +68,7 @@ async fn generations_fence_checkpoint_commits() {
     let join = |session: &str| pb::JoinGroupRequest {
         session_id: session.into(),
         job_id: job.clone(),
+        ..Default::default()
     };
     // One worker: the job cannot start (min 2), so there is no group yet.
     let early = w.join_group(join(&a)).await.unwrap_err();
@@ -183,6 +184,61 @@ async fn generations_fence_checkpoint_commits() {
         .unwrap()
         .into_inner();
     assert_eq!(seen.progress.unwrap().checkpoint_step, 20);
+
+    // a's collective of generation g2 fails while the membership is
+    // unchanged: no group yet (a dead member's session may not have
+    // expired), then, once a session timeout has passed with no change, a
+    // new generation of the same members. The heartbeat of a's training
+    // member reports the current generation.
+    let g2 = rejoined.generation;
+    let failed = pb::JoinGroupRequest {
+        failed_generation: g2,
+        ..join(&a)
+    };
+    let wait = w.join_group(failed.clone()).await.unwrap().into_inner();
+    assert!(
+        wait.retry_after_ms > 0 && wait.generation == 0,
+        "an unchanged failed group is not re-formed at once: {wait:?}"
+    );
+    let t0 = std::time::Instant::now();
+    let again = wait_for(Duration::from_secs(10), "a new generation", || {
+        let mut w = w.clone();
+        let (a, req) = (a.clone(), failed.clone());
+        async move {
+            w.heartbeat(pb::HeartbeatRequest {
+                session_id: a,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let j = w.join_group(req).await.unwrap().into_inner();
+            (j.retry_after_ms == 0).then_some(j)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!((again.generation, again.world_size), (g2 + 1, 1));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "re-formed only after the grace: {:?}",
+        t0.elapsed()
+    );
+    let hb = w
+        .heartbeat(pb::HeartbeatRequest {
+            session_id: a.clone(),
+            running: vec![pb::TaskRef {
+                job_id: job.clone(),
+                task_id: "stage-2-train".into(),
+                attempt: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hb.group_generation, g2 + 1);
+    assert!(!hb.regroup, "membership unchanged");
+    assert!(hb.abort.is_empty(), "a member of a training job is kept: {hb:?}");
 
     server.stop().await.unwrap();
 }

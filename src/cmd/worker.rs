@@ -56,6 +56,20 @@ pub struct Args {
     /// coordinator.
     #[arg(long, default_value_t = 5000)]
     pub max_backoff_ms: u64,
+    /// Address peers reach this worker's collectives on: its rendezvous
+    /// store listens there, and the Gloo transport binds to the host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub collective_host: String,
+    /// Port of this worker's rendezvous store (0: any free port; it is
+    /// sent to the coordinator on registration).
+    #[arg(long, default_value_t = 0)]
+    pub collective_port: u16,
+    /// Deadline of a training group's rendezvous and of each collective
+    /// (all-reduce, broadcast, barrier). A dead peer fails a collective at
+    /// once; a frozen one at this deadline, or sooner when the coordinator
+    /// evicts it.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub collective_timeout_ms: u64,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -82,6 +96,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         threads: a.threads,
         name,
         max_backoff: Duration::from_millis(a.max_backoff_ms.max(10)),
+        collective_host: a.collective_host.clone(),
+        collective_port: a.collective_port,
+        collective_timeout: Duration::from_millis(a.collective_timeout_ms),
     };
     // A small runtime for RPC and heartbeats; libtorch has its own thread.
     let rt = tokio::runtime::Builder::new_multi_thread()

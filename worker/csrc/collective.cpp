@@ -158,6 +158,36 @@ int distill_gloo_barrier(void* group, const unsigned char* abort, char* err, int
   }
 }
 
+// A TCPStore server on host:port (port 0: any free port, written to
+// `*bound_port`) that lives until `distill_store_free`: a worker's own
+// rendezvous point for every group it leads, so no port is re-bound per
+// generation. Null on error.
+void* distill_store_serve(const char* host, int port, int* bound_port, char* err, int errlen) {
+  try {
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<uint16_t>(port);
+    opts.isServer = true;
+    opts.waitWorkers = false;
+    auto* store = new c10::intrusive_ptr<c10d::TCPStore>(
+        c10::make_intrusive<c10d::TCPStore>(std::string(host), opts));
+    if (bound_port != nullptr) *bound_port = (*store)->getPort();
+    return store;
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return nullptr;
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+    return nullptr;
+  }
+}
+
+void distill_store_free(void* store) {
+  try {
+    delete static_cast<c10::intrusive_ptr<c10d::TCPStore>*>(store);
+  } catch (...) {
+  }
+}
+
 void distill_gloo_free(void* group) {
   try {
     delete static_cast<Group*>(group);

@@ -59,6 +59,14 @@ extern "C" {
         errlen: c_int,
     ) -> c_int;
     fn distill_gloo_free(group: *mut c_void);
+    fn distill_store_serve(
+        host: *const c_char,
+        port: c_int,
+        bound_port: *mut c_int,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> *mut c_void;
+    fn distill_store_free(store: *mut c_void);
 }
 
 const ERRLEN: usize = 1024;
@@ -76,9 +84,12 @@ fn cstring(what: &str, s: &str) -> Result<CString> {
 /// Where and how a group meets.
 #[derive(Debug, Clone)]
 pub struct Rendezvous {
-    /// The TCPStore's host and port (rank 0 hosts it).
+    /// The TCPStore's host and port.
     pub host: String,
     pub port: u16,
+    /// Rank 0 starts the store for this group (and stops it with the
+    /// group). False when a [`StoreServer`] already serves it.
+    pub host_store: bool,
     /// One prefix per group generation, e.g. `job-000001/gen-3/`.
     pub prefix: String,
     /// The address this rank's Gloo transport binds to.
@@ -131,7 +142,7 @@ impl GlooGroup {
             distill_gloo_new(
                 host.as_ptr(),
                 r.port as c_int,
-                (r.rank == 0) as c_int,
+                (r.rank == 0 && r.host_store) as c_int,
                 prefix.as_ptr(),
                 bind.as_ptr(),
                 r.rank as c_int,
@@ -260,5 +271,52 @@ impl Drop for GlooGroup {
         } else {
             unsafe { distill_gloo_free(raw.0) }
         }
+    }
+}
+
+/// A TCPStore server that outlives groups: a worker starts one at its
+/// collective address, and every group it is rank 0 of meets there, each
+/// generation under its own prefix (so no port is bound twice, even while
+/// a failed group is still being freed).
+pub struct StoreServer {
+    raw: *mut c_void,
+    pub port: u16,
+}
+
+// Only created and dropped; c10d's store server runs on its own thread.
+unsafe impl Send for StoreServer {}
+unsafe impl Sync for StoreServer {}
+
+impl StoreServer {
+    /// Serves on `host:port` (port 0: any free port, see `self.port`).
+    pub fn serve(host: &str, port: u16) -> Result<Self> {
+        let h = cstring("host", host)?;
+        let mut bound: c_int = 0;
+        let mut err = vec![0u8; ERRLEN];
+        let raw = unsafe {
+            distill_store_serve(
+                h.as_ptr(),
+                port as c_int,
+                &mut bound,
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        if raw.is_null() {
+            return Err(Error::Collective(format!(
+                "cannot serve the rendezvous store on {host}:{port}: {}",
+                message(&err)
+            )));
+        }
+        Ok(Self {
+            raw,
+            port: bound as u16,
+        })
+    }
+}
+
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        unsafe { distill_store_free(self.raw) }
     }
 }

@@ -19,6 +19,7 @@ pub mod collective;
 pub mod data;
 pub mod device;
 pub mod distill;
+pub mod elastic;
 pub mod error;
 pub mod fsutil;
 pub mod infer;

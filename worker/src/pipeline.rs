@@ -545,6 +545,26 @@ pub fn distill_student(
     device: Device,
     hooks: &mut Hooks,
 ) -> Result<TaskModel> {
+    distill_student_in(spec, p, teacher, teacher_output, out, device, hooks, None)
+}
+
+/// [`distill_student`] as one rank of an elastic data-parallel group
+/// (`group`; see [`crate::elastic`]), or alone (`None`: resumes from the
+/// latest local checkpoint). In a group, only committed checkpoints are
+/// loaded, and the final rank 0 restores the best weights and exports the
+/// student while the others wait at a barrier; the returned model is only
+/// meaningful on rank 0.
+#[allow(clippy::too_many_arguments)]
+pub fn distill_student_in(
+    spec: &JobSpec,
+    p: &Prepared,
+    teacher: &TaskModel,
+    teacher_output: Option<Tensor>,
+    out: &Path,
+    device: Device,
+    hooks: &mut Hooks,
+    group: Option<&mut dyn crate::elastic::Membership>,
+) -> Result<TaskModel> {
     let plan = StudentPlan::new(spec, teacher)?;
     let mut student = plan.fresh(spec, p, teacher, device)?;
     eprintln!(
@@ -575,6 +595,7 @@ pub fn distill_student(
         "distill: {total} steps, teacher signal {}",
         if offline { "offline" } else { "online" }
     );
+    let (leader, last_group);
     {
         let online = (!offline).then_some(teacher);
         let mut tr = Trainer::new(
@@ -586,7 +607,9 @@ pub fn distill_student(
             out.join("student-ckpt"),
         )?;
         tr.stop_on(hooks.stop.clone());
-        tr.resume()?;
+        if group.is_none() {
+            tr.resume()?;
+        }
         let eval_emb = match (p.task, p.eval.as_ref()) {
             (Task::Embedding, Some(e)) => Some(infer(
                 teacher,
@@ -598,15 +621,28 @@ pub fn distill_student(
             _ => None,
         };
         let mut ev = eval_fn_with(p.eval.as_ref(), &p.tok, eval_emb);
-        tr.train(
-            &data,
-            ev.as_mut()
-                .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>),
-            hooks.on_step("distill", total),
-        )?;
-        tr.restore_best()?;
+        let ev = ev
+            .as_mut()
+            .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>);
+        match group {
+            None => tr.train(&data, ev, hooks.on_step("distill", total))?,
+            Some(m) => {
+                crate::elastic::train(&mut tr, &data, ev, hooks.on_step("distill", total), m)?
+            }
+        }
+        leader = tr.rank_world().0 == 0;
+        if leader {
+            tr.restore_best()?;
+        }
+        last_group = tr.leave_group();
     }
-    export(&student, &out.join("student"), &p.teacher_dir)?;
+    if leader {
+        export(&student, &out.join("student"), &p.teacher_dir)?;
+    }
+    if let Some(g) = last_group {
+        // The others return once rank 0 has exported.
+        g.barrier()?;
+    }
     Ok(student)
 }
 

@@ -20,6 +20,7 @@ fn rendezvous(port: u16, prefix: &str, rank: u32, timeout: Duration) -> Rendezvo
     Rendezvous {
         host: "127.0.0.1".into(),
         port,
+        host_store: true,
         prefix: prefix.into(),
         bind_host: "127.0.0.1".into(),
         rank,

@@ -167,6 +167,7 @@ fn two_ranks(
                 let g = GlooGroup::join(&Rendezvous {
                     host: "127.0.0.1".into(),
                     port,
+                    host_store: true,
                     prefix: format!("dp-{accum}/gen-1/"),
                     bind_host: "127.0.0.1".into(),
                     rank,
@@ -281,6 +282,7 @@ fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
                 let g = GlooGroup::join(&Rendezvous {
                     host: "127.0.0.1".into(),
                     port,
+                    host_store: true,
                     prefix: "late/gen-2/".into(),
                     bind_host: "127.0.0.1".into(),
                     rank,

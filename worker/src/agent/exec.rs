@@ -13,7 +13,8 @@
 //! | evaluate (+ quantize, gate) | `jobs/<job>/report.json`, `report.md`, plots, `quantized/<format>/` | `report.json` and its sha256 |
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -23,6 +24,9 @@ use tch::{Device, Tensor};
 use tokio::sync::oneshot;
 
 use crate::artifacts::Artifacts;
+use crate::elastic::{Committer, Joined, Membership};
+use distill_proto::client::{authed, Endpoints};
+use pb::worker_service_client::WorkerServiceClient;
 use crate::infer::{infer, InferOptions};
 use crate::model::TaskModel;
 use crate::pipeline::{self, Hooks, Prepared};
@@ -39,6 +43,145 @@ pub struct Control {
     pub aborted: AtomicBool,
     /// Latest progress, read by the heartbeat.
     pub progress: Mutex<Option<Progress>>,
+    /// Set when the training group changed (or the task is taken away):
+    /// collectives in flight return, training re-joins.
+    pub group_flag: Arc<AtomicBool>,
+    /// The training group generation this worker is in (0: none).
+    pub generation: AtomicU64,
+}
+
+/// What a training task needs to talk to the coordinator about its group
+/// from the libtorch thread.
+pub struct LinkParts {
+    pub handle: tokio::runtime::Handle,
+    pub endpoints: Endpoints,
+    pub session: String,
+    pub job: String,
+    pub host: String,
+    pub timeout: Duration,
+}
+
+/// [`Membership`] over the coordinator's `JoinGroup` and
+/// `CommitCheckpoint`, called from the libtorch thread by blocking on the
+/// worker's runtime.
+struct GroupLink<'c> {
+    parts: LinkParts,
+    control: &'c Control,
+}
+
+impl Membership for GroupLink<'_> {
+    fn join(&mut self, failed: u64) -> Result<Joined> {
+        let req = pb::JoinGroupRequest {
+            session_id: self.parts.session.clone(),
+            job_id: self.parts.job.clone(),
+            failed_generation: failed,
+        };
+        loop {
+            if self.control.stop.load(Ordering::Relaxed) {
+                return Err(Error::Stopped);
+            }
+            let mut ep = self.parts.endpoints.clone();
+            let r = self.parts.handle.block_on(ep.call(|ch, token| {
+                let req = authed(req.clone(), token);
+                async move { WorkerServiceClient::new(ch).join_group(req).await }
+            }));
+            match r {
+                Ok(j) if j.retry_after_ms > 0 => {
+                    std::thread::sleep(Duration::from_millis(j.retry_after_ms.min(2000)));
+                }
+                Ok(j) => {
+                    tracing::info!(
+                        generation = j.generation,
+                        rank = j.rank,
+                        world = j.world_size,
+                        "joined the training group"
+                    );
+                    return Ok(Joined {
+                        generation: j.generation,
+                        rank: j.rank,
+                        world: j.world_size,
+                        peers: j.peers,
+                        checkpoint: (!j.checkpoint_uri.is_empty())
+                            .then(|| (PathBuf::from(j.checkpoint_uri), j.checkpoint_step)),
+                    });
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    return Err(Error::Invalid(format!(
+                        "the coordinator refused the join: {}",
+                        s.message()
+                    )));
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s, "cannot join the training group; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    fn committer(&self, generation: u64) -> Committer {
+        let (handle, endpoints) = (self.parts.handle.clone(), self.parts.endpoints.clone());
+        let (session, job) = (self.parts.session.clone(), self.parts.job.clone());
+        let endpoints = Mutex::new(endpoints);
+        Box::new(move |dir: &Path, step: u64| {
+            // The state file's checksum, recorded (and verified) when the
+            // checkpoint was written.
+            let meta = dir.join("meta.json");
+            let text = std::fs::read_to_string(&meta).map_err(|e| Error::io(&meta, e))?;
+            let sha = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["sha256"].as_str().map(String::from))
+                .ok_or_else(|| Error::Invalid(format!("{}: no sha256", meta.display())))?;
+            let req = pb::CommitCheckpointRequest {
+                session_id: session.clone(),
+                job_id: job.clone(),
+                generation,
+                step,
+                checkpoint_uri: dir.display().to_string(),
+                sha256: sha,
+            };
+            let mut ep = endpoints.lock().map_err(|_| Error::Invalid("poisoned".into()))?;
+            let r = handle.block_on(ep.call(|ch, token| {
+                let req = authed(req.clone(), token);
+                async move { WorkerServiceClient::new(ch).commit_checkpoint(req).await }
+            }));
+            match r {
+                Ok(_) => {
+                    tracing::info!(step, generation, "checkpoint committed");
+                    Ok(())
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    tracing::info!(step, generation, reason = s.message(), "checkpoint commit refused: the group moved on");
+                    Err(Error::Regroup)
+                }
+                Err(s) => {
+                    // The previous committed checkpoint stays the fallback.
+                    tracing::warn!(step, error = %s, "cannot commit the checkpoint");
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn flag(&self) -> Arc<AtomicBool> {
+        self.control.group_flag.clone()
+    }
+
+    fn set_generation(&self, generation: u64) {
+        self.control.generation.store(generation, Ordering::Relaxed);
+    }
+
+    fn bind_host(&self) -> String {
+        self.parts.host.clone()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.parts.timeout
+    }
+
+    fn job(&self) -> String {
+        self.parts.job.clone()
+    }
 }
 
 /// A running task's progress as the heartbeat reports it.
@@ -56,6 +199,8 @@ pub struct Work {
     pub spec: JobSpec,
     pub control: Arc<Control>,
     pub reply: oneshot::Sender<Result<pb::TaskSuccess>>,
+    /// For a training task: its link to the coordinator's group calls.
+    pub link: Option<LinkParts>,
 }
 
 /// The handle of the executor thread.
@@ -75,9 +220,10 @@ impl Executor {
                     tch::set_num_threads(t);
                 }
                 let mut cache = None;
-                for w in rx {
+                for mut w in rx {
+                    let link = w.link.take();
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        execute(&mut cache, &w.task, &w.spec, &w.control, device)
+                        execute(&mut cache, &w.task, &w.spec, &w.control, device, link)
                     }))
                     .unwrap_or_else(|p| {
                         let what = p
@@ -133,6 +279,7 @@ fn execute(
     spec: &JobSpec,
     control: &Control,
     device: Device,
+    link: Option<LinkParts>,
 ) -> Result<pb::TaskSuccess> {
     let r = task.r#ref.clone().unwrap_or_default();
     if task.artifact_root.is_empty() {
@@ -147,7 +294,7 @@ fn execute(
         pb::TaskKind::TeacherSignal => teacher_signal(cache, task, spec, device),
         pb::TaskKind::Train => {
             *cache = None; // training needs the memory
-            train(spec, &root, &job_dir, control, device)
+            train(spec, &root, &job_dir, control, device, link)
         }
         pb::TaskKind::Evaluate => evaluate(spec, &job_dir, control, device),
         pb::TaskKind::Unspecified => Err(Error::Invalid(format!(
@@ -256,6 +403,7 @@ fn train(
     job_dir: &Path,
     control: &Control,
     device: Device,
+    link: Option<LinkParts>,
 ) -> Result<pb::TaskSuccess> {
     let p = pipeline::prepare(spec)?;
     let mut progress = progress_hook(control);
@@ -273,7 +421,21 @@ fn train(
         )?),
         TeacherSignal::Online => None,
     };
-    pipeline::distill_student(spec, &p, &teacher, signal, job_dir, device, &mut hooks)?;
+    // Data-parallel over the job's group, unless the teacher is fine-tuned
+    // in this task (every member would write it).
+    let mut link = link
+        .filter(|_| !spec.teacher.fine_tune)
+        .map(|parts| GroupLink { parts, control });
+    pipeline::distill_student_in(
+        spec,
+        &p,
+        &teacher,
+        signal,
+        job_dir,
+        device,
+        &mut hooks,
+        link.as_mut().map(|l| l as &mut dyn Membership),
+    )?;
     let student = job_dir.join("student");
     let weights = student.join("model.safetensors");
     Ok(pb::TaskSuccess {

@@ -57,6 +57,13 @@ pub struct Options {
     /// The longest pause between two tries against an unreachable
     /// coordinator.
     pub max_backoff: Duration,
+    /// Host peers reach this worker's collectives on (its rendezvous store
+    /// and Gloo transport bind there).
+    pub collective_host: String,
+    /// Port of this worker's rendezvous store (0: any free port).
+    pub collective_port: u16,
+    /// Deadline of a group's rendezvous and of each collective.
+    pub collective_timeout: Duration,
 }
 
 /// Client TLS files: the CA the coordinator's certificate chains to, and an
@@ -110,6 +117,10 @@ pub async fn serve(opts: Options, shutdown: impl Future<Output = ()> + Send) -> 
     endpoints.max_pause = opts.max_backoff;
     let executor = Executor::spawn(opts.device, opts.threads)
         .map_err(|e| Error::Invalid(format!("cannot start the libtorch thread: {e}")))?;
+    // This worker's rendezvous store, for every group it is rank 0 of.
+    let store = crate::collective::StoreServer::serve(&opts.collective_host, opts.collective_port)?;
+    let collective_address = format!("{}:{}", opts.collective_host, store.port);
+    tracing::info!(address = collective_address, "collective store serving");
     let shared: SharedState = Arc::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (interval_tx, interval_rx) = watch::channel(Duration::from_secs(1));
@@ -125,6 +136,8 @@ pub async fn serve(opts: Options, shutdown: impl Future<Output = ()> + Send) -> 
         executor,
         stop: stop_rx,
         interval: interval_tx,
+        collective_address,
+        _store: store,
     };
     let result = tokio::select! {
         r = worker.run() => r,
@@ -145,6 +158,8 @@ struct Worker {
     executor: Executor,
     stop: watch::Receiver<bool>,
     interval: watch::Sender<Duration>,
+    collective_address: String,
+    _store: crate::collective::StoreServer,
 }
 
 impl Worker {
@@ -219,7 +234,7 @@ impl Worker {
             }],
             host_memory_bytes: 0,
             version: env!("CARGO_PKG_VERSION").into(),
-            collective_address: String::new(),
+            collective_address: self.collective_address.clone(),
         };
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -304,12 +319,22 @@ impl Worker {
         if let Ok(mut s) = self.shared.lock() {
             s.running = Some((r.clone(), control.clone()));
         }
+        let member = task.member;
+        let link = (task.kind == pb::TaskKind::Train as i32).then(|| exec::LinkParts {
+            handle: tokio::runtime::Handle::current(),
+            endpoints: self.endpoints.clone(),
+            session: session.to_string(),
+            job: r.job_id.clone(),
+            host: self.opts.collective_host.clone(),
+            timeout: self.opts.collective_timeout,
+        });
         let (tx, mut rx) = oneshot::channel();
         let submitted = self.executor.submit(Work {
             task,
             spec,
             control: control.clone(),
             reply: tx,
+            link,
         });
         let result = match submitted {
             Err(e) => Err(e),
@@ -337,6 +362,14 @@ impl Worker {
                 attempt = r.attempt,
                 "task taken away by the coordinator; output discarded"
             );
+            return;
+        }
+        if member {
+            // Another worker holds the task and reports it.
+            match &result {
+                Ok(_) => tracing::info!(job = r.job_id, "training member done"),
+                Err(e) => tracing::warn!(job = r.job_id, error = %e, "training member stopped"),
+            }
             return;
         }
         let outcome = match result {
@@ -453,6 +486,8 @@ async fn heartbeat_loop(
                 let take_away = |c: &Control| {
                     c.aborted.store(true, Ordering::Relaxed);
                     c.stop.store(true, Ordering::Relaxed);
+                    // A collective in flight returns at once.
+                    c.group_flag.store(true, Ordering::Relaxed);
                 };
                 if hb.reregister {
                     tracing::warn!(session, "session expired; registering again");
@@ -467,6 +502,20 @@ async fn heartbeat_loop(
                         take_away(&c);
                     }
                 } else if let Some((r, c)) = &running {
+                    // The training group changed: leave it now (an
+                    // answer about an older generation is ignored).
+                    let mine = c.generation.load(Ordering::Relaxed);
+                    if mine != 0
+                        && (hb.group_generation > mine
+                            || (hb.regroup && hb.group_generation == mine))
+                        && !c.group_flag.swap(true, Ordering::Relaxed)
+                    {
+                        tracing::info!(
+                            generation = mine,
+                            current = hb.group_generation,
+                            "the training group changed"
+                        );
+                    }
                     if hb.abort.contains(r) {
                         tracing::info!(
                             task = r.task_id,
