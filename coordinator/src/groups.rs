@@ -64,7 +64,9 @@ pub enum Join {
     Joined(Joined),
     /// The failed generation's membership is unchanged: a dead member's
     /// session may not have expired yet.
-    Wait { retry_after_ms: u64 },
+    Wait {
+        retry_after_ms: u64,
+    },
 }
 
 /// What a joining worker is told.
@@ -176,13 +178,20 @@ impl<S: Store> Groups<S> {
             let now = crate::ledger::now_ms();
             let group = match old {
                 Some(g) if g.members == roster && (failed == 0 || failed != g.generation) => g,
-                Some(g) if g.members == roster && g.failed_at_ms.is_none_or(|t| now - t < grace_ms) => {
+                Some(g)
+                    if g.members == roster && g.failed_at_ms.is_none_or(|t| now - t < grace_ms) =>
+                {
                     if g.failed_at_ms.is_none() {
                         let marked = Group {
                             failed_at_ms: Some(now),
                             ..g
                         };
-                        if self.store.put_if(&gkey, json(&marked), rev).await?.is_none() {
+                        if self
+                            .store
+                            .put_if(&gkey, json(&marked), rev)
+                            .await?
+                            .is_none()
+                        {
                             continue;
                         }
                     }

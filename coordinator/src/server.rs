@@ -629,7 +629,10 @@ impl<S: Store> WorkerService for Coordinator<S> {
             return none();
         }
         let lease_ms = self.config.task_lease.as_millis() as i64;
-        let Some((t, kind)) = self.tasks.lease(&[job_id.clone()], &session, lease_ms).await?
+        let Some((t, kind)) = self
+            .tasks
+            .lease(&[job_id.clone()], &session, lease_ms)
+            .await?
         else {
             // Training is data-parallel over every worker assigned to the
             // job: one holds the task (and reports it); each other one

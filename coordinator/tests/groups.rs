@@ -238,7 +238,10 @@ async fn generations_fence_checkpoint_commits() {
         .into_inner();
     assert_eq!(hb.group_generation, g2 + 1);
     assert!(!hb.regroup, "membership unchanged");
-    assert!(hb.abort.is_empty(), "a member of a training job is kept: {hb:?}");
+    assert!(
+        hb.abort.is_empty(),
+        "a member of a training job is kept: {hb:?}"
+    );
 
     server.stop().await.unwrap();
 }

@@ -2,6 +2,8 @@
 //! (scripts/parity/reference.py) and small labelled JSONL data sets.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -44,10 +44,16 @@ int wait_work(Group* g, const c10::intrusive_ptr<c10d::Work>& work, const unsign
       if (work->wait(std::chrono::milliseconds(20))) return 0;
       set_err(err, errlen, std::string(what) + " was aborted");
       return -1;
-    } catch (const std::exception& e) {
-      // A slice that ran out throws too; only a completed work's
-      // exception is the operation's own error.
-      if (work->isCompleted()) {
+    } catch (const std::exception&) {
+      // The slice ran out (c10d throws "Operation timed out!"), or the
+      // operation failed: only a completed work's outcome counts, and it
+      // may have completed just after the slice ran out.
+    }
+    if (work->isCompleted()) {
+      try {
+        work->wait();
+        return 0;
+      } catch (const std::exception& e) {
         set_err(err, errlen, e.what());
         return -1;
       }

@@ -72,9 +72,14 @@ extern "C" {
 const ERRLEN: usize = 1024;
 
 fn message(buf: &[u8]) -> String {
-    CStr::from_bytes_until_nul(buf)
+    let m = CStr::from_bytes_until_nul(buf)
         .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown error".into())
+        .unwrap_or_else(|_| "unknown error".into());
+    // c10d appends a C++ backtrace: keep the message.
+    match m.split_once("\nException raised from") {
+        Some((head, _)) => head.trim_end().to_string(),
+        None => m,
+    }
 }
 
 fn cstring(what: &str, s: &str) -> Result<CString> {

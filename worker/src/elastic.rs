@@ -106,6 +106,7 @@ pub fn train(
         flag.store(false, Ordering::Relaxed);
         tr.leave_group();
         let j = m.join(failed)?;
+        let joined_at = Instant::now();
         if j.generation <= left {
             // Told to change while the coordinator saw no change (a late
             // heartbeat): report the generation as failed, so the group
@@ -180,6 +181,7 @@ pub fn train(
                     world,
                     step = l.step,
                     seconds_since_failure = at.elapsed().as_secs_f64(),
+                    seconds_since_join = joined_at.elapsed().as_secs_f64(),
                     steps_redone = redone,
                     cause = why,
                     "recovered: first step of the new group done"
@@ -190,7 +192,11 @@ pub fn train(
         match result {
             Ok(()) => return Ok(()),
             Err(Error::Regroup) => {
-                tracing::info!(generation, step = tr.step, "the group changed; joining again");
+                tracing::info!(
+                    generation,
+                    step = tr.step,
+                    "the group changed; joining again"
+                );
                 failed = 0;
                 since = Some((Instant::now(), tr.step, "group changed"));
             }

@@ -14,8 +14,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::time::Instant;
 
 use distill_proto::v1 as pb;
@@ -25,14 +25,14 @@ use tokio::sync::oneshot;
 
 use crate::artifacts::Artifacts;
 use crate::elastic::{Committer, Joined, Membership};
-use distill_proto::client::{authed, Endpoints};
-use pb::worker_service_client::WorkerServiceClient;
 use crate::infer::{infer, InferOptions};
 use crate::model::TaskModel;
 use crate::pipeline::{self, Hooks, Prepared};
 use crate::signal::{self, TeacherId};
 use crate::tokenize::Encoded;
 use crate::{Error, Result};
+use distill_proto::client::{authed, Endpoints};
+use pb::worker_service_client::WorkerServiceClient;
 
 /// What the async side and the executor share about the running task.
 #[derive(Debug, Default)]
@@ -140,7 +140,9 @@ impl Membership for GroupLink<'_> {
                 checkpoint_uri: dir.display().to_string(),
                 sha256: sha,
             };
-            let mut ep = endpoints.lock().map_err(|_| Error::Invalid("poisoned".into()))?;
+            let mut ep = endpoints
+                .lock()
+                .map_err(|_| Error::Invalid("poisoned".into()))?;
             let r = handle.block_on(ep.call(|ch, token| {
                 let req = authed(req.clone(), token);
                 async move { WorkerServiceClient::new(ch).commit_checkpoint(req).await }
@@ -151,7 +153,12 @@ impl Membership for GroupLink<'_> {
                     Ok(())
                 }
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                    tracing::info!(step, generation, reason = s.message(), "checkpoint commit refused: the group moved on");
+                    tracing::info!(
+                        step,
+                        generation,
+                        reason = s.message(),
+                        "checkpoint commit refused: the group moved on"
+                    );
                     Err(Error::Regroup)
                 }
                 Err(s) => {
