@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
     let g = GlooGroup::join(&Rendezvous {
         host: "127.0.0.1".into(),
         port,
+        host_store: true,
         prefix: "bench/gen-1/".into(),
         bind_host: "127.0.0.1".into(),
         rank,
