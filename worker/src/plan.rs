@@ -20,30 +20,73 @@ pub struct Plan {
     pub quantization: Vec<String>,
 }
 
+/// `Some(v)`, or `None` with the error added to `problems`.
+fn keep<T>(problems: &mut Vec<String>, r: Result<T>) -> Option<T> {
+    r.map_err(|e| problems.push(e.to_string())).ok()
+}
+
+/// Checks everything about `spec`'s files that can be checked without
+/// training — the teacher's config, weights and tokenizer (against its
+/// embeddings), the student's shape and layer map, every data file, its
+/// fields and labels, and the quantization candidates against the
+/// student — and returns the plan, or one error listing every problem.
 pub fn plan(spec: &JobSpec) -> Result<Plan> {
-    crate::pipeline::check_supported(spec)?;
+    let mut problems = vec![];
+    let p = &mut problems;
+    keep(p, crate::pipeline::check_supported(spec));
     let dir = Path::new(&spec.teacher.path);
-    let cfg = BertConfig::from_dir(dir)?;
-    let files = weights::weight_files(dir)?;
-    // Parse the weight headers (catches corrupt or truncated files).
-    let tensors = weights::read_tensors(&files)?;
-    let emb_rows = tensors
-        .iter()
-        .find(|(n, _)| n.ends_with("word_embeddings.weight"))
-        .map(|(_, t)| t.size()[0]);
-    if emb_rows.is_some_and(|r| r != cfg.vocab_size) {
-        return Err(Error::Weights {
-            path: files[0].clone(),
-            message: format!(
-                "word embeddings have {} rows but config.json vocab_size is {}",
-                emb_rows.unwrap(),
-                cfg.vocab_size
-            ),
-        });
-    }
-    let tok = TextTokenizer::load(dir, &cfg, spec.data.max_length as usize)?;
+    let cfg = keep(p, BertConfig::from_dir(dir));
+    let tok = cfg.as_ref().and_then(|cfg| {
+        let files = keep(p, weights::weight_files(dir))?;
+        // Parse the weight headers (catches corrupt or truncated files).
+        let tensors = keep(p, weights::read_tensors(&files))?;
+        let emb_rows = tensors
+            .iter()
+            .find(|(n, _)| n.ends_with("word_embeddings.weight"))
+            .map(|(_, t)| t.size()[0]);
+        if let Some(rows) = emb_rows.filter(|&r| r != cfg.vocab_size) {
+            p.push(
+                Error::Weights {
+                    path: files[0].clone(),
+                    message: format!(
+                        "word embeddings have {rows} rows but config.json vocab_size is {}",
+                        cfg.vocab_size
+                    ),
+                }
+                .to_string(),
+            );
+        }
+        keep(p, TextTokenizer::load(dir, cfg, spec.data.max_length as usize))
+    });
     let shape = StudentShape::from(&spec.student.size);
-    let s = derive_config(&cfg, &shape)?;
+    let s = cfg
+        .as_ref()
+        .and_then(|cfg| keep(p, derive_config(cfg, &shape)));
+    if let (Some(cfg), Some(s)) = (&cfg, &s) {
+        let explicit = match (&spec.student.layer_map, &spec.distill.layer_map) {
+            (Some(m), _) => Some(("student.layer_map", m)),
+            (None, distill_spec::LayerMap::Explicit(m)) => Some(("distill.layer_map", m)),
+            _ => None,
+        };
+        if let Some((field, m)) = explicit {
+            if m.len() as i64 != s.num_hidden_layers {
+                p.push(format!(
+                    "{field}: {} entries for a student of {} layers",
+                    m.len(),
+                    s.num_hidden_layers
+                ));
+            }
+            for (i, &l) in m.iter().enumerate() {
+                if l as i64 >= cfg.num_hidden_layers {
+                    p.push(format!(
+                        "{field}[{i}]: teacher layer {l} does not exist (the teacher at {} has layers 0..{})",
+                        dir.display(),
+                        cfg.num_hidden_layers - 1
+                    ));
+                }
+            }
+        }
+    }
     let fields = Fields {
         text: spec.data.text_field.clone(),
         text_pair: spec.data.text_pair_field.clone(),
@@ -57,19 +100,50 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
         ("eval", &spec.data.eval),
         ("test", &spec.data.test),
     ] {
-        if let Some(p) = path {
-            let ex = read_examples(Path::new(p), &fields)?;
-            if name == "train" || name == "unlabelled" {
-                n_train += ex.len();
-            }
-            counts.insert(name.into(), ex.len().into());
+        let Some(path) = path else { continue };
+        let Some(ex) = keep(p, read_examples(Path::new(path), &fields).map_err(Error::from))
+            .or_else(|| {
+                // Name the spec field beside the file's own error.
+                if let Some(last) = p.last_mut() {
+                    *last = format!("data.{name}: {last}");
+                }
+                None
+            })
+        else {
+            continue;
+        };
+        if name == "train" || name == "unlabelled" {
+            n_train += ex.len();
         }
+        // Labels outside the declared set (the first few lines of each file).
+        let labels = spec.data.labels.as_deref().unwrap_or_default();
+        if name != "unlabelled" && !labels.is_empty() {
+            let bad: Vec<String> = ex
+                .iter()
+                .filter_map(|e| {
+                    let l = e.label.as_ref()?;
+                    (!labels.contains(l)).then(|| format!("line {}: '{l}'", e.line))
+                })
+                .collect();
+            if !bad.is_empty() {
+                p.push(format!(
+                    "data.{name}: {path}: {} example(s) with a label outside data.labels {labels:?} ({}{})",
+                    bad.len(),
+                    bad.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+                    if bad.len() > 3 { ", …" } else { "" }
+                ));
+            }
+        }
+        counts.insert(name.into(), ex.len().into());
     }
     let steps = crate::pipeline::total_steps(spec, n_train);
     let schemes = crate::quant::Scheme::from_spec(&spec.quantization);
     // An explicit int4 needs a group size that divides every quantized
     // layer's inputs (hidden and intermediate sizes); "auto" skips it.
-    if spec.quantization.formats != distill_spec::QuantFormats::Auto {
+    if let (true, Some(s)) = (
+        spec.quantization.formats != distill_spec::QuantFormats::Auto,
+        &s,
+    ) {
         for sch in &schemes {
             if let crate::quant::Scheme::Int4 { group_size } = sch {
                 for (what, k) in [
@@ -77,14 +151,22 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
                     ("intermediate_size", s.intermediate_size),
                 ] {
                     if k % group_size != 0 {
-                        return Err(Error::Invalid(format!(
+                        p.push(format!(
                             "quantization.group_size: {group_size} does not divide the student's {what} {k}; int4 needs it to"
-                        )));
+                        ));
                     }
                 }
             }
         }
     }
+    let (Some(cfg), Some(tok), Some(s), true) = (cfg, tok, s, problems.is_empty()) else {
+        let n = problems.len();
+        return Err(Error::Invalid(format!(
+            "{n} problem{} found:\n  - {}",
+            if n == 1 { "" } else { "s" },
+            problems.join("\n  - ")
+        )));
+    };
     Ok(Plan {
         teacher: serde_json::json!({"path": dir, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
             "params": cfg.encoder_params(), "vocab": cfg.vocab_size, "tokenizer_vocab": tok.vocab_size()}),
