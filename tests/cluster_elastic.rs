@@ -13,7 +13,8 @@
 //!    expires and the others' collective in flight is aborted — the group
 //!    goes on well before the 60 s collective deadline.
 //!
-//! The job then succeeds with every step done once.
+//! The job then succeeds, its last checkpoint at the last step, and the
+//! watch stream shows the group's size, generation, rate and loss terms.
 
 mod common;
 
@@ -191,6 +192,24 @@ async fn a_group_survives_a_kill_a_join_and_a_freeze() {
         "the new member received the state: {formed}"
     );
     eprintln!("joined: {formed}");
+    // The watch stream shows the group: its size, generation and rate.
+    let seen = wait_job(&client, &id, "progress from the group of three", 60, |j| {
+        j.progress.as_ref().is_some_and(|p| {
+            p.world_size == 3 && p.generation >= 3 && p.samples_per_second > 0.0
+        })
+    })
+    .await;
+    let p = seen.progress.unwrap();
+    eprintln!(
+        "progress: world {} generation {} {:.1} steps/s {:.0} samples/s ETA {:.1} s terms {:?}",
+        p.world_size,
+        p.generation,
+        p.steps_per_second,
+        p.samples_per_second,
+        p.eta_seconds,
+        p.loss_terms
+    );
+    assert!(p.loss_terms.contains_key("task"), "{:?}", p.loss_terms);
 
     // 3. SIGSTOP one of the original survivors.
     let seen = [
@@ -221,7 +240,8 @@ async fn a_group_survives_a_kill_a_join_and_a_freeze() {
         j.state == pb::JobState::Succeeded as i32
     })
     .await;
-    assert_eq!(steps_done(&done), STEPS);
+    // The last checkpoint, committed with the last step.
+    assert_eq!(done.progress.as_ref().unwrap().checkpoint_step, STEPS);
     for o in &done.outputs {
         assert!(Path::new(o).exists(), "{o} exists");
     }

@@ -45,6 +45,21 @@ pub struct Progress {
     /// Latest training loss reported.
     #[serde(default)]
     pub loss: f64,
+    /// Training: the group's size and generation (0 when not training).
+    #[serde(default)]
+    pub world_size: u32,
+    #[serde(default)]
+    pub generation: u64,
+    /// Over the last steps, and the time left at that rate.
+    #[serde(default)]
+    pub steps_per_second: f64,
+    #[serde(default)]
+    pub samples_per_second: f64,
+    #[serde(default)]
+    pub eta_seconds: f64,
+    /// The latest step's loss terms by name.
+    #[serde(default)]
+    pub loss_terms: std::collections::BTreeMap<String, f64>,
 }
 
 /// A job as persisted under `jobs/<id>`.

@@ -551,6 +551,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
                 continue;
             }
             let (stage, done, total, loss) = (p.stage.clone(), p.steps_done, p.steps_total, p.loss);
+            let p = p.clone();
             // Progress belongs to the stage the task runs in: a late beat
             // after the task committed never rewinds the job's stage.
             let stage_state = match t.task_id.as_str() {
@@ -574,6 +575,16 @@ impl<S: Store> WorkerService for Coordinator<S> {
                         j.progress.steps_done = done;
                         j.progress.steps_total = total;
                         j.progress.loss = loss;
+                        j.progress.world_size = p.world_size;
+                        j.progress.generation = p.generation;
+                        j.progress.steps_per_second = p.steps_per_second;
+                        j.progress.samples_per_second = p.samples_per_second;
+                        j.progress.eta_seconds = if p.steps_per_second > 0.0 {
+                            total.saturating_sub(done) as f64 / p.steps_per_second
+                        } else {
+                            0.0
+                        };
+                        j.progress.loss_terms = p.loss_terms.clone().into_iter().collect();
                     }
                     Ok(())
                 })

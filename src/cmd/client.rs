@@ -120,6 +120,12 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
         "steps_done": p.steps_done,
         "steps_total": p.steps_total,
         "loss": p.loss,
+        "loss_terms": p.loss_terms,
+        "world_size": p.world_size,
+        "generation": p.generation,
+        "steps_per_second": p.steps_per_second,
+        "samples_per_second": p.samples_per_second,
+        "eta_seconds": p.eta_seconds,
         "outputs": j.outputs,
     })
 }

@@ -65,8 +65,8 @@ pub trait Membership {
     fn committer(&self, generation: u64) -> Committer;
     /// Set when the group changed; aborts collectives in flight.
     fn flag(&self) -> Arc<AtomicBool>;
-    /// Tells the heartbeat which generation this rank is in.
-    fn set_generation(&self, generation: u64);
+    /// Tells the heartbeat which generation (and group size) this rank is in.
+    fn set_group(&self, generation: u64, world: u32);
     /// The address this rank's Gloo transport binds to.
     fn bind_host(&self) -> String;
     /// Deadline of the rendezvous and of every collective.
@@ -115,7 +115,7 @@ pub fn train(
             continue;
         }
         left = j.generation;
-        m.set_generation(j.generation);
+        m.set_group(j.generation, j.world);
         if let Some((dir, step)) = &j.checkpoint {
             if *step > tr.step {
                 tr.resume_from(dir)?;

@@ -46,8 +46,10 @@ pub struct Control {
     /// Set when the training group changed (or the task is taken away):
     /// collectives in flight return, training re-joins.
     pub group_flag: Arc<AtomicBool>,
-    /// The training group generation this worker is in (0: none).
+    /// The training group generation this worker is in (0: none), and
+    /// its size.
     pub generation: AtomicU64,
+    pub world: std::sync::atomic::AtomicU32,
 }
 
 /// What a training task needs to talk to the coordinator about its group
@@ -174,8 +176,9 @@ impl Membership for GroupLink<'_> {
         self.control.group_flag.clone()
     }
 
-    fn set_generation(&self, generation: u64) {
+    fn set_group(&self, generation: u64, world: u32) {
         self.control.generation.store(generation, Ordering::Relaxed);
+        self.control.world.store(world, Ordering::Relaxed);
     }
 
     fn bind_host(&self) -> String {
@@ -198,6 +201,10 @@ pub struct Progress {
     pub steps_done: u64,
     pub steps_total: u64,
     pub loss: f64,
+    pub steps_per_second: f64,
+    pub samples_per_second: f64,
+    /// The latest step's loss terms by name.
+    pub loss_terms: Vec<(String, f64)>,
 }
 
 /// A leased task with its parsed spec.
@@ -391,14 +398,43 @@ fn signal_root(artifact_root: &str) -> String {
     format!("{}/signal", artifact_root.trim_end_matches('/'))
 }
 
-fn progress_hook(control: &Control) -> impl FnMut(&str, &crate::distill::train::StepLog, u64) + '_ {
+/// Records each step's progress for the heartbeat: the rate over the
+/// last 20 steps (or fewer), in steps and in samples of `per_step` each.
+fn progress_hook(
+    control: &Control,
+    per_step: u64,
+) -> impl FnMut(&str, &crate::distill::train::StepLog, u64) + '_ {
+    let mut window: std::collections::VecDeque<(Instant, u64)> = Default::default();
     move |stage, log, total| {
+        let now = Instant::now();
+        // A new stage, or a step back (a group re-formed): a new window.
+        if window.back().is_some_and(|&(_, s)| s >= log.step) {
+            window.clear();
+        }
+        window.push_back((now, log.step));
+        if window.len() > 20 {
+            window.pop_front();
+        }
+        let rate = match (window.front(), window.back()) {
+            (Some(&(t0, s0)), Some(&(t1, s1))) if s1 > s0 => {
+                (s1 - s0) as f64 / (t1 - t0).as_secs_f64().max(1e-9)
+            }
+            _ => 0.0,
+        };
+        let names = ["task", "kd", "attention", "hidden", "embedding"];
         if let Ok(mut p) = control.progress.lock() {
             *p = Some(Progress {
                 stage: stage.to_string(),
                 steps_done: log.step + 1,
                 steps_total: total,
                 loss: log.loss,
+                steps_per_second: rate,
+                samples_per_second: rate * per_step as f64,
+                loss_terms: names
+                    .iter()
+                    .zip(log.terms)
+                    .filter_map(|(n, v)| v.map(|v| (n.to_string(), v)))
+                    .collect(),
             });
         }
     }
@@ -413,7 +449,7 @@ fn train(
     link: Option<LinkParts>,
 ) -> Result<pb::TaskSuccess> {
     let p = pipeline::prepare(spec)?;
-    let mut progress = progress_hook(control);
+    let mut progress = progress_hook(control, (spec.training.batch_size * spec.training.grad_accum) as u64);
     let mut hooks = Hooks {
         stop: Some(control.stop.clone()),
         progress: Some(&mut progress),

@@ -468,6 +468,11 @@ async fn heartbeat_loop(
                 steps_done: p.steps_done,
                 steps_total: p.steps_total,
                 loss: p.loss,
+                world_size: c.world.load(Ordering::Relaxed),
+                generation: c.generation.load(Ordering::Relaxed),
+                steps_per_second: p.steps_per_second,
+                samples_per_second: p.samples_per_second,
+                loss_terms: p.loss_terms.into_iter().collect(),
             })
         });
         let req = pb::HeartbeatRequest {
