@@ -194,9 +194,9 @@ async fn a_group_survives_a_kill_a_join_and_a_freeze() {
     eprintln!("joined: {formed}");
     // The watch stream shows the group: its size, generation and rate.
     let seen = wait_job(&client, &id, "progress from the group of three", 60, |j| {
-        j.progress.as_ref().is_some_and(|p| {
-            p.world_size == 3 && p.generation >= 3 && p.samples_per_second > 0.0
-        })
+        j.progress
+            .as_ref()
+            .is_some_and(|p| p.world_size == 3 && p.generation >= 3 && p.samples_per_second > 0.0)
     })
     .await;
     let p = seen.progress.unwrap();

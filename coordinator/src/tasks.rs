@@ -151,7 +151,8 @@ pub enum TaskKind {
     /// Run the frozen teacher over one shard and store its signal.
     #[default]
     TeacherSignal,
-    /// Train the student (one worker in this version) and export it.
+    /// Train the student (data-parallel: one holder, the job's other
+    /// workers as members of its group) and export it.
     Train,
     /// Evaluate teacher and student on the test split; write the report.
     Evaluate,

@@ -56,7 +56,10 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
                 .to_string(),
             );
         }
-        keep(p, TextTokenizer::load(dir, cfg, spec.data.max_length as usize))
+        keep(
+            p,
+            TextTokenizer::load(dir, cfg, spec.data.max_length as usize),
+        )
     });
     let shape = StudentShape::from(&spec.student.size);
     let s = cfg
@@ -101,15 +104,17 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
         ("test", &spec.data.test),
     ] {
         let Some(path) = path else { continue };
-        let Some(ex) = keep(p, read_examples(Path::new(path), &fields).map_err(Error::from))
-            .or_else(|| {
-                // Name the spec field beside the file's own error.
-                if let Some(last) = p.last_mut() {
-                    *last = format!("data.{name}: {last}");
-                }
-                None
-            })
-        else {
+        let Some(ex) = keep(
+            p,
+            read_examples(Path::new(path), &fields).map_err(Error::from),
+        )
+        .or_else(|| {
+            // Name the spec field beside the file's own error.
+            if let Some(last) = p.last_mut() {
+                *last = format!("data.{name}: {last}");
+            }
+            None
+        }) else {
             continue;
         };
         if name == "train" || name == "unlabelled" {

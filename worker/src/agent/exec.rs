@@ -449,7 +449,10 @@ fn train(
     link: Option<LinkParts>,
 ) -> Result<pb::TaskSuccess> {
     let p = pipeline::prepare(spec)?;
-    let mut progress = progress_hook(control, (spec.training.batch_size * spec.training.grad_accum) as u64);
+    let mut progress = progress_hook(
+        control,
+        (spec.training.batch_size * spec.training.grad_accum) as u64,
+    );
     let mut hooks = Hooks {
         stop: Some(control.stop.clone()),
         progress: Some(&mut progress),

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Data-parallel KD training throughput: distill's Trainer over its c10d
+# Gloo shim (worker/examples/dp_train.rs) against PyTorch DDP with gloo
+# (scripts/bench/dp_train_torch.py), the same model, data and batch, one
+# thread per process, at world sizes 1 and 2, interleaved over ROUNDS.
+# Prints per implementation the median samples/s at each world size, the
+# scaling efficiency (world-2 throughput / twice world-1's), and distill's
+# world-2 throughput against DDP's.
+#   scripts/bench/dp_train.sh [ROUNDS] [STEPS]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+rounds=${1:-2}; steps=${2:-20}
+model=.cache/data/models/all-MiniLM-L6-v2
+data=.cache/data/rotten_tomatoes/train.jsonl
+cargo build --release -q -p distill-worker --example dp_train
+bin=target/release/examples/dp_train
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+py=.venv/bin/python
+out=$(mktemp)
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+for r in $(seq "$rounds"); do
+  "$bin" 0 1 0 $model $data "$steps" | tee -a "$out"
+  p=$(port); "$bin" 1 2 "$p" $model $data "$steps" > /dev/null & "$bin" 0 2 "$p" $model $data "$steps" | tee -a "$out"; wait
+  $py scripts/bench/dp_train_torch.py 0 1 0 $model $data "$steps" 2>/dev/null | tee -a "$out"
+  p=$(port); $py scripts/bench/dp_train_torch.py 1 2 "$p" $model $data "$steps" > /dev/null 2>&1 &
+  $py scripts/bench/dp_train_torch.py 0 2 "$p" $model $data "$steps" 2>/dev/null | tee -a "$out"; wait
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    j = json.loads(line)
+    runs.setdefault((j["impl"], j["world"]), []).append(j["samples_per_second"])
+med = {k: statistics.median(v) for k, v in runs.items()}
+for impl in ("distill", "pytorch-ddp"):
+    one, two = med[(impl, 1)], med[(impl, 2)]
+    print(f"{impl:>12}: world 1 {one:6.1f} samples/s, world 2 {two:6.1f} samples/s, scaling efficiency {two / (2 * one):.3f}")
+print(f"distill / DDP at world 2: {med[('distill', 2)] / med[('pytorch-ddp', 2)]:.2f}x")
+PY
