@@ -49,6 +49,9 @@ enum Command {
     Watch(cmd::client::StatusArgs),
     /// Cancel a job: its workers stop and are released.
     Cancel(cmd::client::CancelArgs),
+    /// Download a job's outputs (student, report, plots, chosen quantized
+    /// variant) from the coordinator into a directory, checking each file.
+    Fetch(cmd::client::FetchArgs),
     /// Start a cluster worker: register with the coordinator, lease tasks
     /// (teacher-signal shards, training, evaluation) and run them on libtorch.
     Worker(cmd::worker::Args),
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         Command::Status(a) => cmd::client::status(a),
         Command::Watch(a) => cmd::client::watch(a),
         Command::Cancel(a) => cmd::client::cancel(a),
+        Command::Fetch(a) => cmd::client::fetch(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -250,6 +250,34 @@ async fn a_group_survives_a_kill_a_join_and_a_freeze() {
     )
     .unwrap();
     assert!(report["student"]["metric"].as_f64().is_some(), "{report}");
+    // `distill fetch` downloads the outputs, byte for byte.
+    let fetched = dir.join("fetched");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["fetch", &id])
+        .arg(&fetched)
+        .args(["--coordinator", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["files"].as_u64().unwrap() >= 4, "{summary}");
+    let job_dir = dir.join(format!("art/jobs/{id}"));
+    for f in [
+        "report.json",
+        "report.md",
+        "student/model.safetensors",
+        "student/config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(fetched.join(f)).unwrap(),
+            std::fs::read(job_dir.join(f)).unwrap(),
+            "{f} fetched intact"
+        );
+    }
     ws[1].signal("-CONT");
     for w in ws.iter_mut() {
         w.sigkill().await;

@@ -36,6 +36,7 @@ mod convert;
 pub mod driver;
 pub mod election;
 pub mod error;
+mod fetch;
 pub mod groups;
 pub mod job;
 pub mod ledger;

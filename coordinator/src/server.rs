@@ -284,6 +284,7 @@ impl<S: Store> Coordinator<S> {
 }
 
 type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+type FileStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::FileChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl<S: Store> JobService for Coordinator<S> {
@@ -332,6 +333,36 @@ impl<S: Store> JobService for Coordinator<S> {
     }
 
     type WatchJobStream = EventStream;
+    type FetchOutputsStream = FileStream;
+
+    async fn fetch_outputs(
+        &self,
+        req: Request<pb::FetchOutputsRequest>,
+    ) -> Result<Response<FileStream>, Status> {
+        let _timer = self.metrics.time("fetch_outputs");
+        let id = req.into_inner().job_id;
+        let job = self
+            .ledger
+            .get(required("job_id", &id)?)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+        if job.value.outputs.is_empty() {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "job {id} has no outputs yet (it is {})",
+                job.value.state.name()
+            ))
+            .into());
+        }
+        let dir = std::path::Path::new(&self.config.artifact_root)
+            .join("jobs")
+            .join(&id);
+        let files = crate::fetch::output_files(&dir, &job.value.outputs)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || crate::fetch::stream(&dir, files, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 
     async fn watch_job(
         &self,

@@ -1,5 +1,5 @@
 //! Client commands against a running coordinator: `distill submit`,
-//! `distill status`, `distill watch` and `distill cancel`. They take the endpoints and token from flags or the
+//! `distill status`, `distill watch`, `distill cancel` and `distill fetch`. They take the endpoints and token from flags or the
 //! environment (`DISTILL_COORDINATOR`, `DISTILL_CLIENT_TOKEN`).
 
 use std::path::PathBuf;
@@ -50,6 +50,17 @@ pub struct SubmitArgs {
 pub struct StatusArgs {
     /// The job id `distill submit` printed.
     pub job: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FetchArgs {
+    /// The job whose outputs to download.
+    pub job: String,
+    /// Where to write them (created if missing): the job's directory
+    /// layout, e.g. `DIR/student/model.safetensors`, `DIR/report.json`.
+    pub dir: PathBuf,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -175,6 +186,86 @@ pub fn watch(a: StatusArgs) -> anyhow::Result<()> {
         ),
         None => anyhow::bail!("the watch ended before the job did"),
     }
+}
+
+/// `FILE.part`: where a download is written until its checksum holds.
+fn part_of(dest: &std::path::Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".part");
+    dest.with_file_name(name)
+}
+
+/// Downloads the job's outputs into `dir`, checking each file's sha256
+/// before it is moved into place; prints what was written (JSON).
+pub fn fetch(a: FetchArgs) -> anyhow::Result<()> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let req = pb::FetchOutputsRequest {
+        job_id: a.job.clone(),
+    };
+    let mut e = a.conn.endpoints();
+    let rt = runtime()?;
+    let (files, bytes) = rt.block_on(async {
+        let mut stream = e
+            .call(|ch, token| {
+                let req = authed(req.clone(), token);
+                async move { JobServiceClient::new(ch).fetch_outputs(req).await }
+            })
+            .await?;
+        let (mut files, mut bytes) = (0u64, 0u64);
+        let mut open: Option<(String, std::fs::File, Sha256, PathBuf)> = None;
+        while let Some(chunk) = stream.message().await? {
+            let rel = std::path::Path::new(&chunk.path);
+            if chunk.path.is_empty()
+                || rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                anyhow::bail!("the coordinator sent an unsafe path {:?}", chunk.path);
+            }
+            if open.as_ref().is_none_or(|(p, ..)| *p != chunk.path) {
+                let dest = a.dir.join(rel);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                }
+                let part = part_of(&dest);
+                let f = std::fs::File::create(&part)
+                    .with_context(|| format!("cannot write {}", part.display()))?;
+                open = Some((chunk.path.clone(), f, Sha256::new(), dest));
+            }
+            let (_, f, h, _) = open.as_mut().expect("opened above");
+            f.write_all(&chunk.data)?;
+            h.update(&chunk.data);
+            bytes += chunk.data.len() as u64;
+            if !chunk.sha256.is_empty() {
+                let (path, f, h, dest) = open.take().expect("opened above");
+                f.sync_all()?;
+                let got = hex::encode(h.finalize());
+                let part = part_of(&dest);
+                if got != chunk.sha256 {
+                    let _ = std::fs::remove_file(&part);
+                    anyhow::bail!(
+                        "{path}: sha256 {got} does not match the coordinator's {}",
+                        chunk.sha256
+                    );
+                }
+                std::fs::rename(&part, &dest)
+                    .with_context(|| format!("cannot move {} into place", dest.display()))?;
+                files += 1;
+            }
+        }
+        if let Some((path, ..)) = open {
+            anyhow::bail!("the stream ended inside {path}");
+        }
+        anyhow::Ok((files, bytes))
+    })?;
+    println!(
+        "{}",
+        serde_json::json!({"job_id": a.job, "dir": a.dir, "files": files, "bytes": bytes})
+    );
+    Ok(())
 }
 
 /// Cancels the job and prints it.
