@@ -255,7 +255,7 @@ async fn a_group_survives_a_kill_a_join_and_a_freeze() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
         .args(["fetch", &id])
         .arg(&fetched)
-        .args(["--coordinator", &url])
+        .args(["--coordinator", &url, "--output", "json"])
         .output()
         .unwrap();
     assert!(

@@ -289,7 +289,7 @@ async fn a_coordinator_killed_mid_labelling_finishes_once_and_a_resubmission_reu
     );
     let again = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_ne!(again, id);
-    let out = cli(&["watch", &again]);
+    let out = cli(&["watch", &again, "--output", "json"]);
     assert!(
         out.status.success(),
         "watch exits 0 on success: {}",

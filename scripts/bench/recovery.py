@@ -109,7 +109,7 @@ def distill_trial(d):
                              check=True, capture_output=True, text=True).stdout.strip()
 
         def steps():
-            out = subprocess.run([BIN, "status", job, "--coordinator", url],
+            out = subprocess.run([BIN, "status", job, "--coordinator", url, "--output", "json"],
                                  capture_output=True, text=True).stdout
             return json.loads(out)["steps_done"] if out else 0
         if not wait(lambda: steps() >= 50, 120, "50 steps"):

@@ -23,14 +23,86 @@ pub struct Conn {
     /// Bearer token of the job API (the coordinator's --client-token).
     #[arg(long, env = "DISTILL_CLIENT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificate(s) the coordinator's certificate chains to
+    /// (for `https://` endpoints).
+    #[arg(long, env = "DISTILL_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (needs --tls-key and --tls-ca).
+    #[arg(long, env = "DISTILL_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DISTILL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Name to verify the coordinator's certificate against, instead of the
+    /// endpoint's host.
+    #[arg(long, requires = "tls_ca")]
+    pub tls_domain: Option<String>,
+    /// `text` (one line a person reads) or `json` (one object per line).
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
 }
 
 impl Conn {
-    fn endpoints(&self) -> Endpoints {
+    fn endpoints(&self) -> anyhow::Result<Endpoints> {
         let mut e = Endpoints::new(self.coordinator.clone());
         e.token = self.token.clone();
         e.deadline = Duration::from_secs(30);
-        e
+        if let Some(ca) = &self.tls_ca {
+            let files = distill_worker::agent::TlsFiles {
+                ca: ca.clone(),
+                identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+                domain: self.tls_domain.clone(),
+            };
+            e.tls = Some(files.load()?);
+        }
+        Ok(e)
+    }
+}
+
+/// A job as one line: id, state, stage, shards or steps, rate, ETA.
+fn job_line(j: &pb::Job) -> String {
+    let p = j.progress.clone().unwrap_or_default();
+    let mut s = format!("{} {}", j.job_id, state_name(j.state));
+    if !p.stage.is_empty() {
+        s += &format!(" ({})", p.stage);
+    }
+    if p.shards_total > 0 {
+        s += &format!(" shards {}/{}", p.shards_committed, p.shards_total);
+    }
+    if p.steps_total > 0 {
+        s += &format!(
+            " step {}/{} loss {:.4}",
+            p.steps_done, p.steps_total, p.loss
+        );
+    }
+    if p.world_size > 0 {
+        s += &format!(" world {} gen {}", p.world_size, p.generation);
+    }
+    if p.samples_per_second > 0.0 {
+        s += &format!(
+            " {:.1} samples/s ETA {:.0} s",
+            p.samples_per_second, p.eta_seconds
+        );
+    }
+    if !j.reason.is_empty() {
+        s += &format!(" — {}", j.reason);
+    }
+    for o in &j.outputs {
+        s += &format!("\n  {o}");
+    }
+    s
+}
+
+fn print_job(j: &pb::Job, output: Output) {
+    match output {
+        Output::Text => println!("{}", job_line(j)),
+        Output::Json => println!("{}", job_json(j)),
     }
 }
 
@@ -99,12 +171,16 @@ pub fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         priority: a.priority,
         request_id: String::new(),
     };
-    let mut e = a.conn.endpoints();
+    let mut e = a.conn.endpoints()?;
     let job = runtime()?.block_on(e.call(|ch, token| {
         let req = authed(req.clone(), token);
         async move { JobServiceClient::new(ch).submit_job(req).await }
     }))?;
-    println!("{}", job.job.map(|j| j.job_id).unwrap_or_default());
+    let id = job.job.map(|j| j.job_id).unwrap_or_default();
+    match a.conn.output {
+        Output::Text => println!("{id}"),
+        Output::Json => println!("{}", serde_json::json!({ "job_id": id })),
+    }
     Ok(())
 }
 
@@ -144,12 +220,12 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
 /// Prints the job as one JSON object.
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     let req = pb::GetJobRequest { job_id: a.job };
-    let mut e = a.conn.endpoints();
+    let mut e = a.conn.endpoints()?;
     let j = runtime()?.block_on(e.call(|ch, token| {
         let req = authed(req.clone(), token);
         async move { JobServiceClient::new(ch).get_job(req).await }
     }))?;
-    println!("{}", job_json(&j));
+    print_job(&j, a.conn.output);
     Ok(())
 }
 
@@ -157,7 +233,7 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
 /// non-zero when it failed or was cancelled.
 pub fn watch(a: StatusArgs) -> anyhow::Result<()> {
     let req = pb::WatchJobRequest { job_id: a.job };
-    let mut e = a.conn.endpoints();
+    let mut e = a.conn.endpoints()?;
     e.deadline = Duration::from_secs(30);
     let rt = runtime()?;
     let last = rt.block_on(async {
@@ -170,7 +246,7 @@ pub fn watch(a: StatusArgs) -> anyhow::Result<()> {
         let mut last = None;
         while let Some(ev) = stream.message().await? {
             if let Some(j) = ev.job {
-                println!("{}", job_json(&j));
+                print_job(&j, a.conn.output);
                 last = Some(j);
             }
         }
@@ -203,7 +279,7 @@ pub fn fetch(a: FetchArgs) -> anyhow::Result<()> {
     let req = pb::FetchOutputsRequest {
         job_id: a.job.clone(),
     };
-    let mut e = a.conn.endpoints();
+    let mut e = a.conn.endpoints()?;
     let rt = runtime()?;
     let (files, bytes) = rt.block_on(async {
         let mut stream = e
@@ -261,10 +337,13 @@ pub fn fetch(a: FetchArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok((files, bytes))
     })?;
-    println!(
-        "{}",
-        serde_json::json!({"job_id": a.job, "dir": a.dir, "files": files, "bytes": bytes})
-    );
+    match a.conn.output {
+        Output::Text => println!("{files} files, {bytes} bytes → {}", a.dir.display()),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"job_id": a.job, "dir": a.dir, "files": files, "bytes": bytes})
+        ),
+    }
     Ok(())
 }
 
@@ -274,11 +353,11 @@ pub fn cancel(a: CancelArgs) -> anyhow::Result<()> {
         job_id: a.job,
         reason: a.reason,
     };
-    let mut e = a.conn.endpoints();
+    let mut e = a.conn.endpoints()?;
     let j = runtime()?.block_on(e.call(|ch, token| {
         let req = authed(req.clone(), token);
         async move { JobServiceClient::new(ch).cancel_job(req).await }
     }))?;
-    println!("{}", job_json(&j));
+    print_job(&j, a.conn.output);
     Ok(())
 }

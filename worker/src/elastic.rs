@@ -103,8 +103,10 @@ pub fn train(
     // step then.
     let mut since: Option<(Instant, u64, &'static str)> = None;
     loop {
-        flag.store(false, Ordering::Relaxed);
         tr.leave_group();
+        // Out of any group while joining: a heartbeat about the old
+        // generation must not flag the new one.
+        m.set_group(0, 0);
         let j = m.join(failed)?;
         let joined_at = Instant::now();
         if j.generation <= left {
@@ -116,6 +118,9 @@ pub fn train(
         }
         left = j.generation;
         m.set_group(j.generation, j.world);
+        // A change after this is flagged again by the next heartbeat (the
+        // coordinator reports it for as long as it holds).
+        flag.store(false, Ordering::Relaxed);
         if let Some((dir, step)) = &j.checkpoint {
             if *step > tr.step {
                 tr.resume_from(dir)?;

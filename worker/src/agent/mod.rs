@@ -76,7 +76,8 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    fn load(&self) -> Result<ClientTlsConfig> {
+    /// The client TLS configuration (also used by the client commands).
+    pub fn load(&self) -> Result<ClientTlsConfig> {
         let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| Error::io(p, e));
         let ca = read(&self.ca)?;
         if !String::from_utf8_lossy(&ca).contains("-----BEGIN CERTIFICATE-----") {
