@@ -14,6 +14,24 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How logs and progress are written: `auto` (progress bars on a
+    /// terminal, plain timestamped lines otherwise), `plain` (lines, never
+    /// colour codes) or `json` (one JSON object per line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "DISTILL_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Auto,
+    Plain,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -57,16 +75,27 @@ enum Command {
     Worker(cmd::worker::Args),
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DISTILL_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DISTILL_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => fmt.json().init(),
         // Colour codes only on a terminal, never in a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Auto => fmt.with_ansi(terminal).init(),
+        LogFormat::Plain => fmt.with_ansi(false).init(),
+    }
+    distill_worker::progress::set_format(match format {
+        LogFormat::Auto => distill_worker::progress::LogFormat::Auto,
+        LogFormat::Plain => distill_worker::progress::LogFormat::Plain,
+        LogFormat::Json => distill_worker::progress::LogFormat::Json,
+    });
+}
+
+fn main() -> ExitCode {
     // `--version` also says what libtorch this binary runs on and whether
     // it sees CUDA, which clap's static version string cannot.
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -84,6 +113,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     let result = match cli.command {
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Infer(a) => cmd::infer::run(a),

@@ -18,13 +18,12 @@
 
 mod common;
 
-use common::cluster::{coordinator, wait_job, worker_with, Proc};
+use common::cluster::{start_cluster, wait_job, worker_with, Proc};
 use common::{make_teacher, write_data, TINY};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use distill_coordinator::sim::SimClient;
-use distill_coordinator::testing::{wait_for, EtcdServer};
+use distill_coordinator::testing::wait_for;
 use distill_proto::v1 as pb;
 
 const STEPS: u64 = 1200;
@@ -113,17 +112,8 @@ async fn a_group_survives_a_kill_a_join_and_a_freeze() {
     };
     eprintln!("test directory: {}", dir.display());
     let spec = spec(dir);
-    let etcd = EtcdServer::start().await.unwrap();
-    let (mut coord, addr) = coordinator(
-        etcd.endpoint(),
-        "/elastic/",
-        "127.0.0.1:0",
-        &dir.join("art"),
-        &dir.join("coordinator.log"),
-    )
-    .await;
-    let url = format!("http://{addr}");
-    let client = SimClient::new(vec![url.clone()]);
+    let (_etcd, mut coord, url, client) =
+        start_cluster("/elastic/", &dir.join("art"), &dir.join("coordinator.log")).await;
     let log = |i: usize| dir.join(format!("w{i}.log"));
     // A long collective deadline: a frozen peer must be evicted by the
     // coordinator, not waited out.

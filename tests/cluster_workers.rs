@@ -14,19 +14,17 @@
 
 mod common;
 
-use common::cluster::{coordinator, wait_job, worker, Proc};
+use common::cluster::{coordinator, start_cluster, wait_job, worker, Proc};
 use common::{make_teacher, write_data, Shape};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use distill_coordinator::ledger::Ledger;
 use distill_coordinator::sim::SimClient;
 use distill_coordinator::tasks::{TaskState, Tasks};
-use distill_coordinator::testing::{wait_for, EtcdServer};
+use distill_coordinator::testing::EtcdServer;
 use distill_proto::v1 as pb;
-use tokio::io::AsyncBufReadExt;
 
 const EXAMPLES: usize = 2400;
 const SHARD: usize = 40;
@@ -134,17 +132,8 @@ async fn workers_killed_and_frozen_mid_labelling_still_give_one_exact_signal() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let spec = job(dir);
-    let etcd = EtcdServer::start().await.unwrap();
-    let (mut coord, addr) = coordinator(
-        etcd.endpoint(),
-        "/three/",
-        "127.0.0.1:0",
-        &dir.join("art3"),
-        &dir.join("c3.log"),
-    )
-    .await;
-    let url = format!("http://{addr}");
-    let client = SimClient::new(vec![url.clone()]);
+    let (etcd, mut coord, url, client) =
+        start_cluster("/three/", &dir.join("art3"), &dir.join("c3.log")).await;
     let id = client.clone().submit(&spec, 0).await.unwrap().job_id;
     let mut ws: Vec<Proc> = (0..3)
         .map(|i| worker(&url, &format!("w{i}"), &dir.join(format!("w{i}.log"))))

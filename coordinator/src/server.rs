@@ -270,6 +270,14 @@ impl<S: Store> Coordinator<S> {
         self.ledger.store()
     }
 
+    /// The job `id` (a required field), or NOT_FOUND.
+    async fn job(&self, id: &str) -> Result<Versioned<crate::ledger::JobRecord>, CoordinatorError> {
+        self.ledger
+            .get(required("job_id", id)?)
+            .await?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))
+    }
+
     /// The lease behind a live session, or `Stale` when it has expired.
     async fn session_lease(&self, session_id: &str) -> Result<LeaseId, CoordinatorError> {
         let lease = parse_session(session_id)?;
@@ -309,11 +317,7 @@ impl<S: Store> JobService for Coordinator<S> {
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let _timer = self.metrics.time("get_job");
         let id = req.into_inner().job_id;
-        let job = self
-            .ledger
-            .get(required("job_id", &id)?)
-            .await?
-            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+        let job = self.job(&id).await?;
         Ok(Response::new((&job).into()))
     }
 
@@ -341,11 +345,7 @@ impl<S: Store> JobService for Coordinator<S> {
     ) -> Result<Response<FileStream>, Status> {
         let _timer = self.metrics.time("fetch_outputs");
         let id = req.into_inner().job_id;
-        let job = self
-            .ledger
-            .get(required("job_id", &id)?)
-            .await?
-            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+        let job = self.job(&id).await?;
         if job.value.outputs.is_empty() {
             return Err(CoordinatorError::FailedPrecondition(format!(
                 "job {id} has no outputs yet (it is {})",
@@ -370,11 +370,7 @@ impl<S: Store> JobService for Coordinator<S> {
     ) -> Result<Response<EventStream>, Status> {
         let _timer = self.metrics.time("watch_job");
         let id = req.into_inner().job_id;
-        let job = self
-            .ledger
-            .get(required("job_id", &id)?)
-            .await?
-            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+        let job = self.job(&id).await?;
         let mut watch = self.ledger.watch(Some(job.revision + 1)).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let key = format!("jobs/{id}");

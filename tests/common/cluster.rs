@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use distill_coordinator::sim::SimClient;
-use distill_coordinator::testing::wait_for;
+use distill_coordinator::testing::{wait_for, EtcdServer};
 use distill_proto::v1 as pb;
 use tokio::io::AsyncBufReadExt;
 
@@ -131,4 +131,18 @@ pub async fn wait_job(
     })
     .await
     .unwrap()
+}
+
+/// A fresh etcd and `distill coordinator` on it (namespace `ns`, artifact
+/// root `art`, log `log`): etcd, the coordinator, its URL and a client.
+pub async fn start_cluster(
+    ns: &str,
+    art: &Path,
+    log: &Path,
+) -> (EtcdServer, Proc, String, SimClient) {
+    let etcd = EtcdServer::start().await.unwrap();
+    let (coord, addr) = coordinator(etcd.endpoint(), ns, "127.0.0.1:0", art, log).await;
+    let url = format!("http://{addr}");
+    let client = SimClient::new(vec![url.clone()]);
+    (etcd, coord, url, client)
 }

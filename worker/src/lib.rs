@@ -26,6 +26,7 @@ pub mod infer;
 pub mod model;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod quant;
 pub mod report;
 pub mod signal;

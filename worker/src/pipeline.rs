@@ -157,26 +157,8 @@ fn train_config(spec: &JobSpec, n_train: usize, layer_map: Vec<i64>) -> TrainCon
 }
 
 fn log_step(stage: &'static str, total: u64) -> impl FnMut(&StepLog) {
-    let t0 = Instant::now();
-    move |l: &StepLog| {
-        if l.step % 20 == 0 || l.step + 1 == total {
-            let terms: Vec<String> = ["task", "kd", "attn", "hidden", "emb"]
-                .iter()
-                .zip(l.terms)
-                .filter_map(|(n, v)| v.map(|v| format!("{n}={v:.4}")))
-                .collect();
-            eprintln!(
-                "{stage}: step {}/{} loss {:.4} [{}] lr {:.2e} T {:.2} ({:.1}s)",
-                l.step + 1,
-                total,
-                l.loss,
-                terms.join(" "),
-                l.lr,
-                l.temperature,
-                t0.elapsed().as_secs_f64()
-            );
-        }
-    }
+    let mut p = crate::progress::StepProgress::new(stage, total);
+    move |l: &StepLog| p.step(l)
 }
 
 /// Test metric and throughput of a model.
