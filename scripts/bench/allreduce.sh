@@ -10,7 +10,7 @@ cd "$root"
 rounds=${1:-3}
 iters=${2:-20}
 sizes="1 16 64"
-cargo build --release -p distill-worker --example allreduce >/dev/null 2>&1
+cargo build --release -p distill-worker --features bench --example allreduce >/dev/null 2>&1
 bin=target/release/examples/allreduce
 out=$(mktemp)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -13,7 +13,7 @@ cd "$root"
 rounds=${1:-2}; steps=${2:-20}
 model=.cache/data/models/all-MiniLM-L6-v2
 data=.cache/data/rotten_tomatoes/train.jsonl
-cargo build --release -q -p distill-worker --example dp_train
+cargo build --release -q -p distill-worker --features bench --example dp_train
 bin=target/release/examples/dp_train
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 py=.venv/bin/python

@@ -10,7 +10,7 @@ cd "$root"
 runs=${1:-3}; steps=${2:-10}; threads=${3:-2}; device=${4:-cpu}; precision=${5:-fp32}
 model=.cache/data/models/all-MiniLM-L6-v2
 data=.cache/data/rotten_tomatoes/train.jsonl
-cargo build --release -q -p distill-worker --example kd_step
+cargo build --release -q -p distill-worker --features bench --example kd_step
 export OMP_NUM_THREADS=$threads HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 out=$(mktemp)
 for r in $(seq "$runs"); do

@@ -5,7 +5,7 @@
 //! Prints one JSON line: median seconds per step over `--steps` after warmup.
 //! The PyTorch peer is scripts/bench/kd_step_torch.py; scripts/bench/kd_step.sh runs both.
 //!
-//!   cargo run --release -p distill-worker --example kd_step -- MODEL_DIR DATA.jsonl [STEPS] [THREADS] [DEVICE] [PRECISION]
+//!   cargo run --release -p distill-worker --features bench --example kd_step -- MODEL_DIR DATA.jsonl [STEPS] [THREADS] [DEVICE] [PRECISION]
 //!
 //! DEVICE is `cpu` (default) or `cuda[:N]`; PRECISION `fp32` (default) or
 //! `bf16` (forward passes under autocast, as the trainer does). On CUDA the
