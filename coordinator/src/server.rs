@@ -783,7 +783,10 @@ impl<S: Store> WorkerService for Coordinator<S> {
         let session = required("session_id", &r.session_id)?;
         let job = required("job_id", &r.job_id)?;
         self.session_lease(session).await?;
-        let grace = self.config.session_timeout.as_millis() as i64;
+        // Twice the session timeout: a dead member's session must have
+        // expired by then (etcd rounds lease TTLs up to whole seconds), so
+        // the same membership is re-formed only when nobody died.
+        let grace = 2 * self.config.session_timeout.as_millis() as i64;
         let joined = match Groups::new(self.store().clone())
             .join(session, job, r.failed_generation, grace)
             .await?
