@@ -121,16 +121,24 @@ impl SimWorker {
             .await
     }
 
+    ///
+    /// A simulated worker takes no part in training groups: a *member*
+    /// lease (another worker holds the training task) reads as no work.
     pub async fn lease(&mut self) -> Result<pb::LeaseTaskResponse, Status> {
         let req = pb::LeaseTaskRequest {
             session_id: self.session_id(),
         };
-        self.endpoints
+        let mut r = self
+            .endpoints
             .call(|ch, token| {
                 let req = authed(req.clone(), token);
                 async move { WorkerServiceClient::new(ch).lease_task(req).await }
             })
-            .await
+            .await?;
+        if r.task.as_ref().is_some_and(|t| t.member) {
+            r.task = None;
+        }
+        Ok(r)
     }
 
     /// Reports success for `task` (the manifest names the attempt).
