@@ -38,8 +38,31 @@ fn main() {
     if !std::path::Path::new("/usr/include/gloo/config.h").exists() {
         panic!("gloo's headers are missing (/usr/include/gloo): run scripts/setup.sh, or apt-get install libgloo-dev");
     }
-    shim("csrc/collective.cpp")
+    let mut collective = shim("csrc/collective.cpp");
+    collective
         .define("USE_C10D_GLOO", None)
-        .define("USE_DISTRIBUTED", None)
-        .compile("distill_collective");
+        .define("USE_DISTRIBUTED", None);
+    println!("cargo:rerun-if-env-changed=DISTILL_CUDA_INCLUDE");
+    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
+        // ProcessGroupNCCL's headers need the CUDA runtime's and NCCL's
+        // (the wheel's nvidia/cu13 and nvidia/nccl packages) and CUDA's
+        // crt/ and nv/target headers, which the wheel lacks:
+        // scripts/gpu/headers.sh fetches them (nvidia-cuda-crt and
+        // nvidia-cuda-cccl from PyPI) and DISTILL_CUDA_INCLUDE names them.
+        let torch = root.canonicalize().unwrap_or_else(|_| root.clone());
+        let site = torch.parent().expect("torch's parent is site-packages");
+        collective
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .define("DISTILL_NCCL", None)
+            .include(site.join("nvidia/cu13/include"))
+            .include(site.join("nvidia/nccl/include"));
+        let extra = std::env::var("DISTILL_CUDA_INCLUDE").unwrap_or_else(|_| {
+            panic!("the nccl feature needs DISTILL_CUDA_INCLUDE: the folder holding CUDA's crt/ and nv/ headers (scripts/gpu/headers.sh prints it)")
+        });
+        for dir in std::env::split_paths(&extra) {
+            collective.include(dir);
+        }
+    }
+    collective.compile("distill_collective");
 }

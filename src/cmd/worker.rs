@@ -70,6 +70,13 @@ pub struct Args {
     /// evicts it.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub collective_timeout_ms: u64,
+    /// Engine of the training groups' collectives: `nccl` (CUDA tensors,
+    /// one GPU per rank; builds with the `nccl` feature), `gloo` (any
+    /// device; CUDA tensors are staged through host memory), or `auto`:
+    /// nccl when the student trains on CUDA and the build has it, gloo
+    /// otherwise. Every worker of a cluster must resolve to the same one.
+    #[arg(long, default_value = "auto", env = "DISTILL_COLLECTIVE_BACKEND")]
+    pub collective_backend: distill_worker::collective::BackendChoice,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -99,6 +106,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         collective_host: a.collective_host.clone(),
         collective_port: a.collective_port,
         collective_timeout: Duration::from_millis(a.collective_timeout_ms),
+        collective_backend: a.collective_backend,
     };
     // A small runtime for RPC and heartbeats; libtorch has its own thread.
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,6 +1,8 @@
 // PyTorch's own c10d collectives for the worker: a TCPStore rendezvous,
 // a PrefixStore per group generation, and ProcessGroupGloo (compiled into
-// libtorch_cpu) for CPU tensors. Called from worker/src/collective.rs.
+// libtorch_cpu) for CPU tensors, or ProcessGroupNCCL (libtorch_cuda) for
+// CUDA tensors when built with DISTILL_NCCL (the worker's `nccl` feature).
+// Called from worker/src/collective.rs.
 //
 // Every function catches C++ exceptions and reports failure through its
 // return value, with the message copied into `err` (NUL-terminated,
@@ -14,13 +16,20 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef DISTILL_NCCL
+#include <cstdlib>
+#include <thread>
+
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 namespace {
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<c10d::Backend> pg;
   std::chrono::milliseconds timeout;
+  bool nccl;
 };
 
 void set_err(char* err, int errlen, const std::string& msg) {
@@ -39,6 +48,39 @@ void set_err(char* err, int errlen, const std::string& msg) {
 int wait_work(Group* g, const c10::intrusive_ptr<c10d::Work>& work, const unsigned char* abort,
               const char* what, char* err, int errlen) {
   auto deadline = std::chrono::steady_clock::now() + g->timeout;
+#ifdef DISTILL_NCCL
+  if (g->nccl) {
+    // NCCL's own timed wait marks the work failed at the slice's end (and
+    // its watchdog may then tear the process down): poll completion
+    // instead, and abort the communicator (ncclCommAbort) on an abort or
+    // at the deadline, so the kernel waiting on a lost peer exits.
+    for (;;) {
+      if (work->isCompleted()) {
+        try {
+          work->wait();  // orders the current stream after the collective
+          return 0;
+        } catch (const std::exception& e) {
+          set_err(err, errlen, e.what());
+          return -1;
+        }
+      }
+      bool aborted = abort != nullptr && __atomic_load_n(abort, __ATOMIC_RELAXED) != 0;
+      bool late = std::chrono::steady_clock::now() >= deadline;
+      if (aborted || late) {
+        try {
+          g->pg->abort();
+        } catch (...) {
+        }
+        set_err(err, errlen,
+                aborted ? std::string(what) + " aborted: the training group changed"
+                        : std::string(what) + " did not complete within the group timeout of " +
+                              std::to_string(g->timeout.count()) + " ms");
+        return aborted ? -2 : -1;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+#endif
   for (;;) {
     try {
       if (work->wait(std::chrono::milliseconds(20))) return 0;
@@ -75,14 +117,25 @@ int wait_work(Group* g, const c10::intrusive_ptr<c10d::Work>& work, const unsign
 
 extern "C" {
 
-// A Gloo group: `rank` of `world`, rendezvous at the TCPStore on
-// host:port (hosted by this process when `is_master`), keys under
-// `prefix` (one prefix per generation, so a re-formed group never reads
-// an old one's keys). `bind_host` is the address this rank's Gloo
-// transport listens on. Null on error.
-void* distill_gloo_new(const char* host, int port, int is_master, const char* prefix,
-                       const char* bind_host, int rank, int world, int timeout_ms, char* err,
-                       int errlen) {
+// Whether this build has ProcessGroupNCCL.
+int distill_have_nccl() {
+#ifdef DISTILL_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// A group: `rank` of `world`, rendezvous at the TCPStore on host:port
+// (hosted by this process when `is_master`), keys under `prefix` (one
+// prefix per generation, so a re-formed group never reads an old one's
+// keys). `backend` 0 is Gloo (`bind_host` is the address its transport
+// listens on); 1 is NCCL on CUDA device `cuda_device` (the communicator
+// is made at once, its unique id passed through the store). Null on
+// error.
+void* distill_pg_new(const char* host, int port, int is_master, const char* prefix,
+                       const char* bind_host, int rank, int world, int timeout_ms, int backend,
+                       int cuda_device, char* err, int errlen) {
   try {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions opts;
@@ -93,12 +146,32 @@ void* distill_gloo_new(const char* host, int port, int is_master, const char* pr
     opts.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    if (backend == 1) {
+#ifdef DISTILL_NCCL
+      // Errors are ours to handle (the collective returns them, and the
+      // elastic loop re-forms the group): the watchdog only cleans up
+      // and never ends the process. Its own deadline is kept past ours.
+      setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2", 0);
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = timeout + std::chrono::milliseconds(60000);
+      auto dev = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_device));
+      auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+      pg->setBoundDeviceId(dev);
+      pg->eagerConnectSingleDevice(dev);
+      return new Group{store, pg, timeout, true};
+#else
+      set_err(err, errlen,
+              "this build has no NCCL: build the worker with the `nccl` feature "
+              "(scripts/gpu/build.sh), or use the gloo backend");
+      return nullptr;
+#endif
+    }
     auto options = c10d::ProcessGroupGloo::Options::create();
     options->timeout = timeout;
     options->devices.push_back(
         c10d::ProcessGroupGloo::createDeviceForHostname(std::string(bind_host)));
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
-    return new Group{store, pg, timeout};
+    return new Group{store, pg, timeout, false};
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return nullptr;
@@ -110,7 +183,7 @@ void* distill_gloo_new(const char* host, int port, int is_master, const char* pr
 
 // Sums `t` (a CPU tensor, contiguous) over the group, in place. 0 on
 // success, -1 on error (timeout, a peer gone), -2 when aborted.
-int distill_gloo_allreduce_sum(void* group, at::Tensor* t, const unsigned char* abort, char* err,
+int distill_pg_allreduce_sum(void* group, at::Tensor* t, const unsigned char* abort, char* err,
                                int errlen) {
   try {
     auto* g = static_cast<Group*>(group);
@@ -129,7 +202,7 @@ int distill_gloo_allreduce_sum(void* group, at::Tensor* t, const unsigned char* 
 }
 
 // Copies `t` of rank `root` into `t` of every rank.
-int distill_gloo_broadcast(void* group, at::Tensor* t, int root, const unsigned char* abort,
+int distill_pg_broadcast(void* group, at::Tensor* t, int root, const unsigned char* abort,
                            char* err, int errlen) {
   try {
     auto* g = static_cast<Group*>(group);
@@ -149,7 +222,7 @@ int distill_gloo_broadcast(void* group, at::Tensor* t, int root, const unsigned 
 }
 
 // Waits until every rank reaches the barrier (or the timeout).
-int distill_gloo_barrier(void* group, const unsigned char* abort, char* err, int errlen) {
+int distill_pg_barrier(void* group, const unsigned char* abort, char* err, int errlen) {
   try {
     auto* g = static_cast<Group*>(group);
     c10d::BarrierOptions o;
@@ -194,7 +267,7 @@ void distill_store_free(void* store) {
   }
 }
 
-void distill_gloo_free(void* group) {
+void distill_pg_free(void* group) {
   try {
     delete static_cast<Group*>(group);
   } catch (...) {

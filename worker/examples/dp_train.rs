@@ -11,7 +11,7 @@
 //!
 //!   dp_train RANK WORLD PORT MODEL_DIR DATA.jsonl [STEPS]
 
-use distill_worker::collective::{GlooGroup, Rendezvous};
+use distill_worker::collective::{Group, Rendezvous};
 use distill_worker::data::{read_examples, Fields};
 use distill_worker::distill::schedule::{Decay, TermWeight};
 use distill_worker::distill::train::{TrainConfig, TrainData, Trainer};
@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         ckpt.path().to_path_buf(),
     )?;
     if world > 1 {
-        tr.data_parallel(GlooGroup::join(&Rendezvous {
+        tr.data_parallel(Group::join(&Rendezvous {
             host: "127.0.0.1".into(),
             port,
             host_store: true,
@@ -87,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             rank,
             world,
             timeout: Duration::from_secs(300),
+            backend: distill_worker::collective::Backend::Gloo,
         })?)?;
     }
     // Timed between the same point of step 1 and of the last step:

@@ -1,7 +1,10 @@
 //! Collectives on PyTorch's own c10d engine: `ProcessGroupGloo` (compiled
-//! into libtorch_cpu) over a `TCPStore` rendezvous with a `PrefixStore` per
-//! group generation, reached through the C++ shim `csrc/collective.cpp`
-//! and handed tch tensors directly (no copies).
+//! into libtorch_cpu) or `ProcessGroupNCCL` (libtorch_cuda; the `nccl`
+//! feature) over a `TCPStore` rendezvous with a `PrefixStore` per group
+//! generation, reached through the C++ shim `csrc/collective.cpp` and
+//! handed tch tensors directly (no copies). Gloo takes CUDA tensors too,
+//! staged through host memory; NCCL takes CUDA tensors only, and needs
+//! one GPU per rank (NCCL refuses two ranks on one device).
 //!
 //! Every collective has a deadline (the group's timeout): a peer that died
 //! fails it at once (connection reset), a frozen one at the deadline. A
@@ -11,9 +14,8 @@
 //! A collective can also be aborted from another thread (the coordinator
 //! said the group changed): it returns within 20 ms, and the group, whose
 //! operation may still be in flight inside Gloo, is never used again.
-//!
-//! NCCL (`ProcessGroupNCCL` in libtorch_cuda) is not wired: it needs a GPU
-//! to test.
+//! With NCCL an abort or a deadline calls `ncclCommAbort`, so a kernel
+//! waiting on a lost peer exits too.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +27,7 @@ use tch::{Device, Tensor};
 use crate::{Error, Result};
 
 extern "C" {
-    fn distill_gloo_new(
+    fn distill_pg_new(
         host: *const c_char,
         port: c_int,
         is_master: c_int,
@@ -34,17 +36,20 @@ extern "C" {
         rank: c_int,
         world: c_int,
         timeout_ms: c_int,
+        backend: c_int,
+        cuda_device: c_int,
         err: *mut c_char,
         errlen: c_int,
     ) -> *mut c_void;
-    fn distill_gloo_allreduce_sum(
+    fn distill_have_nccl() -> c_int;
+    fn distill_pg_allreduce_sum(
         group: *mut c_void,
         t: *mut torch_sys::C_tensor,
         abort: *const u8,
         err: *mut c_char,
         errlen: c_int,
     ) -> c_int;
-    fn distill_gloo_broadcast(
+    fn distill_pg_broadcast(
         group: *mut c_void,
         t: *mut torch_sys::C_tensor,
         root: c_int,
@@ -52,13 +57,13 @@ extern "C" {
         err: *mut c_char,
         errlen: c_int,
     ) -> c_int;
-    fn distill_gloo_barrier(
+    fn distill_pg_barrier(
         group: *mut c_void,
         abort: *const u8,
         err: *mut c_char,
         errlen: c_int,
     ) -> c_int;
-    fn distill_gloo_free(group: *mut c_void);
+    fn distill_pg_free(group: *mut c_void);
     fn distill_store_serve(
         host: *const c_char,
         port: c_int,
@@ -86,6 +91,76 @@ fn cstring(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::Invalid(format!("{what}: contains a NUL byte")))
 }
 
+/// The engine a group's collectives run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `ProcessGroupGloo`: CPU tensors (CUDA ones are staged through host
+    /// memory). Any number of ranks per machine.
+    Gloo,
+    /// `ProcessGroupNCCL` on the given CUDA device: CUDA tensors, one GPU
+    /// per rank. Only in builds with the `nccl` feature.
+    Nccl { device: usize },
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl { .. } => "nccl",
+        }
+    }
+}
+
+/// Which engine a worker's training groups use (`distill worker
+/// --collective-backend`). Every rank of a group must resolve to the same
+/// one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// NCCL when the student trains on a CUDA device and this build has
+    /// NCCL, else Gloo.
+    #[default]
+    Auto,
+    Gloo,
+    Nccl,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "gloo" => Ok(Self::Gloo),
+            "nccl" => Ok(Self::Nccl),
+            _ => Err(format!(
+                "{s:?} is not a collective backend: auto, gloo or nccl"
+            )),
+        }
+    }
+}
+
+impl BackendChoice {
+    /// The backend for a student on `device`.
+    pub fn resolve(self, device: Device) -> Result<Backend> {
+        match (self, device) {
+            (Self::Gloo, _) => Ok(Backend::Gloo),
+            (Self::Auto, Device::Cuda(i)) if have_nccl() => Ok(Backend::Nccl { device: i }),
+            (Self::Auto, _) => Ok(Backend::Gloo),
+            (Self::Nccl, Device::Cuda(i)) if have_nccl() => Ok(Backend::Nccl { device: i }),
+            (Self::Nccl, Device::Cuda(_)) => Err(Error::Invalid(
+                "--collective-backend nccl: this build has no NCCL (build with the `nccl` feature: scripts/gpu/build.sh)".into(),
+            )),
+            (Self::Nccl, d) => Err(Error::Invalid(format!(
+                "--collective-backend nccl needs a CUDA device; the student trains on {d:?}"
+            ))),
+        }
+    }
+}
+
+/// Whether this build has NCCL (the worker's `nccl` feature).
+pub fn have_nccl() -> bool {
+    unsafe { distill_have_nccl() != 0 }
+}
+
 /// Where and how a group meets.
 #[derive(Debug, Clone)]
 pub struct Rendezvous {
@@ -103,13 +178,15 @@ pub struct Rendezvous {
     pub world: u32,
     /// Deadline of the rendezvous and of every collective.
     pub timeout: Duration,
+    pub backend: Backend,
 }
 
-/// One rank's membership of a Gloo process group.
-pub struct GlooGroup {
+/// One rank's membership of a c10d process group (Gloo or NCCL).
+pub struct Group {
     raw: *mut c_void,
     pub rank: u32,
     pub world: u32,
+    pub backend: Backend,
     /// Set (by another thread) to abort the collective in flight: it
     /// returns within 20 ms with [`Error::Collective`].
     abort: Arc<AtomicBool>,
@@ -121,9 +198,9 @@ pub struct GlooGroup {
 
 // The group is used from one thread at a time (the libtorch thread); the
 // underlying c10d objects are thread-safe for that.
-unsafe impl Send for GlooGroup {}
+unsafe impl Send for Group {}
 
-impl GlooGroup {
+impl Group {
     /// Joins the group; returns once every rank has joined, or fails at the
     /// deadline.
     pub fn join(r: &Rendezvous) -> Result<Self> {
@@ -142,9 +219,13 @@ impl GlooGroup {
         let host = cstring("host", &r.host)?;
         let prefix = cstring("prefix", &r.prefix)?;
         let bind = cstring("bind host", &r.bind_host)?;
+        let (backend, cuda_device) = match r.backend {
+            Backend::Gloo => (0, 0),
+            Backend::Nccl { device } => (1, device as c_int),
+        };
         let mut err = vec![0u8; ERRLEN];
         let raw = unsafe {
-            distill_gloo_new(
+            distill_pg_new(
                 host.as_ptr(),
                 r.port as c_int,
                 (r.rank == 0 && r.host_store) as c_int,
@@ -153,15 +234,18 @@ impl GlooGroup {
                 r.rank as c_int,
                 r.world as c_int,
                 r.timeout.as_millis().min(i32::MAX as u128) as c_int,
+                backend,
+                cuda_device,
                 err.as_mut_ptr() as *mut c_char,
                 ERRLEN as c_int,
             )
         };
         if raw.is_null() {
             return Err(Error::Collective(format!(
-                "joining rank {} of {} at {}:{} ({}): {}",
+                "joining rank {} of {} ({}) at {}:{} ({}): {}",
                 r.rank,
                 r.world,
+                r.backend.name(),
                 r.host,
                 r.port,
                 r.prefix,
@@ -172,6 +256,7 @@ impl GlooGroup {
             raw,
             rank: r.rank,
             world: r.world,
+            backend: r.backend,
             abort,
             poisoned: AtomicBool::new(false),
         })
@@ -201,17 +286,35 @@ impl GlooGroup {
         self.poisoned.load(Ordering::Relaxed)
     }
 
-    /// Copies `t` on rank `root` into `t` on every rank. `t` must be a
-    /// contiguous CPU tensor of the same shape and kind on every rank.
+    /// Copies `t` on rank `root` into `t` on every rank. `t` must have
+    /// the same shape and kind on every rank; any device.
     pub fn broadcast(&self, t: &mut Tensor, root: u32) -> Result<()> {
-        if t.device() != Device::Cpu || !t.is_contiguous() {
-            return Err(Error::Invalid(
-                "gloo broadcast needs a contiguous CPU tensor".into(),
-            ));
+        self.staged(t, |g, t| g.broadcast_raw(t, root))
+    }
+
+    /// Runs `op` on `t` as this backend takes it: in place when it is on
+    /// the backend's device and contiguous, else on a staged copy that is
+    /// then copied back (Gloo: through host memory; NCCL: onto the
+    /// group's GPU).
+    fn staged(&self, t: &mut Tensor, op: impl Fn(&Self, &mut Tensor) -> Result<()>) -> Result<()> {
+        let want = match self.backend {
+            Backend::Gloo => Device::Cpu,
+            Backend::Nccl { device } => Device::Cuda(device),
+        };
+        if t.device() == want && t.is_contiguous() {
+            return op(self, t);
         }
+        let mut staged = t.to_device(want).contiguous();
+        op(self, &mut staged)?;
+        let _g = tch::no_grad_guard();
+        t.copy_(&staged);
+        Ok(())
+    }
+
+    fn broadcast_raw(&self, t: &mut Tensor, root: u32) -> Result<()> {
         let mut err = vec![0u8; ERRLEN];
         let rc = unsafe {
-            distill_gloo_broadcast(
+            distill_pg_broadcast(
                 self.raw,
                 t.as_mut_ptr(),
                 root as c_int,
@@ -223,17 +326,16 @@ impl GlooGroup {
         self.check(rc, "broadcast", &err)
     }
 
-    /// Sums `t` over the group, in place. `t` must be a contiguous CPU
-    /// tensor.
+    /// Sums `t` over the group, in place; any device (staged when it is
+    /// not the backend's own).
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
-        if t.device() != Device::Cpu || !t.is_contiguous() {
-            return Err(Error::Invalid(
-                "gloo all-reduce needs a contiguous CPU tensor".into(),
-            ));
-        }
+        self.staged(t, |g, t| g.all_reduce_raw(t))
+    }
+
+    fn all_reduce_raw(&self, t: &mut Tensor) -> Result<()> {
         let mut err = vec![0u8; ERRLEN];
         let rc = unsafe {
-            distill_gloo_allreduce_sum(
+            distill_pg_allreduce_sum(
                 self.raw,
                 t.as_mut_ptr(),
                 self.abort_ptr(),
@@ -248,7 +350,7 @@ impl GlooGroup {
     pub fn barrier(&self) -> Result<()> {
         let mut err = vec![0u8; ERRLEN];
         let rc = unsafe {
-            distill_gloo_barrier(
+            distill_pg_barrier(
                 self.raw,
                 self.abort_ptr(),
                 err.as_mut_ptr() as *mut c_char,
@@ -263,7 +365,7 @@ struct Raw(*mut c_void);
 // Only moved to the thread that frees it.
 unsafe impl Send for Raw {}
 
-impl Drop for GlooGroup {
+impl Drop for Group {
     fn drop(&mut self) {
         let raw = Raw(self.raw);
         if self.failed() {
@@ -271,10 +373,10 @@ impl Drop for GlooGroup {
             // for it (up to Gloo's deadline), so free it off this thread.
             std::thread::spawn(move || {
                 let raw = raw;
-                unsafe { distill_gloo_free(raw.0) }
+                unsafe { distill_pg_free(raw.0) }
             });
         } else {
-            unsafe { distill_gloo_free(raw.0) }
+            unsafe { distill_pg_free(raw.0) }
         }
     }
 }

@@ -19,7 +19,7 @@
 //! - **Changes.** The coordinator's heartbeat sets the group's flag when
 //!   the membership changed (a member's session expired, or a worker was
 //!   assigned): a collective in flight returns within 20 ms
-//!   ([`GlooGroup::join_abortable`]), or the trainer stops at the next step
+//!   ([`Group::join_abortable`]), or the trainer stops at the next step
 //!   boundary ([`Error::Regroup`]). A collective that fails on its own (a
 //!   peer's connection reset, a deadline) reports the failed generation at
 //!   the next join, so the coordinator waits for the dead member's session
@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::collective::{GlooGroup, Rendezvous};
+use crate::collective::{BackendChoice, Group, Rendezvous};
 use crate::distill::train::{StepLog, TrainData, Trainer};
 use crate::model::TaskModel;
 use crate::{Error, Result};
@@ -71,6 +71,10 @@ pub trait Membership {
     fn bind_host(&self) -> String;
     /// Deadline of the rendezvous and of every collective.
     fn timeout(&self) -> Duration;
+    /// The collective engine to use.
+    fn backend(&self) -> BackendChoice {
+        BackendChoice::Auto
+    }
     /// Prefix of this job's keys in the rendezvous store.
     fn job(&self) -> String;
 }
@@ -139,8 +143,9 @@ pub fn train(
                 rank: j.rank,
                 world: j.world,
                 timeout: m.timeout(),
+                backend: m.backend().resolve(tr.device())?,
             };
-            let formed = GlooGroup::join_abortable(&r, flag.clone())
+            let formed = Group::join_abortable(&r, flag.clone())
                 .and_then(|g| tr.data_parallel(g))
                 .and_then(|()| tr.sync_state());
             match formed {
@@ -148,6 +153,8 @@ pub fn train(
                     generation = j.generation,
                     rank = j.rank,
                     world = j.world,
+                    backend = r.backend.name(),
+                    device = ?tr.device(),
                     source = src,
                     step,
                     receivers,
@@ -162,7 +169,7 @@ pub fn train(
                 Err(e) => return Err(e),
             }
         } else {
-            tracing::info!(generation = j.generation, "training alone (world 1)");
+            tracing::info!(generation = j.generation, device = ?tr.device(), "training alone (world 1)");
         }
         let mut pending = since.take().map(|(at, step_then, why)| {
             let redone = step_then.saturating_sub(tr.step);

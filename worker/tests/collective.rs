@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use distill_worker::collective::{GlooGroup, Rendezvous};
+use distill_worker::collective::{Group, Rendezvous};
 use tch::{Kind, Tensor};
 
 fn free_port() -> u16 {
@@ -26,6 +26,7 @@ fn rendezvous(port: u16, prefix: &str, rank: u32, timeout: Duration) -> Rendezvo
         rank,
         world: 2,
         timeout,
+        backend: distill_worker::collective::Backend::Gloo,
     }
 }
 
@@ -33,14 +34,14 @@ fn rendezvous(port: u16, prefix: &str, rank: u32, timeout: Duration) -> Rendezvo
 fn two_ranks<T: Send + 'static>(
     prefix: &str,
     timeout: Duration,
-    f: impl Fn(u32, GlooGroup) -> T + Send + Sync + Copy + 'static,
+    f: impl Fn(u32, Group) -> T + Send + Sync + Copy + 'static,
 ) -> Vec<T> {
     let port = free_port();
     let handles: Vec<_> = (0..2)
         .map(|rank| {
             let r = rendezvous(port, prefix, rank, timeout);
             std::thread::spawn(move || {
-                let g = GlooGroup::join(&r).expect("join");
+                let g = Group::join(&r).expect("join");
                 f(rank, g)
             })
         })
@@ -128,7 +129,7 @@ fn an_aborted_collective_returns_at_once() {
             let r = rendezvous(port, "abort/gen-1/", rank, Duration::from_secs(20));
             let flag = flag.clone();
             std::thread::spawn(move || {
-                let g = GlooGroup::join_abortable(&r, flag.clone()).expect("join");
+                let g = Group::join_abortable(&r, flag.clone()).expect("join");
                 g.barrier().unwrap();
                 if rank == 1 {
                     // Silent until rank 0 gave up.

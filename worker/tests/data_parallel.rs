@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use distill_worker::collective::{GlooGroup, Rendezvous};
+use distill_worker::collective::{Group, Rendezvous};
 use distill_worker::distill::schedule::{Decay, TermWeight};
 use distill_worker::distill::train::{StepLog, TrainConfig, TrainData, Trainer};
 use distill_worker::model::student::{derive_config, init_from_teacher, StudentShape};
@@ -124,7 +124,7 @@ fn train(
     model_dir: &Path,
     ckpt: &Path,
     accum: usize,
-    group: Option<GlooGroup>,
+    group: Option<Group>,
 ) -> (Vec<(String, Tensor)>, Vec<StepLog>) {
     let (teacher, tok, mut s) = setup(model_dir);
     let d = data(&tok);
@@ -164,7 +164,7 @@ fn two_ranks(
                 root.join(format!("rank{rank}-{accum}")),
             );
             std::thread::spawn(move || {
-                let g = GlooGroup::join(&Rendezvous {
+                let g = Group::join(&Rendezvous {
                     host: "127.0.0.1".into(),
                     port,
                     host_store: true,
@@ -173,6 +173,7 @@ fn two_ranks(
                     rank,
                     world: 2,
                     timeout: Duration::from_secs(60),
+                    backend: distill_worker::collective::Backend::Gloo,
                 })
                 .unwrap();
                 let (w, l) = train(&model_dir, &ckpt, accum, Some(g));
@@ -279,7 +280,7 @@ fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
                     tr.train_until(4, &d, None, |_| {}).unwrap();
                 }
                 let before = tr.step;
-                let g = GlooGroup::join(&Rendezvous {
+                let g = Group::join(&Rendezvous {
                     host: "127.0.0.1".into(),
                     port,
                     host_store: true,
@@ -288,6 +289,7 @@ fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
                     rank,
                     world: 2,
                     timeout: Duration::from_secs(60),
+                    backend: distill_worker::collective::Backend::Gloo,
                 })
                 .unwrap();
                 tr.data_parallel(g).unwrap();

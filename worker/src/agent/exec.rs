@@ -61,6 +61,7 @@ pub struct LinkParts {
     pub job: String,
     pub host: String,
     pub timeout: Duration,
+    pub backend: crate::collective::BackendChoice,
 }
 
 /// [`Membership`] over the coordinator's `JoinGroup` and
@@ -187,6 +188,10 @@ impl Membership for GroupLink<'_> {
 
     fn timeout(&self) -> Duration {
         self.parts.timeout
+    }
+
+    fn backend(&self) -> crate::collective::BackendChoice {
+        self.parts.backend
     }
 
     fn job(&self) -> String {

@@ -64,6 +64,8 @@ pub struct Options {
     pub collective_port: u16,
     /// Deadline of a group's rendezvous and of each collective.
     pub collective_timeout: Duration,
+    /// The engine of training groups' collectives.
+    pub collective_backend: crate::collective::BackendChoice,
 }
 
 /// Client TLS files: the CA the coordinator's certificate chains to, and an
@@ -328,6 +330,7 @@ impl Worker {
             job: r.job_id.clone(),
             host: self.opts.collective_host.clone(),
             timeout: self.opts.collective_timeout,
+            backend: self.opts.collective_backend,
         });
         let (tx, mut rx) = oneshot::channel();
         let submitted = self.executor.submit(Work {

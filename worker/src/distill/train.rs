@@ -18,7 +18,7 @@ use super::checkpoint::{self, CheckpointMeta};
 use super::loss;
 use super::schedule::{learning_rate, temperature, Balancer, Decay, Term, TermWeight, TERMS};
 use crate::autocast::{self, Reduced};
-use crate::collective::GlooGroup;
+use crate::collective::Group;
 use crate::infer::{infer, InferOptions};
 use crate::model::{ModelOutput, Outputs, Task, TaskModel};
 use crate::tokenize::{Encoded, Padding, TextTokenizer};
@@ -97,7 +97,7 @@ pub struct Trainer<'a> {
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Data-parallel membership (`data_parallel`): this rank trains on its
     /// slice of every micro-batch and gradients are summed over the group.
-    dp: Option<GlooGroup>,
+    dp: Option<Group>,
     /// When set, training stops at the next step boundary with
     /// [`Error::Regroup`] (the coordinator changed the training group).
     regroup: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -251,7 +251,7 @@ impl<'a> Trainer<'a> {
     /// reduction order; the attention and hidden-state terms are means over
     /// each rank's tokens, as in PyTorch DDP. Only rank 0 evaluates and
     /// writes checkpoints.
-    pub fn data_parallel(&mut self, group: GlooGroup) -> Result<()> {
+    pub fn data_parallel(&mut self, group: Group) -> Result<()> {
         if self.cfg.batch_size < group.world as usize {
             return Err(Error::Invalid(format!(
                 "training.batch_size: {} is smaller than the {} ranks it is split over",
@@ -266,6 +266,11 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// The device the student trains on.
+    pub fn device(&self) -> tch::Device {
+        self.student.device()
+    }
+
     /// `(rank, world)`: `(0, 1)` unless data-parallel.
     pub fn rank_world(&self) -> (usize, usize) {
         self.dp
@@ -274,7 +279,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// Leaves the data-parallel group (if any) and returns it.
-    pub fn leave_group(&mut self) -> Option<GlooGroup> {
+    pub fn leave_group(&mut self) -> Option<Group> {
         self.dp.take()
     }
 
@@ -404,7 +409,7 @@ impl<'a> Trainer<'a> {
     /// Sums the gradients, the loss and the term values over the group.
     fn all_reduce(
         &self,
-        group: &GlooGroup,
+        group: &Group,
         grads: &mut [Tensor],
         loss: &mut f64,
         terms: &mut [Option<f64>; 5],
