@@ -94,6 +94,11 @@ async fn work(client: &mut WorkerServiceClient<Channel>, session: &str, n: usize
         else {
             return done;
         };
+        if task.member {
+            // A member lease of the training group: this simulated worker
+            // trains nothing, and the holder of the task reports it.
+            return done;
+        }
         let r = task.r#ref.unwrap();
         let req = pb::ReportTaskRequest {
             session_id: session.into(),

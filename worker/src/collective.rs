@@ -207,8 +207,11 @@ impl Group {
         Self::join_abortable(r, Arc::new(AtomicBool::new(false)))
     }
 
-    /// Like [`join`](Self::join); every collective of the group returns
-    /// early with an error once `abort` is set.
+    /// Like [`join`](Self::join); the rendezvous and every collective of
+    /// the group return early with an error once `abort` is set. The
+    /// rendezvous runs on its own thread (c10d's constructors cannot be
+    /// interrupted): on an abort it is left to end at its own deadline,
+    /// and a group it forms after all is freed there.
     pub fn join_abortable(r: &Rendezvous, abort: Arc<AtomicBool>) -> Result<Self> {
         if r.world == 0 || r.rank >= r.world {
             return Err(Error::Invalid(format!(
@@ -216,6 +219,46 @@ impl Group {
                 r.rank, r.world
             )));
         }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rv = r.clone();
+        std::thread::Builder::new()
+            .name("distill-rendezvous".into())
+            .spawn(move || {
+                let formed = Self::rendezvous(&rv).map(Raw);
+                if let Err(std::sync::mpsc::SendError(Ok(raw))) = tx.send(formed) {
+                    unsafe { distill_pg_free(raw.0) }
+                }
+            })
+            .map_err(|e| Error::Collective(format!("cannot start the rendezvous: {e}")))?;
+        let raw = loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(formed) => break formed?.0,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if abort.load(Ordering::Relaxed) {
+                        return Err(Error::Collective(format!(
+                            "joining rank {} of {} ({}): aborted: the training group changed",
+                            r.rank, r.world, r.prefix
+                        )));
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Collective("the rendezvous thread died".into()))
+                }
+            }
+        };
+        Ok(Self {
+            raw,
+            rank: r.rank,
+            world: r.world,
+            backend: r.backend,
+            abort,
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes the c10d group (blocking until every rank joined, or the
+    /// deadline).
+    fn rendezvous(r: &Rendezvous) -> Result<*mut c_void> {
         let host = cstring("host", &r.host)?;
         let prefix = cstring("prefix", &r.prefix)?;
         let bind = cstring("bind host", &r.bind_host)?;
@@ -252,14 +295,7 @@ impl Group {
                 message(&err)
             )));
         }
-        Ok(Self {
-            raw,
-            rank: r.rank,
-            world: r.world,
-            backend: r.backend,
-            abort,
-            poisoned: AtomicBool::new(false),
-        })
+        Ok(raw)
     }
 
     fn abort_ptr(&self) -> *const u8 {
@@ -362,7 +398,7 @@ impl Group {
 }
 
 struct Raw(*mut c_void);
-// Only moved to the thread that frees it.
+// Only moved across threads to be handed over or freed.
 unsafe impl Send for Raw {}
 
 impl Drop for Group {

@@ -162,7 +162,13 @@ pub fn train(
                 ),
                 Err(e @ Error::Collective(_)) => {
                     tracing::warn!(generation = j.generation, error = %e, "cannot form the group; joining again");
-                    failed = j.generation;
+                    // Aborted: the coordinator already moved on. Failed on
+                    // its own: report the generation.
+                    failed = if flag.load(Ordering::Relaxed) {
+                        0
+                    } else {
+                        j.generation
+                    };
                     since.get_or_insert((Instant::now(), before, "rendezvous"));
                     continue;
                 }

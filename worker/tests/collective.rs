@@ -161,3 +161,31 @@ fn an_aborted_collective_returns_at_once() {
         "returned {took:?} after the start, the flag was set at 300 ms"
     );
 }
+
+/// A rendezvous waiting for a member that never comes returns once the
+/// group is flagged as changed, not at its deadline.
+#[test]
+fn an_aborted_rendezvous_returns_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let port = free_port();
+    let flag = Arc::new(AtomicBool::new(false));
+    let setter = flag.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        setter.store(true, Ordering::Relaxed);
+    });
+    let t0 = Instant::now();
+    // Rank 0 of 2; rank 1 never joins. The deadline is 20 s.
+    let r = rendezvous(port, "lonely/gen-1/", 0, Duration::from_secs(20));
+    let e = match Group::join_abortable(&r, flag) {
+        Ok(_) => panic!("a group of 2 formed with one rank"),
+        Err(e) => e.to_string(),
+    };
+    let took = t0.elapsed();
+    assert!(e.contains("aborted: the training group changed"), "{e}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "returned {took:?} after the start, the flag was set at 300 ms"
+    );
+}
