@@ -2,7 +2,8 @@
 //! same report metrics on CPU — including a teacher whose classifier head
 //! does not exist yet (it is created, then fine-tuned, in the job: the
 //! head is initialised from the job seed, not from whatever state the
-//! random generator is in).
+//! random generator is in), and augmented examples (`[data.augment]`)
+//! filtered on that teacher's confidence.
 
 mod common;
 
@@ -79,6 +80,11 @@ test = "{d}/test.jsonl"
 labels = ["class_0", "class_1"]
 max_length = 16
 shard_size = 64
+[data.augment]
+method = "neighbours"
+factor = 2
+probability = 0.3
+min_confidence = 0.52
 [student]
 layers = 1
 hidden_size = 16
@@ -113,4 +119,15 @@ seed = 5
         metrics(&b.join("report.json")),
         "teacher, student, baseline metrics and retention"
     );
+    // Augmentation: 2 copies of each of the 200 examples, filtered on the
+    // fine-tuned teacher's confidence, the same both times.
+    let aug = |d: &Path| {
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("report.json")).unwrap()).unwrap();
+        r["augmentation"].clone()
+    };
+    assert_eq!(aug(&a)["generated"], 400, "{}", aug(&a));
+    let kept = aug(&a)["kept"].as_u64().unwrap();
+    assert!(kept <= 400, "{}", aug(&a));
+    assert_eq!(aug(&a), aug(&b));
 }

@@ -425,6 +425,8 @@ impl<S: Store> Driver<S> {
                 }
             }
         };
+        // Every example's augmented copies follow in the global order.
+        let total = spec.data.with_augmented(total);
         if total == 0 {
             return self
                 .fail(&id, "planning: the data holds no samples".into())

@@ -53,6 +53,18 @@ pub struct RawData {
     pub shard_size: Option<i64>,
     pub num_samples: Option<i64>,
     pub on_bad_example: Option<String>,
+    pub augment: Option<RawAugment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAugment {
+    pub method: Option<String>,
+    pub factor: Option<i64>,
+    pub probability: Option<f64>,
+    pub neighbours: Option<i64>,
+    pub seed: Option<i64>,
+    pub min_confidence: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

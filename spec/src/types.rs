@@ -87,6 +87,55 @@ pub struct Data {
     /// What a bad example (invalid UTF-8, malformed JSON, a missing field)
     /// does: stop the job naming file and line, or skip it and count it.
     pub on_bad_example: BadExample,
+    /// Pseudo-label data augmentation: new unlabelled training examples
+    /// made from the training texts, labelled by the teacher.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub augment: Option<Augment>,
+}
+
+impl Data {
+    /// Examples in the global training order for `n` read from
+    /// train + unlabelled: those, then `factor` augmented copies of each.
+    pub fn with_augmented(&self, n: u64) -> u64 {
+        n * (1 + self.augment.as_ref().map_or(0, |a| a.factor as u64))
+    }
+}
+
+/// `[data.augment]`: how augmented examples are made. Each is a pure
+/// function of the source example's tokens, the copy number and the seed,
+/// so the same job makes the same examples (and the same teacher-signal
+/// shards) on every machine.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Augment {
+    pub method: AugmentMethod,
+    /// Augmented copies per training example.
+    pub factor: u32,
+    /// Chance that each token is changed.
+    pub probability: f64,
+    /// `neighbours`: a replacement is drawn from this many nearest tokens.
+    pub neighbours: u32,
+    /// `None`: the job's `training.seed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Keep an augmented example only when the teacher's top class
+    /// probability reaches this (classification); `None`: keep all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_confidence: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AugmentMethod {
+    /// TinyBERT-style word replacement: a whole-word token is replaced by
+    /// one of its nearest neighbours (cosine) in the teacher's
+    /// input-embedding table.
+    Neighbours,
+    /// A token becomes `[MASK]`.
+    Mask,
+    /// A token is deleted.
+    Delete,
+    /// A token swaps places with the next one of its segment.
+    Swap,
 }
 
 /// The policy for bad examples in the data files.

@@ -275,6 +275,62 @@ fn data(c: &mut Check, task: Task, d: RawData) -> Data {
             BadExample::Fail,
             &[("fail", BadExample::Fail), ("skip", BadExample::Skip)],
         ),
+        augment: d.augment.map(|a| augment(c, task, a)),
+    }
+}
+
+fn augment(c: &mut Check, task: Task, a: RawAugment) -> Augment {
+    use AugmentMethod as M;
+    let method = match a.method.as_deref() {
+        None => {
+            c.err(
+                "data.augment.method",
+                "missing; expected one of \"neighbours\", \"mask\", \"delete\", \"swap\"",
+            );
+            M::Mask
+        }
+        m => c.word(
+            "data.augment.method",
+            m,
+            M::Mask,
+            &[
+                ("neighbours", M::Neighbours),
+                ("mask", M::Mask),
+                ("delete", M::Delete),
+                ("swap", M::Swap),
+            ],
+        ),
+    };
+    let min_confidence = a.min_confidence.map(|x| {
+        c.float(
+            "data.augment.min_confidence",
+            Some(x),
+            0.0,
+            |x| (0.0..1.0).contains(&x),
+            "in [0, 1)",
+        )
+    });
+    if min_confidence.is_some() && !task.is_classification() {
+        c.err(
+            "data.augment.min_confidence",
+            "only for classification tasks (it filters on the teacher's class probabilities)",
+        );
+    }
+    Augment {
+        method,
+        factor: c.int("data.augment.factor", a.factor, 1, 1, 100),
+        probability: c.float(
+            "data.augment.probability",
+            a.probability,
+            0.15,
+            |x| x > 0.0 && x <= 1.0,
+            "in (0, 1]",
+        ),
+        neighbours: c.int("data.augment.neighbours", a.neighbours, 8, 1, 1000),
+        seed: a
+            .seed
+            .map(|s| c.int("data.augment.seed", Some(s), 0u64, 0, i64::MAX)),
+        min_confidence,
     }
 }
 

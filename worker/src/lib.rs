@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod artifacts;
+pub mod augment;
 pub mod autocast;
 pub mod collective;
 pub mod data;

@@ -241,14 +241,17 @@ pub struct Prepared {
     unlabelled: Option<Split>,
     eval: Option<Split>,
     test: Split,
+    /// `[data.augment]`: every training example's augmented copies, in
+    /// the global order after train and unlabelled (unlabelled).
+    pub augmented: Vec<Encoded>,
     /// Bad examples skipped under `data.on_bad_example = "skip"`.
     pub skipped: Vec<Skipped>,
 }
 
 impl Prepared {
-    /// The training examples in the job's global order (`data.train`, then
-    /// `data.unlabelled`) with their label ids: the order teacher-signal
-    /// shards index.
+    /// The training examples in the job's global order (`data.train`,
+    /// `data.unlabelled`, then the augmented copies) with their label ids:
+    /// the order teacher-signal shards index.
     pub fn training(&self) -> (Vec<Encoded>, Vec<i64>) {
         let mut examples = vec![];
         let mut ids = vec![];
@@ -256,6 +259,8 @@ impl Prepared {
             examples.extend(s.examples.iter().cloned());
             ids.extend(s.labels.iter().copied());
         }
+        examples.extend(self.augmented.iter().cloned());
+        ids.extend(std::iter::repeat_n(IGNORE_LABEL, self.augmented.len()));
         (examples, ids)
     }
 
@@ -336,6 +341,35 @@ pub fn prepare(spec: &JobSpec) -> Result<Prepared> {
     for s in &skipped {
         eprintln!("data: skipped {s}");
     }
+    let augmented = match &spec.data.augment {
+        None => vec![],
+        Some(a) => {
+            let sources: Vec<Encoded> = [&labelled, &unlabelled]
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s.examples.iter().cloned())
+                .collect();
+            let t0 = std::time::Instant::now();
+            let made = crate::augment::Augmenter::new(
+                a,
+                spec.training.seed,
+                &tok,
+                &teacher_dir,
+                &sources,
+            )?
+            .all(&sources);
+            eprintln!(
+                "augment: {} examples made from {} ({:?}, factor {}, p {}) in {:.1} s",
+                made.len(),
+                sources.len(),
+                a.method,
+                a.factor,
+                a.probability,
+                t0.elapsed().as_secs_f64()
+            );
+            made
+        }
+    };
     eprintln!(
         "data: {} labelled, {} unlabelled, {} eval, {} test examples ({} bad skipped); labels {:?}",
         labelled.as_ref().map_or(0, |s| s.examples.len()),
@@ -354,7 +388,90 @@ pub fn prepare(spec: &JobSpec) -> Result<Prepared> {
         unlabelled,
         eval,
         test,
+        augmented,
         skipped,
+    })
+}
+
+/// `[data.augment]`: drops the augmented examples (the last of the global
+/// order) whose teacher top-class probability is under `min_confidence`,
+/// judged on the offline teacher signal when there is one, else by
+/// running the teacher over them; writes what was made and kept to
+/// `out/augment.json` for the report.
+fn augment_filter(
+    spec: &JobSpec,
+    p: &Prepared,
+    teacher: &TaskModel,
+    data: TrainData,
+    out: &Path,
+) -> Result<TrainData> {
+    let Some(a) = &spec.data.augment else {
+        return Ok(data);
+    };
+    let n = data.examples.len();
+    let made = p.augmented.len().min(n);
+    let first = n - made;
+    let keep: Vec<bool> = match (a.min_confidence, p.task) {
+        (Some(min), Task::Classification) if made > 0 => {
+            let logits = match &data.teacher_output {
+                Some(t) => t.narrow(0, first as i64, made as i64),
+                None => infer(
+                    teacher,
+                    &p.tok,
+                    &data.examples[first..],
+                    InferOptions::default(),
+                    |_, _| {},
+                )?,
+            };
+            crate::augment::confident(&logits, min)
+        }
+        _ => vec![true; made],
+    };
+    let kept = keep.iter().filter(|&&k| k).count();
+    let stats = crate::augment::AugmentStats {
+        method: format!("{:?}", a.method).to_lowercase(),
+        generated: made,
+        kept,
+        min_confidence: a.min_confidence,
+    };
+    eprintln!(
+        "augment: {kept} of {made} augmented examples kept{}",
+        a.min_confidence
+            .map(|m| format!(" (teacher confidence >= {m})"))
+            .unwrap_or_default()
+    );
+    write_atomic(
+        &out.join("augment.json"),
+        serde_json::to_string_pretty(&stats).unwrap().as_bytes(),
+    )?;
+    if kept == made {
+        return Ok(data);
+    }
+    let rows: Vec<i64> = (0..n)
+        .filter(|&i| i < first || keep[i - first])
+        .map(|i| i as i64)
+        .collect();
+    let teacher_output = data
+        .teacher_output
+        .as_ref()
+        .map(|t| t.index_select(0, &Tensor::from_slice(&rows).to_device(t.device())));
+    let kept_row = |(i, _): &(usize, _)| *i < first || keep[*i - first];
+    Ok(TrainData {
+        examples: data
+            .examples
+            .into_iter()
+            .enumerate()
+            .filter(kept_row)
+            .map(|(_, e)| e)
+            .collect(),
+        labels: data
+            .labels
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i < first || keep[*i - first])
+            .map(|(_, l)| l)
+            .collect(),
+        teacher_output,
     })
 }
 
@@ -566,11 +683,17 @@ pub fn distill_student_in(
     }
     let offline = teacher_output.is_some();
     let width = teacher.config().hidden_size;
-    let data = TrainData {
-        examples,
-        labels,
-        teacher_output,
-    };
+    let data = augment_filter(
+        spec,
+        p,
+        teacher,
+        TrainData {
+            examples,
+            labels,
+            teacher_output,
+        },
+        out,
+    )?;
     let cfg = train_config(spec, data.examples.len(), plan.layer_map.clone());
     let total = cfg.total_steps;
     eprintln!(
@@ -818,6 +941,9 @@ pub fn evaluate(
         chosen_dir: Some(chosen_dir),
         chosen_at_batch: Some(at),
         skipped_examples: p.skipped.iter().map(|s| s.to_string()).collect(),
+        augmentation: std::fs::read(out.join("augment.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
         student_dir,
         seconds: started.elapsed().as_secs_f64(),
         stage_seconds,

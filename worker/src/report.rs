@@ -126,6 +126,9 @@ pub struct Report {
     /// Bad examples skipped under `data.on_bad_example = "skip"`, as
     /// `file: line N: reason`.
     pub skipped_examples: Vec<String>,
+    /// `[data.augment]`: augmented examples made and kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmentation: Option<crate::augment::AugmentStats>,
     pub student_dir: PathBuf,
     pub seconds: f64,
     /// Wall seconds per stage, in order, as far as this process saw them.
@@ -474,6 +477,17 @@ pub fn render(r: &Report) -> String {
     s.push_str(&format!("time: {:.1} s\n", r.seconds));
     for p in &r.plots {
         s.push_str(&format!("\n![{p}]({p})\n"));
+    }
+    if let Some(a) = &r.augmentation {
+        s.push_str(&format!(
+            "\naugmentation ({}): {} examples generated, {} kept{}\n",
+            a.method,
+            a.generated,
+            a.kept,
+            a.min_confidence
+                .map(|m| format!(" (teacher confidence >= {m})"))
+                .unwrap_or_default()
+        ));
     }
     if !r.skipped_examples.is_empty() {
         s.push_str(&format!(

@@ -87,6 +87,11 @@ impl TextTokenizer {
         })
     }
 
+    /// Every token and its id (added tokens included).
+    pub fn vocab(&self) -> std::collections::HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
