@@ -4,8 +4,10 @@
 # each model, the mean ± sample standard deviation of its test metric, the
 # retention (student / teacher), the gain of the distilled student over
 # labels-only, and on how many seeds the distilled student won. Re-running
-# resumes or reuses finished runs. Report figures come from here, not from
-# single runs.
+# resumes or reuses finished runs. JOBS=N runs N seeds at once (on a GPU,
+# say, with --device cuda --threads 2); DISTILL_BIN and PYTHON override the
+# binary and the Python used to read the job's name.
+# Report figures come from here, not from single runs.
 #   scripts/seeds.sh JOB.toml [N=3] [extra distill run args...]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,19 +15,27 @@ cd "$root"
 job=${1:?usage: scripts/seeds.sh JOB.toml [N] [distill run args...]}
 n=${2:-3}
 shift $(( $# >= 2 ? 2 : 1 ))
-bin=target/release/distill
+bin=${DISTILL_BIN:-target/release/distill}
 [ -x "$bin" ] || cargo build --release --bin distill
-name=$(.venv/bin/python -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("name", "job"))' "$job")
+py=${PYTHON:-.venv/bin/python}
+[ -x "$py" ] || py=python3
+jobs=${JOBS:-1}
+name=$("$py" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("name", "job"))' "$job")
 mkdir -p runs
 reports=()
+pids=()
 for seed in $(seq 1 "$n"); do
   out=runs/$name-seed$seed
   if [ ! -e "$out/report.json" ]; then
     echo "seeds: $job seed $seed → $out" >&2
-    "$bin" run "$job" --seed "$seed" --baseline --output "$out" "$@" > "$out.log" 2>&1 \
-      || { echo "seeds: seed $seed failed, see $out.log" >&2; exit 1; }
+    "$bin" --log-format plain run "$job" --seed "$seed" --baseline --output "$out" "$@" > "$out.log" 2>&1 &
+    pids+=("$!:$seed")
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
   fi
   reports+=("$out/report.json")
+done
+for p in ${pids[@]+"${pids[@]}"}; do
+  wait "${p%%:*}" || { echo "seeds: seed ${p##*:} failed, see runs/$name-seed${p##*:}.log" >&2; exit 1; }
 done
 python3 - "${reports[@]}" <<'PY'
 import json, statistics, sys

@@ -367,6 +367,15 @@ pub fn prepare(spec: &JobSpec) -> Result<Prepared> {
                 a.probability,
                 t0.elapsed().as_secs_f64()
             );
+            let f = a.factor as usize;
+            let changed = (0..made.len()).find(|&i| made[i].ids != sources[i / f].ids);
+            if let Some((src, aug)) = changed.map(|i| (&sources[i / f], &made[i])) {
+                eprintln!(
+                    "augment: e.g. \"{}\" -> \"{}\"",
+                    tok.decode(&src.ids),
+                    tok.decode(&aug.ids)
+                );
+            }
             made
         }
     };
@@ -764,9 +773,21 @@ pub fn baseline(
     let plan = StudentPlan::new(spec, teacher)?;
     let mut b = plan.fresh(spec, p, teacher, device)?;
     let (examples, labels) = p.training();
+    // The distilled student's budget (steps over the whole training
+    // order), spent on the labelled rows alone: unlabelled and augmented
+    // rows carry no task loss and would only leave batch slots empty.
     let mut cfg = train_config(spec, examples.len(), plan.layer_map.clone());
     cfg.weights = task_only();
     let total = cfg.total_steps;
+    let (examples, labels): (Vec<_>, Vec<_>) = examples
+        .into_iter()
+        .zip(labels)
+        .filter(|(_, l)| *l != IGNORE_LABEL)
+        .unzip();
+    eprintln!(
+        "baseline: {total} steps over the {} labelled examples, task loss only",
+        examples.len()
+    );
     let bdata = TrainData {
         examples,
         labels,

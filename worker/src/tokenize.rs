@@ -87,6 +87,12 @@ impl TextTokenizer {
         })
     }
 
+    /// The text of `ids` (special tokens left out).
+    pub fn decode(&self, ids: &[i64]) -> String {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.inner.decode(&ids, true).unwrap_or_default()
+    }
+
     /// Every token and its id (added tokens included).
     pub fn vocab(&self) -> std::collections::HashMap<String, u32> {
         self.inner.get_vocab(true)
