@@ -70,6 +70,11 @@ enum Command {
     /// Download a job's outputs (student, report, plots, chosen quantized
     /// variant) from the coordinator into a directory, checking each file.
     Fetch(cmd::client::FetchArgs),
+    /// Print a job's log: what the coordinator saw happen to it (state
+    /// changes, which worker leased, committed or failed which task,
+    /// training groups formed, checkpoints committed); `--follow` keeps
+    /// printing until the job ends. Workers' own logs stay on the workers.
+    Logs(cmd::client::LogsArgs),
     /// Start a cluster worker: register with the coordinator, lease tasks
     /// (teacher-signal shards, training, evaluation) and run them on libtorch.
     Worker(cmd::worker::Args),
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
         Command::Watch(a) => cmd::client::watch(a),
         Command::Cancel(a) => cmd::client::cancel(a),
         Command::Fetch(a) => cmd::client::fetch(a),
+        Command::Logs(a) => cmd::client::logs(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -302,6 +302,99 @@ async fn a_coordinator_killed_mid_labelling_finishes_once_and_a_resubmission_reu
         (total, total),
         "zero shards recomputed"
     );
+
+    // The same job file through `distill run` on this machine gives the
+    // same report as the cluster's (brought by `distill fetch`): the same
+    // teacher and teacher signal, the same student within fp32 reduction
+    // order (two ranks there, one here), the same variants and choice.
+    let fetched = dir.join("fetched");
+    let out = cli(&["fetch", &again, fetched.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "fetch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local = dir.join("local");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distill"))
+        .arg("run")
+        .arg(&spec_file)
+        .arg("--output")
+        .arg(&local)
+        .args(["--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "distill run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("report.json")).unwrap()).unwrap()
+    };
+    let (c, l) = (report(&fetched), report(&local));
+    assert_eq!(c["teacher"]["metric"], l["teacher"]["metric"], "teacher");
+    for k in ["params", "layers", "hidden"] {
+        assert_eq!(c["student"][k], l["student"][k], "student {k}");
+    }
+    let (cs, ls) = (
+        c["student"]["metric"].as_f64().unwrap(),
+        l["student"]["metric"].as_f64().unwrap(),
+    );
+    assert!(
+        (cs - ls).abs() <= 1.0 / 40.0 + 1e-9,
+        "student accuracy on 40 test examples: cluster {cs}, distill run {ls}"
+    );
+    let names = |r: &serde_json::Value| -> Vec<String> {
+        r["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["format"].to_string())
+            .collect()
+    };
+    assert_eq!(names(&c), names(&l), "quantized variants");
+    assert_eq!(
+        c["config"], l["config"],
+        "the job's configuration after defaults"
+    );
+
+    // The first job's log (`distill logs`) outlived the coordinator that
+    // was killed: it has the lines from before the kill and after the
+    // restart, and no shard committed twice. (Appends are best-effort, so
+    // a commit whose line was lost at the kill is allowed.)
+    let out = cli(&["logs", &id, "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "logs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msgs: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["message"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for want in ["job pending -> planning", "job evaluating -> succeeded"] {
+        assert!(msgs.iter().any(|m| m == want), "{want:?} in {msgs:#?}");
+    }
+    let shards: Vec<&str> = msgs
+        .iter()
+        .filter(|m| m.starts_with("shard-") && m.ends_with(" committed"))
+        .map(|m| m.split_whitespace().next().unwrap())
+        .collect();
+    let unique: std::collections::BTreeSet<&str> = shards.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        shards.len(),
+        "a shard committed twice: {shards:?}"
+    );
+    assert!(
+        shards.len() as u64 + 3 >= total,
+        "{} of {total} shard commits in the log",
+        shards.len()
+    );
     for w in ws.iter_mut() {
         w.sigkill().await;
     }

@@ -130,6 +130,26 @@ impl Staged {
     pub fn guard_only(&self, txn: Txn) -> Txn {
         txn.when(&self.key, self.revision)
     }
+
+    /// Once the transaction committed: a state change goes to the job's log.
+    pub async fn log_change<S: Store>(&self, store: &S) {
+        let id = self.key.strip_prefix(JOBS).unwrap_or(&self.key);
+        log_state_change(store, id, &self.before.state, &self.job.state).await;
+    }
+}
+
+/// `job <before> -> <after>[: reason]` in the job's log, when the state
+/// changed.
+async fn log_state_change<S: Store>(store: &S, id: &str, before: &JobState, after: &JobState) {
+    if before.name() == after.name() {
+        return;
+    }
+    let why = match after {
+        JobState::Failed { reason } | JobState::Cancelled { reason } => format!(": {reason}"),
+        _ => String::new(),
+    };
+    let line = format!("job {} -> {}{why}", before.name(), after.name());
+    crate::joblog::append(store, id, "coordinator", line).await;
 }
 
 /// The job ledger over any [`Store`].
@@ -264,6 +284,7 @@ impl<S: Store> Ledger<S> {
                 return Err(CoordinatorError::NotFound(format!("job {id}")));
             };
             let mut job = current.value;
+            let before = job.state.clone();
             f(&mut job)?;
             job.updated_at_ms = now_ms();
             if let Some(revision) = self
@@ -272,6 +293,7 @@ impl<S: Store> Ledger<S> {
                 .await?
             {
                 tracing::info!(job = id, state = job.state.name(), revision, "job updated");
+                log_state_change(&self.store, id, &before, &job.state).await;
                 return Ok(Versioned {
                     value: job,
                     revision,

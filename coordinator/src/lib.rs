@@ -39,6 +39,7 @@ pub mod error;
 mod fetch;
 pub mod groups;
 pub mod job;
+pub mod joblog;
 pub mod ledger;
 pub mod metrics;
 pub mod scheduler;

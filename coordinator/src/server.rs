@@ -270,6 +270,19 @@ impl<S: Store> Coordinator<S> {
         self.ledger.store()
     }
 
+    /// Appends to job `job`'s log on behalf of the worker of `session`
+    /// (named as it registered).
+    async fn log(&self, job: &str, session: &str, message: String) {
+        let name = match self.store().get(&format!("sessions/{session}")).await {
+            Ok(Some(kv)) => serde_json::from_slice::<serde_json::Value>(&kv.value)
+                .ok()
+                .and_then(|v| v["worker_name"].as_str().map(String::from)),
+            _ => None,
+        };
+        let source = name.map_or_else(|| session.to_string(), |n| format!("{n} ({session})"));
+        crate::joblog::append(self.store(), job, &source, message).await;
+    }
+
     /// The job `id` (a required field), or NOT_FOUND.
     async fn job(&self, id: &str) -> Result<Versioned<crate::ledger::JobRecord>, CoordinatorError> {
         self.ledger
@@ -338,6 +351,32 @@ impl<S: Store> JobService for Coordinator<S> {
 
     type WatchJobStream = EventStream;
     type FetchOutputsStream = FileStream;
+
+    async fn job_logs(
+        &self,
+        req: Request<pb::JobLogsRequest>,
+    ) -> Result<Response<pb::JobLogsResponse>, Status> {
+        let _timer = self.metrics.time("job_logs");
+        let r = req.into_inner();
+        let job = self.job(&r.job_id).await?;
+        let limit = match r.limit {
+            0 => 500,
+            n => n.min(5000) as usize,
+        };
+        let (lines, next) = crate::joblog::read(self.store(), &r.job_id, &r.after, limit).await?;
+        Ok(Response::new(pb::JobLogsResponse {
+            lines: lines
+                .into_iter()
+                .map(|l| pb::LogLine {
+                    at_ms: l.at_ms,
+                    source: l.source,
+                    message: l.message,
+                })
+                .collect(),
+            next,
+            state: crate::convert::state_to_pb(&job.value.state) as i32,
+        }))
+    }
 
     async fn fetch_outputs(
         &self,
@@ -686,6 +725,12 @@ impl<S: Store> WorkerService for Coordinator<S> {
                     {
                         let root = self.config.artifact_root.trim_end_matches('/');
                         tracing::info!(job = job_id, session, "training member joins");
+                        self.log(
+                            &job_id,
+                            &session,
+                            format!("joins {train} as a member of the training group"),
+                        )
+                        .await;
                         return Ok(Response::new(pb::LeaseTaskResponse {
                             task: Some(pb::Task {
                                 output_uri: format!("{root}/jobs/{job_id}/{train}"),
@@ -709,6 +754,17 @@ impl<S: Store> WorkerService for Coordinator<S> {
             }
             return none();
         };
+        let how = match kind {
+            LeaseKind::Fresh => "",
+            LeaseKind::TookOver => " (the previous holder's lease expired)",
+            LeaseKind::Speculative => " (a speculative backup of a slow attempt)",
+        };
+        self.log(
+            &t.job_id,
+            &session,
+            format!("leased {} attempt {}{how}", t.task_id, t.attempt),
+        )
+        .await;
         let counter = match kind {
             LeaseKind::Fresh => None,
             LeaseKind::TookOver => Some(&self.metrics.task_lease_expiries),
@@ -766,6 +822,19 @@ impl<S: Store> WorkerService for Coordinator<S> {
         if let Reported::TaskFailed { reason } = &reported {
             tracing::warn!(job = r.job_id, reason, "job failed");
         }
+        let what = format!("{} attempt {}", r.task_id, r.attempt);
+        let line = match &reported {
+            Reported::Committed => Some(format!("{what} committed")),
+            Reported::AlreadyCommitted => Some(format!(
+                "{what} finished after another attempt committed; discarded"
+            )),
+            Reported::WillRetry => Some(format!("{what} failed; it will be retried")),
+            Reported::TaskFailed { reason } => Some(format!("{what} failed for good: {reason}")),
+            Reported::Released => Some(format!("{what} given back")),
+        };
+        if let Some(line) = line {
+            self.log(&r.job_id, &r.session_id, line).await;
+        }
         self.events.send(Event::TaskReported {
             job_id: r.job_id.clone(),
         });
@@ -799,6 +868,17 @@ impl<S: Store> WorkerService for Coordinator<S> {
                 }))
             }
         };
+        self.log(
+            job,
+            session,
+            format!(
+                "joined training group generation {}: rank {} of {}",
+                joined.group.generation,
+                joined.rank,
+                joined.group.members.len()
+            ),
+        )
+        .await;
         let (checkpoint_uri, checkpoint_step) = joined
             .checkpoint
             .map(|c| (c.uri, c.step))
@@ -846,6 +926,15 @@ impl<S: Store> WorkerService for Coordinator<S> {
         };
         self.session_lease(&commit.session).await?;
         Groups::new(self.store().clone()).commit(&commit).await?;
+        self.log(
+            &commit.job_id,
+            &commit.session,
+            format!(
+                "checkpoint of step {} committed (generation {})",
+                commit.step, commit.generation
+            ),
+        )
+        .await;
         Ok(Response::new(pb::CommitCheckpointResponse {}))
     }
 }

@@ -602,6 +602,7 @@ impl<S: Store> Tasks<S> {
                 txn = self.with_stage_task(txn, id, kind, samples).await?;
             }
             if self.store.txn(txn).await?.committed() {
+                staged.log_change(&self.store).await;
                 return Ok(staged.job);
             }
         }
@@ -794,6 +795,7 @@ impl<S: Store> Tasks<S> {
                 txn = self.with_stage_task(txn, job, stage, samples).await?;
             }
             if self.store.txn(txn).await?.committed() {
+                staged.log_change(&self.store).await;
                 return Ok(reported);
             }
         }

@@ -127,6 +127,17 @@ pub struct StatusArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct LogsArgs {
+    /// The job whose log to print.
+    pub job: String,
+    /// Keep printing new lines until the job ends.
+    #[arg(long, short)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct FetchArgs {
     /// The job whose outputs to download.
     pub job: String,
@@ -261,6 +272,52 @@ pub fn watch(a: StatusArgs) -> anyhow::Result<()> {
             j.reason
         ),
         None => anyhow::bail!("the watch ended before the job did"),
+    }
+}
+
+/// Prints the job's log (what the coordinator saw happen to it), oldest
+/// first; with `--follow`, until the job ends.
+pub fn logs(a: LogsArgs) -> anyhow::Result<()> {
+    let mut e = a.conn.endpoints()?;
+    let rt = runtime()?;
+    let mut after = String::new();
+    loop {
+        let req = pb::JobLogsRequest {
+            job_id: a.job.clone(),
+            after: after.clone(),
+            limit: 0,
+        };
+        let page = rt.block_on(e.call(|ch, token| {
+            let req = authed(req.clone(), token);
+            async move { JobServiceClient::new(ch).job_logs(req).await }
+        }))?;
+        for l in &page.lines {
+            match a.conn.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"at_ms": l.at_ms, "source": l.source, "message": l.message})
+                ),
+                Output::Text => println!(
+                    "{} {}: {}",
+                    distill_worker::progress::rfc3339_ms(
+                        std::time::UNIX_EPOCH + Duration::from_millis(l.at_ms.max(0) as u64)
+                    ),
+                    l.source,
+                    l.message
+                ),
+            }
+        }
+        after = page.next;
+        let terminal = matches!(
+            pb::JobState::try_from(page.state),
+            Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+        );
+        if page.lines.is_empty() {
+            if !a.follow || terminal {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 }
 

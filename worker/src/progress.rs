@@ -161,3 +161,9 @@ impl StepProgress {
         }
     }
 }
+
+/// `at` as an RFC 3339 UTC timestamp with milliseconds, as plain log lines
+/// print it.
+pub fn rfc3339_ms(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
