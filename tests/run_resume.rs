@@ -1,5 +1,7 @@
 //! `distill run` survives SIGKILL: a run killed mid-training and started
 //! again finishes with bitwise the same student as an uninterrupted run.
+//! Ctrl-C (SIGINT) stops it cleanly: a checkpoint at the step it stopped
+//! at, exit status 130, and the same command resumes from that step.
 //! Real binary, real files; a tiny random teacher made by transformers.
 
 mod common;
@@ -77,7 +79,7 @@ fn finish(child: std::process::Child) {
 }
 
 #[test]
-fn sigkill_mid_training_then_resume_matches_uninterrupted() {
+fn sigkill_or_ctrl_c_mid_training_then_resume_matches_uninterrupted() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     make_teacher(&d.join("teacher"), TINY);
@@ -123,4 +125,50 @@ fn sigkill_mid_training_then_resume_matches_uninterrupted() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("b/report.json")).unwrap()).unwrap();
     assert!(report["student"]["metric"].as_f64().unwrap() >= 0.0);
+
+    // Ctrl-C once training is under way: a clean stop.
+    let child = distill_run(&spec, &d.join("c"));
+    let latest = d.join("c/student-ckpt/LATEST");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&latest).is_ok_and(|n| n.trim() >= "ckpt-00000100") {
+        assert!(Instant::now() < deadline, "no checkpoint published in time");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = std::fs::read_to_string(&latest).unwrap();
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("run: interrupted"), "{stderr}");
+    assert!(
+        stderr.contains("run: stopped; the same command resumes"),
+        "{stderr}"
+    );
+    assert!(!d.join("c/student/model.safetensors").exists());
+    let stopped_at = std::fs::read_to_string(&latest).unwrap();
+    assert!(
+        stopped_at.trim() >= before.trim(),
+        "the stop saved {stopped_at}, before it {before} was published"
+    );
+    let step: u64 = stopped_at
+        .trim()
+        .trim_start_matches("ckpt-")
+        .parse()
+        .unwrap();
+    let again = distill_run(&spec, &d.join("c")).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("resumed from checkpoint step={step} ")),
+        "resumes at the step it stopped at ({step}): {stderr}"
+    );
+    let c = std::fs::read(d.join("c/student/model.safetensors")).unwrap();
+    assert!(
+        a == c,
+        "student after Ctrl-C at step {step} + resume differs from the uninterrupted run"
+    );
 }

@@ -57,14 +57,25 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         .output
         .unwrap_or_else(|| PathBuf::from("runs").join(&name));
     eprintln!("run: job {name} → {}", out.display());
-    let report = run_local(
+    let stop = on_ctrl_c();
+    let report = match run_local(
         &spec,
         &RunOptions {
             out: out.clone(),
             device,
             baseline: a.baseline,
+            stop: Some(stop),
         },
-    )?;
+    ) {
+        Err(distill_worker::Error::Stopped) => {
+            eprintln!(
+                "run: stopped; the same command resumes from the checkpoint it saved in {}",
+                out.display()
+            );
+            std::process::exit(130);
+        }
+        r => r?,
+    };
     println!("{}", render(&report));
     println!(
         "student: {}\nreport: {}",
@@ -72,6 +83,34 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         out.join("report.json").display()
     );
     Ok(())
+}
+
+/// A flag the first Ctrl-C sets (training stops at its next step and
+/// saves a checkpoint there); a second Ctrl-C quits at once.
+fn on_ctrl_c() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                return;
+            }
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "run: interrupted: stopping at the next training step and saving a checkpoint there (Ctrl-C again quits at once)"
+            );
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        });
+    });
+    stop
 }
 
 #[derive(clap::Args)]

@@ -37,6 +37,10 @@ pub struct RunOptions {
     pub device: Device,
     /// Also train the same student on labels alone, for comparison.
     pub baseline: bool,
+    /// Set (Ctrl-C) to stop at the next training step with a checkpoint
+    /// there: the run returns [`Error::Stopped`], and the same run again
+    /// resumes from that step.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 pub use crate::report::{render, ModelReport, Report};
@@ -993,7 +997,10 @@ pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
     let mut clock = StageClock::default();
     clock.start("prepare");
     let p = prepare(spec)?;
-    let mut hooks = Hooks::default();
+    let mut hooks = Hooks {
+        stop: opts.stop.clone(),
+        ..Hooks::default()
+    };
     clock.start("teacher");
     let teacher = teacher(spec, &p, out, opts.device, &mut hooks)?;
     let teacher_output = if spec.distill.teacher_signal == TeacherSignal::Offline {
