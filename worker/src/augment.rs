@@ -246,16 +246,13 @@ impl Augmenter {
                         dropped += 1;
                     }
                 }
-                let mut j = 0;
-                ids.retain(|_| {
-                    j += 1;
-                    keep[j - 1]
-                });
-                let mut j = 0;
-                types.retain(|_| {
-                    j += 1;
-                    keep[j - 1]
-                });
+                (ids, types) = ids
+                    .iter()
+                    .zip(&types)
+                    .zip(&keep)
+                    .filter(|(_, &k)| k)
+                    .map(|((&i, &t), _)| (i, t))
+                    .unzip();
             }
             AugmentMethod::Swap => {
                 let mut i = 0;

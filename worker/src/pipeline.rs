@@ -460,29 +460,25 @@ fn augment_filter(
     if kept == made {
         return Ok(data);
     }
-    let rows: Vec<i64> = (0..n)
-        .filter(|&i| i < first || keep[i - first])
-        .map(|i| i as i64)
-        .collect();
+    // Every row of the global order: kept unless an augmented one was not.
+    let kept_rows: Vec<bool> = (0..n).map(|i| i < first || keep[i - first]).collect();
+    let rows: Vec<i64> = (0..n as i64).filter(|&i| kept_rows[i as usize]).collect();
     let teacher_output = data
         .teacher_output
         .as_ref()
         .map(|t| t.index_select(0, &Tensor::from_slice(&rows).to_device(t.device())));
-    let kept_row = |(i, _): &(usize, _)| *i < first || keep[*i - first];
     Ok(TrainData {
         examples: data
             .examples
             .into_iter()
-            .enumerate()
-            .filter(kept_row)
-            .map(|(_, e)| e)
+            .zip(&kept_rows)
+            .filter_map(|(e, &k)| k.then_some(e))
             .collect(),
         labels: data
             .labels
             .into_iter()
-            .enumerate()
-            .filter(|(i, _)| *i < first || keep[*i - first])
-            .map(|(_, l)| l)
+            .zip(&kept_rows)
+            .filter_map(|(l, &k)| k.then_some(l))
             .collect(),
         teacher_output,
     })
