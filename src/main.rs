@@ -80,9 +80,9 @@ enum Command {
     Worker(cmd::worker::Args),
 }
 
-fn init_logs(format: LogFormat) {
+fn init_logs(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DISTILL_LOG")
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| default.into());
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -118,7 +118,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // `distill run` shows the job's stages; the in-process coordinator's
+    // and worker's own bookkeeping (leases, reports) only when it goes
+    // wrong (DISTILL_LOG=info shows all of it).
+    let default_filter = match cli.command {
+        Command::Run(_) => "info,distill_coordinator=warn,distill_worker::agent=warn",
+        _ => "info",
+    };
+    init_logs(cli.log_format, default_filter);
     let result = match cli.command {
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Infer(a) => cmd::infer::run(a),

@@ -172,3 +172,133 @@ fn sigkill_or_ctrl_c_mid_training_then_resume_matches_uninterrupted() {
         "student after Ctrl-C at step {step} + resume differs from the uninterrupted run"
     );
 }
+
+/// `distill run` goes through the cluster's stages on an in-process
+/// coordinator: a teacher fine-tuned in a task of its own, an offline
+/// teacher signal in shards, the student and the labels-only baseline,
+/// then evaluation. Run again, the same command reuses every stage (the
+/// fine-tuned teacher, every shard) and gives the same student; a second
+/// `distill run` on the same output directory at once is refused.
+#[test]
+fn run_fine_tunes_labels_offline_and_trains_the_baseline_through_the_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    make_teacher(&d.join("teacher"), TINY);
+    write_data(&d.join("train.jsonl"), 96, 0, 2, 6);
+    write_data(&d.join("unl.jsonl"), 48, 300, 2, 6);
+    write_data(&d.join("dev.jsonl"), 16, 100, 2, 6);
+    write_data(&d.join("test.jsonl"), 16, 200, 2, 6);
+    let text = std::fs::read_to_string(spec(d))
+        .unwrap()
+        .replace("path = \"", "fine_tune = true\nepochs = 1\npath = \"")
+        .replace(
+            "test = \"",
+            &format!(
+                "unlabelled = \"{}/unl.jsonl\"\nshard_size = 40\ntest = \"",
+                d.display()
+            ),
+        )
+        .replace(
+            "teacher_signal = \"online\"",
+            "teacher_signal = \"offline\"",
+        )
+        .replace("steps = 1500", "steps = 120");
+    let job = d.join("offline.toml");
+    std::fs::write(&job, text).unwrap();
+    let out = d.join("o");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_distill"))
+            .args([
+                "run",
+                job.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .args(["--threads", "1", "--baseline"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = run(&[]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(stderr.contains("teacher: fine-tuning"), "{stderr}");
+    // 144 training examples in shards of 40, each computed once.
+    assert_eq!(stderr.matches(" computed").count(), 4, "{stderr}");
+    assert!(out.join("teacher/.complete").exists());
+    assert!(out.join(".coordinator/wal.log").exists());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert!(report["baseline"]["metric"].as_f64().is_some(), "{report}");
+    let stages: Vec<&str> = report["stage_seconds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "prepare",
+            "teacher",
+            "teacher signal",
+            "distillation",
+            "labels-only baseline",
+            "evaluation and quantization"
+        ],
+        "{report}"
+    );
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(stdout.contains("student, labels only"), "{stdout}");
+    let student = std::fs::read(out.join("student/model.safetensors")).unwrap();
+
+    // While a run holds the directory, another is refused by name. (The
+    // holder may finish before the second starts: then try again.)
+    let refused = (0..3).find_map(|_| {
+        let holder = Command::new(env!("CARGO_BIN_EXE_distill"))
+            .args([
+                "run",
+                job.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .args(["--threads", "1", "--baseline"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lock = std::fs::File::open(out.join(".coordinator/LOCK")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Until the holder has the lock (probing it takes it a moment,
+        // which the holder waits out).
+        while lock.try_lock().is_ok() {
+            lock.unlock().unwrap();
+            assert!(Instant::now() < deadline, "the holder never took the lock");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let second = run(&[]);
+        let held = holder.wait_with_output().unwrap();
+        assert!(
+            held.status.success(),
+            "{}",
+            String::from_utf8_lossy(&held.stderr)
+        );
+        (!second.status.success()).then(|| String::from_utf8_lossy(&second.stderr).to_string())
+    });
+    let refused = refused.expect("a second run on the directory was never refused");
+    assert!(refused.contains("in use by another process"), "{refused}");
+
+    // The same command again: everything reused, the same student.
+    let again = run(&[]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("reusing the fine-tuned teacher"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches(" computed").count(), 0, "{stderr}");
+    assert_eq!(
+        std::fs::read(out.join("student/model.safetensors")).unwrap(),
+        student
+    );
+}

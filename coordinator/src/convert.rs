@@ -71,6 +71,7 @@ impl From<&Versioned<JobRecord>> for pb::Job {
             }),
             revision: v.revision,
             outputs: j.outputs.clone(),
+            output_dir: j.output_dir.clone().unwrap_or_default(),
         }
     }
 }
@@ -80,6 +81,7 @@ pub(crate) struct Submit {
     pub(crate) spec: distill_spec::JobSpec,
     pub(crate) priority: i32,
     pub(crate) request_id: Option<String>,
+    pub(crate) output_dir: Option<String>,
 }
 
 impl TryFrom<pb::SubmitJobRequest> for Submit {
@@ -97,10 +99,26 @@ impl TryFrom<pb::SubmitJobRequest> for Submit {
         };
         required("spec", &r.spec)?;
         let spec = distill_spec::parse(&r.spec, format)?;
+        let output_dir = match r.output_dir.as_str() {
+            "" => None,
+            d => {
+                let p = std::path::Path::new(d);
+                if !p.is_absolute()
+                    || p.components()
+                        .any(|c| matches!(c, std::path::Component::ParentDir))
+                {
+                    return Err(CoordinatorError::InvalidArgument(format!(
+                        "output_dir: {d:?} must be an absolute path without `..`"
+                    )));
+                }
+                Some(d.trim_end_matches('/').to_string())
+            }
+        };
         Ok(Submit {
             spec,
             priority: r.priority,
             request_id: (!r.request_id.is_empty()).then_some(r.request_id),
+            output_dir,
         })
     }
 }

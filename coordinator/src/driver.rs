@@ -393,14 +393,6 @@ impl<S: Store> Driver<S> {
                 Err(e) => Err(e),
             };
         }
-        if spec.teacher.fine_tune {
-            return self
-                .fail(
-                    &id,
-                    "teacher.fine_tune: fine-tuning the teacher before an offline teacher signal is not built on the cluster path yet; use distill.teacher_signal = \"online\" or a fine-tuned teacher".into(),
-                )
-                .await;
-        }
         let total = match spec.data.num_samples {
             Some(n) => n,
             None => {
@@ -431,6 +423,36 @@ impl<S: Store> Driver<S> {
             return self
                 .fail(&id, "planning: the data holds no samples".into())
                 .await;
+        }
+        if spec.teacher.fine_tune {
+            // The teacher is fine-tuned first, in a task of its own that
+            // spans the samples; its commit creates the shards.
+            let n = crate::tasks::shards(total, spec.data.shard_size).len() as u64;
+            let r = self
+                .tasks
+                .advance_spanning(&id, Some(total), |j| {
+                    j.state = j
+                        .state
+                        .clone()
+                        .apply(JobEvent::Planned { labelling: true })?;
+                    j.progress.shards_total = n;
+                    j.progress.stage = "fine-tuning the teacher".into();
+                    Ok(Some(TaskKind::FineTuneTeacher))
+                })
+                .await;
+            return match r {
+                Ok(_) => {
+                    tracing::info!(
+                        job = id,
+                        samples = total,
+                        shards = n,
+                        "job planned: teacher fine-tuning first"
+                    );
+                    Ok(())
+                }
+                Err(CoordinatorError::InvalidTransition(_)) => Ok(()),
+                Err(e) => Err(e),
+            };
         }
         let n = self
             .tasks
@@ -467,10 +489,43 @@ impl<S: Store> Driver<S> {
     }
 
     async fn reconcile_labelling(&self, id: &str) -> Result<(), CoordinatorError> {
-        let tasks = self.tasks.list(id).await?;
+        let mut tasks = self.tasks.list(id).await?;
+        // A fine-tuned teacher whose shards were not all created (the
+        // process died between its commit and their creation).
+        let ft = tasks
+            .iter()
+            .find(|t| t.value.kind == TaskKind::FineTuneTeacher)
+            .map(|t| t.value.clone());
+        if let Some(ft) = ft {
+            if !matches!(ft.state, TaskState::Committed { .. }) {
+                if let TaskState::Failed { reason } = &ft.state {
+                    return self.fail(id, reason.clone()).await;
+                }
+                return Ok(());
+            }
+            let want = self
+                .ledger
+                .get(id)
+                .await?
+                .map(|j| j.value.progress.shards_total)
+                .unwrap_or(0);
+            let have = tasks
+                .iter()
+                .filter(|t| t.value.kind == TaskKind::TeacherSignal)
+                .count() as u64;
+            if have < want {
+                if let Some(job) = self.ledger.get(id).await? {
+                    self.tasks.create_fine_tuned_shards(&job.value, &ft).await?;
+                    tasks = self.tasks.list(id).await?;
+                }
+            }
+        }
         let committed = tasks
             .iter()
-            .filter(|t| matches!(t.value.state, TaskState::Committed { .. }))
+            .filter(|t| {
+                t.value.kind == TaskKind::TeacherSignal
+                    && matches!(t.value.state, TaskState::Committed { .. })
+            })
             .count() as u64;
         if let Some(t) = tasks.iter().find_map(|t| match &t.value.state {
             TaskState::Failed { reason } => Some(reason.clone()),

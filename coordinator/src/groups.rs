@@ -86,6 +86,8 @@ pub struct Commit {
     pub step: u64,
     pub uri: String,
     pub sha256: String,
+    /// The training's total steps, when the worker said (0: unknown).
+    pub total_steps: u64,
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -301,7 +303,7 @@ impl<S: Store> Groups<S> {
                     });
                 }
             }
-            let step = c.step;
+            let (step, total_steps) = (c.step, c.total_steps);
             let job_id = c.job_id.clone();
             let staged = self
                 .ledger
@@ -313,6 +315,9 @@ impl<S: Store> Groups<S> {
                         });
                     }
                     j.progress.checkpoint_step = step;
+                    if total_steps > 0 {
+                        j.progress.steps_total = total_steps;
+                    }
                     Ok(())
                 })
                 .await?;

@@ -81,6 +81,21 @@ pub struct JobRecord {
     /// under the artifact root; filled as its stage tasks commit.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// Where the job's own files go, when its submitter chose (an absolute
+    /// path every worker shares); otherwise `<artifact root>/jobs/<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<String>,
+}
+
+impl JobRecord {
+    /// The job's own directory under the coordinator's `artifact_root`,
+    /// or the one its submitter chose.
+    pub fn dir(&self, artifact_root: &str) -> String {
+        match &self.output_dir {
+            Some(d) => d.clone(),
+            None => format!("{}/jobs/{}", artifact_root.trim_end_matches('/'), self.id),
+        }
+    }
 }
 
 /// A value read from the store with the revision it was read at.
@@ -175,6 +190,18 @@ impl<S: Store> Ledger<S> {
         priority: i32,
         request_id: Option<&str>,
     ) -> Result<Versioned<JobRecord>, CoordinatorError> {
+        self.submit_to(spec, priority, request_id, None).await
+    }
+
+    /// [`Ledger::submit`], with the job's outputs in `output_dir` (an
+    /// absolute path) instead of under the artifact root.
+    pub async fn submit_to(
+        &self,
+        spec: &distill_spec::JobSpec,
+        priority: i32,
+        request_id: Option<&str>,
+        output_dir: Option<&str>,
+    ) -> Result<Versioned<JobRecord>, CoordinatorError> {
         let spec_json = spec.to_json();
         for _ in 0..MAX_RETRIES {
             if let Some(rid) = request_id {
@@ -208,6 +235,7 @@ impl<S: Store> Ledger<S> {
                 updated_at_ms: now,
                 progress: Progress::default(),
                 outputs: vec![],
+                output_dir: output_dir.map(str::to_string),
             };
             let key = format!("{JOBS}{id}");
             let mut txn = Txn::new()

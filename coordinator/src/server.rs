@@ -317,7 +317,12 @@ impl<S: Store> JobService for Coordinator<S> {
         let submit = Submit::try_from(req.into_inner())?;
         let job = self
             .ledger
-            .submit(&submit.spec, submit.priority, submit.request_id.as_deref())
+            .submit_to(
+                &submit.spec,
+                submit.priority,
+                submit.request_id.as_deref(),
+                submit.output_dir.as_deref(),
+            )
             .await?;
         self.events.send(Event::JobSubmitted {
             job_id: job.value.id.clone(),
@@ -392,9 +397,7 @@ impl<S: Store> JobService for Coordinator<S> {
             ))
             .into());
         }
-        let dir = std::path::Path::new(&self.config.artifact_root)
-            .join("jobs")
-            .join(&id);
+        let dir = std::path::PathBuf::from(job.value.dir(&self.config.artifact_root));
         let files = crate::fetch::output_files(&dir, &job.value.outputs)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || crate::fetch::stream(&dir, files, tx));
@@ -716,14 +719,22 @@ impl<S: Store> WorkerService for Coordinator<S> {
             // trains as a member of the group.
             // (Not when the task fine-tunes the teacher: that runs on the
             // holder alone.)
-            let fine_tunes = distill_spec::from_json_str(&job.value.spec_json)
-                .map_or(true, |s| s.teacher.fine_tune);
-            if job.value.state == JobState::Training && !fine_tunes {
+            // (An offline job fine-tunes its teacher in a stage of its own.)
+            let fine_tunes = distill_spec::from_json_str(&job.value.spec_json).map_or(true, |s| {
+                s.teacher.fine_tune
+                    && s.distill.teacher_signal == distill_spec::TeacherSignal::Online
+            });
+            // (Nor once the final checkpoint is committed: the holder is
+            // exporting, or training the labels-only baseline, alone.)
+            let p = &job.value.progress;
+            let trained = p.steps_total > 0 && p.checkpoint_step >= p.steps_total;
+            if job.value.state == JobState::Training && !fine_tunes && !trained {
                 let train = TaskKind::Train.stage_task_id();
                 if let Some(t) = self.tasks.get(&job_id, train).await? {
                     if matches!(&t.state, TaskState::Leased { holder, .. } if holder.session != session)
                     {
                         let root = self.config.artifact_root.trim_end_matches('/');
+                        let job_dir = job.value.dir(root);
                         tracing::info!(job = job_id, session, "training member joins");
                         self.log(
                             &job_id,
@@ -733,8 +744,9 @@ impl<S: Store> WorkerService for Coordinator<S> {
                         .await;
                         return Ok(Response::new(pb::LeaseTaskResponse {
                             task: Some(pb::Task {
-                                output_uri: format!("{root}/jobs/{job_id}/{train}"),
+                                output_uri: format!("{job_dir}/{train}"),
                                 artifact_root: root.to_string(),
+                                job_dir,
                                 r#ref: Some(pb::TaskRef {
                                     job_id: job_id.clone(),
                                     task_id: train.to_string(),
@@ -773,6 +785,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
         if let Some(c) = counter {
             c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        let job_dir = job.value.dir(&self.config.artifact_root);
         let spec_json = job.value.spec_json;
         let deadline = match &t.state {
             TaskState::Leased { holder, backup } => backup
@@ -784,8 +797,9 @@ impl<S: Store> WorkerService for Coordinator<S> {
         };
         let root = self.config.artifact_root.trim_end_matches('/');
         let task = pb::Task {
-            output_uri: format!("{root}/jobs/{}/{}", t.job_id, t.task_id),
+            output_uri: format!("{job_dir}/{}", t.task_id),
             artifact_root: root.to_string(),
+            job_dir,
             r#ref: Some(pb::TaskRef {
                 job_id: t.job_id,
                 task_id: t.task_id,
@@ -795,6 +809,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
                 TaskKind::TeacherSignal => pb::TaskKind::TeacherSignal,
                 TaskKind::Train => pb::TaskKind::Train,
                 TaskKind::Evaluate => pb::TaskKind::Evaluate,
+                TaskKind::FineTuneTeacher => pb::TaskKind::FineTuneTeacher,
             } as i32,
             spec_json,
             shard_start: t.shard_start,
@@ -923,6 +938,7 @@ impl<S: Store> WorkerService for Coordinator<S> {
             step: r.step,
             uri: required("checkpoint_uri", &r.checkpoint_uri)?.to_string(),
             sha256: r.sha256,
+            total_steps: r.total_steps,
         };
         self.session_lease(&commit.session).await?;
         Groups::new(self.store().clone()).commit(&commit).await?;

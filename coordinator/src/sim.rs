@@ -273,6 +273,7 @@ impl SimClient {
                 now_nanos(),
                 NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ),
+            output_dir: String::new(),
         };
         self.endpoints
             .call(|ch, token| {

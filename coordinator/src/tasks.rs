@@ -156,6 +156,9 @@ pub enum TaskKind {
     Train,
     /// Evaluate teacher and student on the test split; write the report.
     Evaluate,
+    /// Fine-tune the teacher before its offline signal is computed: the
+    /// first task of such a job; its commit creates the shard tasks.
+    FineTuneTeacher,
 }
 
 impl TaskKind {
@@ -165,6 +168,9 @@ impl TaskKind {
             TaskKind::TeacherSignal => "shard",
             TaskKind::Train => "stage-2-train",
             TaskKind::Evaluate => "stage-3-evaluate",
+            // Sorts before every `shard-…` id: the lease cursor moves past
+            // it before the shards exist.
+            TaskKind::FineTuneTeacher => "fine-tune-teacher",
         }
     }
 }
@@ -552,6 +558,20 @@ impl<S: Store> Tasks<S> {
         Ok(lost)
     }
 
+    /// The shard tasks of a job whose teacher fine-tuning task `ft` (which
+    /// spans the job's samples) committed; idempotent.
+    pub async fn create_fine_tuned_shards(
+        &self,
+        job: &JobRecord,
+        ft: &TaskRecord,
+    ) -> Result<usize, CoordinatorError> {
+        let spec = distill_spec::from_json_str(&job.spec_json).map_err(|e| {
+            CoordinatorError::Internal(format!("job {}: stored spec is invalid: {e}", job.id))
+        })?;
+        self.create_shards(&job.id, ft.shard_end, spec.data.shard_size)
+            .await
+    }
+
     /// Adds to `txn` the creation of `job`'s task for stage `kind`, unless
     /// it exists (then the txn is guarded on it staying as it is).
     async fn with_stage_task(
@@ -585,6 +605,17 @@ impl<S: Store> Tasks<S> {
     pub async fn advance(
         &self,
         id: &str,
+        f: impl FnMut(&mut JobRecord) -> Result<Option<TaskKind>, CoordinatorError>,
+    ) -> Result<JobRecord, CoordinatorError> {
+        self.advance_spanning(id, None, f).await
+    }
+
+    /// [`Tasks::advance`], the created stage task spanning samples
+    /// `[0, samples)` when given.
+    pub async fn advance_spanning(
+        &self,
+        id: &str,
+        samples: Option<u64>,
         mut f: impl FnMut(&mut JobRecord) -> Result<Option<TaskKind>, CoordinatorError>,
     ) -> Result<JobRecord, CoordinatorError> {
         let ledger = Ledger::new(self.store.clone());
@@ -598,7 +629,7 @@ impl<S: Store> Tasks<S> {
                 .await?;
             let mut txn = staged.guard(Txn::new());
             if let Some(kind) = next {
-                let samples = staged.job.progress.shards_total;
+                let samples = samples.unwrap_or(staged.job.progress.shards_total);
                 txn = self.with_stage_task(txn, id, kind, samples).await?;
             }
             if self.store.txn(txn).await?.committed() {
@@ -681,6 +712,8 @@ impl<S: Store> Tasks<S> {
                         TaskKind::TeacherSignal => Some(TaskKind::Train),
                         TaskKind::Train => Some(TaskKind::Evaluate),
                         TaskKind::Evaluate => None,
+                        // Its shards are created once it is committed.
+                        TaskKind::FineTuneTeacher => None,
                     };
                     job_change = Some(Box::new(move |j: &mut JobRecord| {
                         match kind {
@@ -709,6 +742,9 @@ impl<S: Store> Tasks<S> {
                                 j.state = j.state.clone().apply(JobEvent::Evaluated)?;
                                 j.progress.stage = "done".into();
                                 j.outputs.extend(outputs);
+                            }
+                            TaskKind::FineTuneTeacher => {
+                                j.progress.stage = "labelling".into();
                             }
                         }
                         Ok(())
@@ -739,6 +775,7 @@ impl<S: Store> Tasks<S> {
                             TaskKind::TeacherSignal => "shard",
                             TaskKind::Train => "training task",
                             TaskKind::Evaluate => "evaluation task",
+                            TaskKind::FineTuneTeacher => "teacher fine-tuning task",
                         };
                         let reason = format!(
                             "{what} {task} failed {} time(s), last: {reason}",
@@ -796,6 +833,13 @@ impl<S: Store> Tasks<S> {
             }
             if self.store.txn(txn).await?.committed() {
                 staged.log_change(&self.store).await;
+                if rec.kind == TaskKind::FineTuneTeacher && reported == Reported::Committed {
+                    // The teacher is ready: its signal's shards. Outside
+                    // the transaction (a job may have more shards than one
+                    // transaction may hold); if this process dies first,
+                    // the main loop's reconciliation creates them.
+                    self.create_fine_tuned_shards(&staged.job, &rec).await?;
+                }
                 return Ok(reported);
             }
         }

@@ -134,6 +134,7 @@ pub struct RawQuantization {
 pub struct RawEvaluation {
     pub latency_batch_sizes: Option<Vec<i64>>,
     pub latency_iters: Option<i64>,
+    pub baseline: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

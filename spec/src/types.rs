@@ -370,6 +370,10 @@ pub struct Evaluation {
     /// Batch sizes latency is measured at (p50/p95).
     pub latency_batch_sizes: Vec<u32>,
     pub latency_iters: u32,
+    /// Also train the same student on the labels alone, with the same
+    /// step budget, and report it beside the distilled one
+    /// (classification only; `distill run --baseline` sets it).
+    pub baseline: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -771,6 +771,7 @@ fn evaluation(c: &mut Check, e: RawEvaluation) -> Evaluation {
             1,
             1_000_000,
         ),
+        baseline: e.baseline.unwrap_or(false),
     }
 }
 

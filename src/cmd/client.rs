@@ -114,6 +114,11 @@ pub struct SubmitArgs {
     /// Higher runs first.
     #[arg(long, default_value_t = 0)]
     pub priority: i32,
+    /// Directory for the job's outputs (checkpoints, student, report)
+    /// instead of `<artifact root>/jobs/<job id>/`; it must be storage
+    /// every worker shares (made absolute here).
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -181,6 +186,13 @@ pub fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         format: format as i32,
         priority: a.priority,
         request_id: String::new(),
+        output_dir: match &a.output_dir {
+            Some(d) => std::path::absolute(d)
+                .with_context(|| format!("--output-dir {}", d.display()))?
+                .display()
+                .to_string(),
+            None => String::new(),
+        },
     };
     let mut e = a.conn.endpoints()?;
     let job = runtime()?.block_on(e.call(|ch, token| {

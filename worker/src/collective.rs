@@ -76,6 +76,17 @@ extern "C" {
 
 const ERRLEN: usize = 1024;
 
+/// Rendezvous threads still running (an aborted rendezvous runs on until
+/// c10d's constructor returns, at the latest at its deadline).
+static RENDEZVOUS_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many abandoned or running rendezvous threads this process has. A
+/// process must not exit while one is inside c10d (its static destructors
+/// would run under it): [`Group::join_abortable`]'s callers wait for 0.
+pub fn rendezvous_threads() -> usize {
+    RENDEZVOUS_THREADS.load(Ordering::SeqCst)
+}
+
 fn message(buf: &[u8]) -> String {
     let m = CStr::from_bytes_until_nul(buf)
         .map(|c| c.to_string_lossy().into_owned())
@@ -221,6 +232,7 @@ impl Group {
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let rv = r.clone();
+        RENDEZVOUS_THREADS.fetch_add(1, Ordering::SeqCst);
         std::thread::Builder::new()
             .name("distill-rendezvous".into())
             .spawn(move || {
@@ -228,8 +240,12 @@ impl Group {
                 if let Err(std::sync::mpsc::SendError(Ok(raw))) = tx.send(formed) {
                     unsafe { distill_pg_free(raw.0) }
                 }
+                RENDEZVOUS_THREADS.fetch_sub(1, Ordering::SeqCst);
             })
-            .map_err(|e| Error::Collective(format!("cannot start the rendezvous: {e}")))?;
+            .map_err(|e| {
+                RENDEZVOUS_THREADS.fetch_sub(1, Ordering::SeqCst);
+                Error::Collective(format!("cannot start the rendezvous: {e}"))
+            })?;
         let raw = loop {
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(formed) => break formed?.0,

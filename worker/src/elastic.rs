@@ -62,7 +62,8 @@ pub trait Membership {
     /// the generation whose collective failed on this rank (0: none).
     fn join(&mut self, failed: u64) -> Result<Joined>;
     /// Commits checkpoints under `generation`.
-    fn committer(&self, generation: u64) -> Committer;
+    /// Commits each checkpoint of a training of `total_steps` steps.
+    fn committer(&self, generation: u64, total_steps: u64) -> Committer;
     /// Set when the group changed; aborts collectives in flight.
     fn flag(&self) -> Arc<AtomicBool>;
     /// Tells the heartbeat which generation (and group size) this rank is in.
@@ -182,7 +183,7 @@ pub fn train(
             (at, redone, why)
         });
         tr.regroup_on(Some(flag.clone()));
-        tr.on_checkpoint(m.committer(j.generation));
+        tr.on_checkpoint(m.committer(j.generation, tr.cfg.total_steps));
         let generation = j.generation;
         let world = j.world;
         // A fresh, shorter-lived trait object per attempt.

@@ -1,10 +1,12 @@
-//! One distillation job on this machine, end to end: load and check the
-//! inputs, fine-tune the teacher if asked, derive and initialise the student,
-//! distil (online or offline teacher signal), optionally train a labels-only
-//! baseline with the same budget, evaluate on the test split, export the
-//! student as a Hugging Face directory and write `report.json`/`report.md`.
+//! The stages of a distillation job, as the worker's tasks run them
+//! (`crate::agent::exec`; `distill run` goes through the same tasks on an
+//! in-process coordinator): load and check the inputs, fine-tune the
+//! teacher if asked, derive and initialise the student, distil (online or
+//! offline teacher signal), optionally train a labels-only baseline with
+//! the same budget, evaluate on the test split, export the student as a
+//! Hugging Face directory and write `report.json`/`report.md`.
 //!
-//! Every stage checkpoints under the output directory; running the same job
+//! Every stage checkpoints under the job's directory; running a stage
 //! again resumes where it stopped (a finished stage is reused).
 
 use crate::autocast::Reduced;
@@ -22,29 +24,15 @@ use crate::model::{Task, TaskModel};
 use crate::quant::Scheme;
 use crate::tokenize::{Encoded, TextTokenizer};
 use crate::{Error, Result};
-use distill_spec::{
-    JobSpec, LayerMap, LrSchedule, Precision, StudentInit, TeacherSignal, TrainingLength, Weight,
-};
+use distill_spec::{JobSpec, LayerMap, LrSchedule, Precision, StudentInit, TrainingLength, Weight};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    pub out: PathBuf,
-    pub device: Device,
-    /// Also train the same student on labels alone, for comparison.
-    pub baseline: bool,
-    /// Set (Ctrl-C) to stop at the next training step with a checkpoint
-    /// there: the run returns [`Error::Stopped`], and the same run again
-    /// resumes from that step.
-    pub stop: Option<Arc<AtomicBool>>,
-}
-
 pub use crate::report::{render, ModelReport, Report};
-use crate::report::{Bench, StageClock, Variant, Verdict};
+use crate::report::{Bench, Variant, Verdict};
 
 pub(crate) struct Split {
     pub(crate) examples: Vec<Encoded>,
@@ -154,7 +142,7 @@ fn train_config(spec: &JobSpec, n_train: usize, layer_map: Vec<i64>) -> TrainCon
         precision: match t.precision {
             Precision::Fp32 => None,
             Precision::Bf16 => Some(Reduced::Bf16),
-            // Refused in `run_local` before any work (needs loss scaling).
+            // Refused by `check_supported` before any work (needs loss scaling).
             Precision::Fp16 => Some(Reduced::Fp16),
         },
     }
@@ -575,6 +563,28 @@ pub fn teacher(
     load_teacher(spec, p, device)
 }
 
+/// The teacher that [`teacher`] fine-tuned under `out` earlier (another
+/// task of the job did); an error if it is not there. A job that does not
+/// fine-tune (or an embedding job, which never does) gets the spec's.
+pub fn load_fine_tuned_teacher(
+    spec: &JobSpec,
+    p: &Prepared,
+    out: &Path,
+    device: Device,
+) -> Result<TaskModel> {
+    if !(spec.teacher.fine_tune && p.task == Task::Classification) {
+        return load_teacher(spec, p, device);
+    }
+    let done = out.join("teacher");
+    if !done.join(".complete").exists() {
+        return Err(Error::Invalid(format!(
+            "teacher.fine_tune: the fine-tuned teacher is missing from {} (its task should have committed it)",
+            done.display()
+        )));
+    }
+    TaskModel::load(&done, p.task, Some(p.labels.clone()), device)
+}
+
 /// The spec's teacher, as given: any parameter it lacks (a new classifier
 /// head, say) is initialised from the job seed, so every worker and every
 /// run builds the same teacher.
@@ -807,7 +817,7 @@ pub fn baseline(
         tr.restore_best()?;
     }
     let (m, eps) = measure(&b, &p.tok, &p.test, None)?;
-    Ok(ModelReport {
+    let r = ModelReport {
         params: b.num_params(),
         layers: plan.config.num_hidden_layers,
         hidden: plan.config.hidden_size,
@@ -815,7 +825,95 @@ pub fn baseline(
         bytes_on_disk: None,
         examples_per_second: eps,
         ..ModelReport::default()
-    })
+    };
+    write_atomic(
+        &out.join(BASELINE_FILE),
+        serde_json::to_string_pretty(&r).unwrap().as_bytes(),
+    )?;
+    Ok(r)
+}
+
+/// Where [`baseline`] leaves its measurement for the evaluation stage.
+const BASELINE_FILE: &str = "baseline.json";
+/// Where each stage task records its wall time for the report.
+const STAGES_FILE: &str = "stages.json";
+
+/// The labels-only baseline [`baseline`] measured in `out`, if any.
+pub fn stored_baseline(out: &Path) -> Result<Option<ModelReport>> {
+    let path = out.join(BASELINE_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| Error::Config {
+                path,
+                message: format!("not a baseline measurement: {e}"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Records that stage `name` took `seconds` (this run's time; a stage run
+/// again replaces its entry), for the report's stage table.
+pub fn record_stage(out: &Path, name: &str, seconds: f64) -> Result<()> {
+    let mut stages = recorded_stages(out);
+    match stages.iter_mut().find(|(n, _)| n == name) {
+        Some(s) => s.1 = seconds,
+        None => stages.push((name.to_string(), seconds)),
+    }
+    write_atomic(
+        &out.join(STAGES_FILE),
+        serde_json::to_string_pretty(&stages).unwrap().as_bytes(),
+    )
+}
+
+/// Records that the teacher-signal shard starting at `start` took
+/// `seconds` to compute here. One file per shard: shards run on many
+/// workers at once, and none rewrites another's record.
+pub fn record_shard(out: &Path, start: usize, seconds: f64) -> Result<()> {
+    write_atomic(
+        &out.join(SHARD_TIMES).join(format!("{start:012}")),
+        format!("{seconds}").as_bytes(),
+    )
+}
+
+/// Where [`record_shard`] keeps its records.
+const SHARD_TIMES: &str = "stages/teacher-signal";
+
+/// The order stages run in, for the report.
+const STAGE_ORDER: [&str; 6] = [
+    "prepare",
+    "teacher",
+    "teacher signal",
+    "distillation",
+    "labels-only baseline",
+    "evaluation and quantization",
+];
+
+/// The stage times recorded in `out` ([`record_stage`]; the teacher
+/// signal as the sum of its shards' compute times, [`record_shard`]), in
+/// the order the stages run.
+pub fn recorded_stages(out: &Path) -> Vec<(String, f64)> {
+    let mut stages: Vec<(String, f64)> = std::fs::read(out.join(STAGES_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Ok(dir) = std::fs::read_dir(out.join(SHARD_TIMES)) {
+        let total: f64 = dir
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|s| s.trim().parse::<f64>().ok())
+            .sum();
+        stages.retain(|(n, _)| n != "teacher signal");
+        stages.push(("teacher signal".into(), total));
+    }
+    stages.sort_by_key(|(n, _)| {
+        STAGE_ORDER
+            .iter()
+            .position(|o| o == n)
+            .unwrap_or(usize::MAX)
+    });
+    stages
 }
 
 /// The batch sizes latency is measured at: 1 and the spec's.
@@ -984,64 +1082,6 @@ pub fn evaluate(
     Ok(report)
 }
 
-/// The whole job on this machine: the stages above in order, the teacher
-/// signal computed here (offline) in `data.shard_size` shards.
-pub fn run_local(spec: &JobSpec, opts: &RunOptions) -> Result<Report> {
-    let started = Instant::now();
-    let out = &opts.out;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut clock = StageClock::default();
-    clock.start("prepare");
-    let p = prepare(spec)?;
-    let mut hooks = Hooks {
-        stop: opts.stop.clone(),
-        ..Hooks::default()
-    };
-    clock.start("teacher");
-    let teacher = teacher(spec, &p, out, opts.device, &mut hooks)?;
-    let teacher_output = if spec.distill.teacher_signal == TeacherSignal::Offline {
-        clock.start("teacher signal");
-        let (examples, _) = p.training();
-        Some(offline_signal(
-            &p,
-            &teacher,
-            &served_teacher_dir(&p, out),
-            &examples,
-            &out.join("teacher-signal"),
-            spec.data.shard_size as usize,
-        )?)
-    } else {
-        None
-    };
-    clock.start("distillation");
-    let student = distill_student(
-        spec,
-        &p,
-        &teacher,
-        teacher_output,
-        out,
-        opts.device,
-        &mut hooks,
-    )?;
-    let baseline = if opts.baseline && p.task == Task::Classification {
-        clock.start("labels-only baseline");
-        Some(baseline(spec, &p, &teacher, out, opts.device, &mut hooks)?)
-    } else {
-        None
-    };
-    clock.stop();
-    evaluate(
-        spec,
-        &p,
-        &teacher,
-        &student,
-        baseline,
-        out,
-        started,
-        &clock.stages,
-    )
-}
-
 /// The identity of shard `[start, end)` of the job's teacher signal.
 pub fn shard_spec<'a>(
     p: &Prepared,
@@ -1056,52 +1096,6 @@ pub fn shard_spec<'a>(
         start,
         end,
     }
-}
-
-/// The offline teacher signal for `examples`, from content-addressed shards
-/// of `shard_size` under `signal_dir` (see `crate::signal`): finished
-/// shards are reused, missing ones computed and written.
-fn offline_signal(
-    p: &Prepared,
-    teacher: &TaskModel,
-    teacher_dir: &Path,
-    examples: &[Encoded],
-    signal_dir: &Path,
-    shard_size: usize,
-) -> Result<Tensor> {
-    use crate::signal::{read_shard, write_shard, TeacherId};
-    let id = TeacherId::of(teacher_dir)?;
-    let store = crate::artifacts::Artifacts::open(&signal_dir.display().to_string())?;
-    let (mut parts, mut reused) = (vec![], 0);
-    let shard_size = shard_size.max(1);
-    let n_shards = examples.len().div_ceil(shard_size);
-    for start in (0..examples.len()).step_by(shard_size) {
-        let end = (start + shard_size).min(examples.len());
-        let spec = shard_spec(p, &id, start, end);
-        let t = match read_shard(&store, &spec, examples)? {
-            Some(t) => {
-                reused += 1;
-                t
-            }
-            None => {
-                let t = infer(
-                    teacher,
-                    &p.tok,
-                    &examples[start..end],
-                    InferOptions::default(),
-                    |_, _| {},
-                )?;
-                write_shard(&store, &spec, examples, &t)?;
-                t
-            }
-        };
-        parts.push(t);
-    }
-    eprintln!(
-        "teacher signal: {n_shards} shards of up to {shard_size} examples ({reused} reused) in {}",
-        signal_dir.display()
-    );
-    Ok(Tensor::cat(&parts, 0))
 }
 
 /// The whole stored teacher signal of the job (every shard of

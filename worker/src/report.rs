@@ -663,26 +663,6 @@ pub fn plots(r: &Report, dir: &Path, batch: u32) -> Result<Vec<String>> {
     Ok(vec![a.to_string(), b.to_string()])
 }
 
-/// The wall time of each stage, measured by whoever ran them.
-#[derive(Debug, Default, Clone)]
-pub struct StageClock {
-    pub stages: Vec<(String, f64)>,
-    started: Option<(String, Instant)>,
-}
-
-impl StageClock {
-    pub fn start(&mut self, name: &str) {
-        self.stop();
-        self.started = Some((name.to_string(), Instant::now()));
-    }
-
-    pub fn stop(&mut self) {
-        if let Some((n, t)) = self.started.take() {
-            self.stages.push((n, t.elapsed().as_secs_f64()));
-        }
-    }
-}
-
 /// Helper for tests and tools: reads a `report.json`.
 pub fn read(path: &Path) -> Result<Report> {
     let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;

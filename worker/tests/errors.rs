@@ -158,7 +158,7 @@ fn bad_model_directories_are_reported_precisely() {
 }
 
 /// fp16 training needs loss scaling, which is not built: refused up front by
-/// `plan` and `run_local`, naming the field, instead of training badly.
+/// `plan` and every task (`prepare`), naming the field, instead of training badly.
 #[test]
 fn fp16_training_is_refused_naming_the_field() {
     let spec = distill_spec::from_toml_str(

@@ -54,6 +54,9 @@ impl std::fmt::Debug for EmbeddedStore {
 
 struct State {
     dir: PathBuf,
+    /// Held (an exclusive advisory lock on `LOCK`) while the store is
+    /// open: a second process on the same directory is refused.
+    _lock: File,
     wal: File,
     wal_records: usize,
     revision: Revision,
@@ -113,6 +116,35 @@ fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
 }
 
+/// An exclusive lock on `dir/LOCK`, or an error naming the directory when
+/// another store holds it. A store of this process that is being dropped
+/// (its lease reaper may hold it a moment longer) is waited for, up to 2 s.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    let started = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < Duration::from_secs(2) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Unavailable(format!(
+                    "{} is in use by another process (another `distill run` on the same output directory, or a coordinator with the same --state-dir)",
+                    dir.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(format!("{}: {e}", path.display()))),
+        }
+    }
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
@@ -122,6 +154,7 @@ impl EmbeddedStore {
     /// tokio runtime: it starts the lease-expiry task.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io)?;
+        let lock = lock_dir(dir)?;
         let snapshot: Snapshot = match std::fs::read(dir.join("snapshot.json")) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| StoreError::Corrupt(format!("snapshot.json: {e}")))?,
@@ -137,6 +170,7 @@ impl EmbeddedStore {
         let now = Instant::now();
         let mut st = State {
             dir: dir.to_path_buf(),
+            _lock: lock,
             wal,
             wal_records: 0,
             revision: snapshot.revision,

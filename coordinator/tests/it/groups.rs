@@ -36,6 +36,7 @@ fn commit(session: &str, job: &str, generation: u64, step: u64) -> pb::CommitChe
         step,
         checkpoint_uri: format!("ckpt/{job}/{step}"),
         sha256: "ab".repeat(32),
+        total_steps: 0,
     }
 }
 
@@ -243,5 +244,79 @@ async fn generations_fence_checkpoint_commits() {
         "a member of a training job is kept: {hb:?}"
     );
 
+    server.stop().await.unwrap();
+}
+
+/// Training is data-parallel: while the holder trains, another assigned
+/// worker is handed a *member* lease; once the final checkpoint (its step
+/// the training's total) is committed, no more (the holder exports and
+/// trains the baseline alone, and a finished member does not start over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_member_lease_once_the_final_checkpoint_is_committed() {
+    let etcd = EtcdServer::start().await.unwrap();
+    let store = etcd.store("/members/").await.unwrap();
+    let server = Served::start(store, Config::default(), false)
+        .await
+        .unwrap();
+    let addr = server.url();
+    wait_serving(&addr, Duration::from_secs(10)).await.unwrap();
+    let mut jobs = JobServiceClient::connect(addr.clone()).await.unwrap();
+    let mut w = WorkerServiceClient::connect(addr.clone()).await.unwrap();
+    let job = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: SPEC.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap()
+        .job_id;
+    let a = register(&mut w, "a").await;
+    let b = register(&mut w, "b").await;
+    let lease = |session: &str| pb::LeaseTaskRequest {
+        session_id: session.into(),
+    };
+    let held = wait_for(Duration::from_secs(10), "the training task", || {
+        let mut w = w.clone();
+        let req = lease(&a);
+        async move { w.lease_task(req).await.ok()?.into_inner().task }
+    })
+    .await
+    .unwrap();
+    assert!(!held.member);
+    let member = w.lease_task(lease(&b)).await.unwrap().into_inner().task;
+    assert!(member.is_some_and(|t| t.member), "b trains as a member");
+    let g = w
+        .join_group(pb::JoinGroupRequest {
+            session_id: a.clone(),
+            job_id: job.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .generation;
+    // A checkpoint before the end changes nothing.
+    w.commit_checkpoint(pb::CommitCheckpointRequest {
+        total_steps: 20,
+        ..commit(&a, &job, g, 10)
+    })
+    .await
+    .unwrap();
+    let member = w.lease_task(lease(&b)).await.unwrap().into_inner().task;
+    assert!(member.is_some_and(|t| t.member), "still training");
+    w.commit_checkpoint(pb::CommitCheckpointRequest {
+        total_steps: 20,
+        ..commit(&a, &job, g, 20)
+    })
+    .await
+    .unwrap();
+    let after = w.lease_task(lease(&b)).await.unwrap().into_inner().task;
+    assert!(
+        after.is_none(),
+        "no member lease after the final checkpoint: {after:?}"
+    );
     server.stop().await.unwrap();
 }

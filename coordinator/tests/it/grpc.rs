@@ -120,6 +120,7 @@ async fn jobs_and_workers_over_grpc() {
         format: pb::SpecFormat::Toml as i32,
         priority: 1,
         request_id: "r1".into(),
+        ..Default::default()
     };
     let job = jobs
         .submit_job(req.clone())

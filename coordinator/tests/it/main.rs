@@ -5,6 +5,7 @@
 mod auth_metrics;
 mod bench_load;
 mod fencing;
+mod fine_tune;
 mod groups;
 mod grpc;
 mod ledger;

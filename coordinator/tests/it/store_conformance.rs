@@ -127,3 +127,25 @@ async fn embedded_store_drops_a_torn_last_log_line() {
         "the torn record was never acknowledged"
     );
 }
+
+/// Two stores on one directory would interleave their logs: the second is
+/// refused, naming the directory, while the first is open; once it is
+/// dropped the directory opens again with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_embedded_store_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = EmbeddedStore::open(dir.path()).unwrap();
+    first.put("jobs/1", b"kept".to_vec()).await.unwrap();
+    let e = EmbeddedStore::open(dir.path())
+        .err()
+        .expect("refused while open");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("in use by another process")
+            && msg.contains(&dir.path().display().to_string()),
+        "{msg}"
+    );
+    drop(first);
+    let again = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(again.get("jobs/1").await.unwrap().unwrap().value, b"kept");
+}

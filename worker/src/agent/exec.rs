@@ -122,7 +122,7 @@ impl Membership for GroupLink<'_> {
         }
     }
 
-    fn committer(&self, generation: u64) -> Committer {
+    fn committer(&self, generation: u64, total_steps: u64) -> Committer {
         let (handle, endpoints) = (self.parts.handle.clone(), self.parts.endpoints.clone());
         let (session, job) = (self.parts.session.clone(), self.parts.job.clone());
         let endpoints = Mutex::new(endpoints);
@@ -142,6 +142,7 @@ impl Membership for GroupLink<'_> {
                 step,
                 checkpoint_uri: dir.display().to_string(),
                 sha256: sha,
+                total_steps,
             };
             let mut ep = endpoints
                 .lock()
@@ -305,15 +306,22 @@ fn execute(
         return Err(Error::Invalid("lease has no artifact_root".into()));
     }
     let root = PathBuf::from(&task.artifact_root);
-    let job_dir = root.join("jobs").join(&r.job_id);
+    let job_dir = match task.job_dir.as_str() {
+        "" => root.join("jobs").join(&r.job_id),
+        d => PathBuf::from(d),
+    };
     std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
     let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
     let started = Instant::now();
     let result = match kind {
-        pb::TaskKind::TeacherSignal => teacher_signal(cache, task, spec, device),
+        pb::TaskKind::TeacherSignal => teacher_signal(cache, task, spec, &job_dir, device),
         pb::TaskKind::Train => {
             *cache = None; // training needs the memory
-            train(spec, &root, &job_dir, control, device, link)
+            train(spec, &root, &job_dir, control, device, link, task.member)
+        }
+        pb::TaskKind::FineTuneTeacher => {
+            *cache = None;
+            fine_tune_teacher(spec, &job_dir, control, device)
         }
         pb::TaskKind::Evaluate => evaluate(spec, &job_dir, control, device),
         pb::TaskKind::Unspecified => Err(Error::Invalid(format!(
@@ -337,20 +345,24 @@ fn teacher_signal(
     cache: &mut Option<JobCache>,
     task: &pb::Task,
     spec: &JobSpec,
+    job_dir: &Path,
     device: Device,
 ) -> Result<pb::TaskSuccess> {
     let r = task.r#ref.clone().unwrap_or_default();
     let fresh = !matches!(cache, Some(c) if c.job_id == r.job_id && c.spec_json == task.spec_json);
     if fresh {
         *cache = None;
-        if spec.teacher.fine_tune {
-            return Err(Error::Invalid(
-                "teacher.fine_tune: an offline teacher signal from a teacher fine-tuned in the job is not built on the cluster path".into(),
-            ));
-        }
         let prepared = pipeline::prepare(spec)?;
-        let teacher = pipeline::load_teacher(spec, &prepared, device)?;
-        let id = TeacherId::of(&prepared.teacher_dir)?;
+        // A teacher fine-tuned in the job was committed by its own task
+        // before any shard was created: it is read from the job's
+        // directory (never trained here).
+        let teacher_dir = pipeline::served_teacher_dir(&prepared, job_dir);
+        let teacher = if spec.teacher.fine_tune {
+            pipeline::load_fine_tuned_teacher(spec, &prepared, job_dir, device)?
+        } else {
+            pipeline::load_teacher(spec, &prepared, device)?
+        };
+        let id = TeacherId::of(&teacher_dir)?;
         let (examples, _) = prepared.training();
         *cache = Some(JobCache {
             job_id: r.job_id.clone(),
@@ -378,6 +390,7 @@ fn teacher_signal(
                 (mkey, bytes, true)
             }
             None => {
+                let t0 = Instant::now();
                 let t = infer(
                     &c.teacher,
                     &c.prepared.tok,
@@ -386,9 +399,19 @@ fn teacher_signal(
                     |_, _| {},
                 )?;
                 let (mkey, bytes) = signal::write_shard(&store, &sspec, &c.examples, &t)?;
+                pipeline::record_shard(job_dir, start, t0.elapsed().as_secs_f64())?;
                 (mkey, bytes, false)
             }
         };
+    eprintln!(
+        "teacher signal: examples [{start}, {end}) of {} {}",
+        c.examples.len(),
+        if reused {
+            "reused (already stored)"
+        } else {
+            "computed"
+        }
+    );
     Ok(pb::TaskSuccess {
         manifest_sha256: signal::sha256_bytes(&manifest),
         manifest_uri: store.uri(&mkey),
@@ -445,14 +468,16 @@ fn progress_hook(
     }
 }
 
-fn train(
+/// The job's teacher fine-tuned on its labelled data (offline teacher
+/// signal: before the shards; an online job fine-tunes in its training
+/// task). Reports the teacher's weights.
+fn fine_tune_teacher(
     spec: &JobSpec,
-    root: &Path,
     job_dir: &Path,
     control: &Control,
     device: Device,
-    link: Option<LinkParts>,
 ) -> Result<pb::TaskSuccess> {
+    let t0 = Instant::now();
     let p = pipeline::prepare(spec)?;
     let mut progress = progress_hook(
         control,
@@ -462,7 +487,55 @@ fn train(
         stop: Some(control.stop.clone()),
         progress: Some(&mut progress),
     };
-    let teacher = pipeline::teacher(spec, &p, job_dir, device, &mut hooks)?;
+    pipeline::teacher(spec, &p, job_dir, device, &mut hooks)?;
+    pipeline::record_stage(job_dir, "teacher", t0.elapsed().as_secs_f64())?;
+    let dir = pipeline::served_teacher_dir(&p, job_dir);
+    let weights = dir.join("model.safetensors");
+    Ok(pb::TaskSuccess {
+        manifest_sha256: signal::sha256_path(&weights)?,
+        manifest_uri: weights.display().to_string(),
+        samples: 0,
+        reused: false,
+        outputs: vec![],
+    })
+}
+
+fn train(
+    spec: &JobSpec,
+    root: &Path,
+    job_dir: &Path,
+    control: &Control,
+    device: Device,
+    link: Option<LinkParts>,
+    member: bool,
+) -> Result<pb::TaskSuccess> {
+    let t0 = Instant::now();
+    let p = pipeline::prepare(spec)?;
+    if !member {
+        pipeline::record_stage(job_dir, "prepare", t0.elapsed().as_secs_f64())?;
+    }
+    let mut progress = progress_hook(
+        control,
+        (spec.training.batch_size * spec.training.grad_accum) as u64,
+    );
+    let mut hooks = Hooks {
+        stop: Some(control.stop.clone()),
+        progress: Some(&mut progress),
+    };
+    let online_fine_tune =
+        spec.teacher.fine_tune && spec.distill.teacher_signal == TeacherSignal::Online;
+    let t0 = Instant::now();
+    let teacher = if spec.teacher.fine_tune && !online_fine_tune {
+        // Fine-tuned (and timed) by the job's first task.
+        pipeline::load_fine_tuned_teacher(spec, &p, job_dir, device)?
+    } else {
+        let t = pipeline::teacher(spec, &p, job_dir, device, &mut hooks)?;
+        if !member {
+            pipeline::record_stage(job_dir, "teacher", t0.elapsed().as_secs_f64())?;
+        }
+        t
+    };
+    let t0 = Instant::now();
     let signal: Option<Tensor> = match spec.distill.teacher_signal {
         TeacherSignal::Offline => Some(pipeline::stored_signal(
             &p,
@@ -475,7 +548,7 @@ fn train(
     // Data-parallel over the job's group, unless the teacher is fine-tuned
     // in this task (every member would write it).
     let mut link = link
-        .filter(|_| !spec.teacher.fine_tune)
+        .filter(|_| !online_fine_tune)
         .map(|parts| GroupLink { parts, control });
     pipeline::distill_student_in(
         spec,
@@ -487,6 +560,16 @@ fn train(
         &mut hooks,
         link.as_mut().map(|l| l as &mut dyn Membership),
     )?;
+    if member {
+        // The holder exports, trains the baseline and reports.
+        return Ok(pb::TaskSuccess::default());
+    }
+    pipeline::record_stage(job_dir, "distillation", t0.elapsed().as_secs_f64())?;
+    if spec.evaluation.baseline && p.task == crate::model::Task::Classification {
+        let t0 = Instant::now();
+        pipeline::baseline(spec, &p, &teacher, job_dir, device, &mut hooks)?;
+        pipeline::record_stage(job_dir, "labels-only baseline", t0.elapsed().as_secs_f64())?;
+    }
     let student = job_dir.join("student");
     let weights = student.join("model.safetensors");
     Ok(pb::TaskSuccess {
@@ -523,7 +606,20 @@ fn evaluate(
     if control.stop.load(Ordering::Relaxed) {
         return Err(Error::Stopped);
     }
-    let r = pipeline::evaluate(spec, &p, &teacher, &student, None, job_dir, started, &[])?;
+    let stages = pipeline::recorded_stages(job_dir);
+    // The report's total: the stages recorded before, and this one.
+    let before: f64 = stages.iter().map(|(_, s)| s).sum();
+    let since = started
+        .checked_sub(Duration::from_secs_f64(before))
+        .unwrap_or(started);
+    let baseline = if spec.evaluation.baseline {
+        pipeline::stored_baseline(job_dir)?
+    } else {
+        None
+    };
+    let r = pipeline::evaluate(
+        spec, &p, &teacher, &student, baseline, job_dir, since, &stages,
+    )?;
     let report = job_dir.join("report.json");
     let mut outputs = vec![
         report.display().to_string(),

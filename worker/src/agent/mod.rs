@@ -132,6 +132,7 @@ pub async fn serve(opts: Options, shutdown: impl Future<Output = ()> + Send) -> 
         shared.clone(),
         interval_rx,
     ));
+    let timeout_of_rendezvous = opts.collective_timeout;
     let worker = Worker {
         opts,
         endpoints,
@@ -151,6 +152,19 @@ pub async fn serve(opts: Options, shutdown: impl Future<Output = ()> + Send) -> 
         } => unreachable!(),
     };
     heartbeats.abort();
+    // An aborted rendezvous may still wait inside c10d (until its own
+    // deadline): exiting under it would crash in libtorch's destructors.
+    let waited = std::time::Instant::now();
+    let most = timeout_of_rendezvous + Duration::from_secs(2);
+    if crate::collective::rendezvous_threads() > 0 {
+        tracing::info!(
+            seconds = most.as_secs_f64(),
+            "waiting (at most) for an abandoned rendezvous to end"
+        );
+    }
+    while crate::collective::rendezvous_threads() > 0 && waited.elapsed() < most {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     result
 }
 
