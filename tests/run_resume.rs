@@ -301,4 +301,17 @@ fn run_fine_tunes_labels_offline_and_trains_the_baseline_through_the_coordinator
         std::fs::read(out.join("student/model.safetensors")).unwrap(),
         student
     );
+    // Another spec into the same directory would resume from this one's
+    // checkpoints: refused, naming what differs, and nothing is touched.
+    let other = run(&["--seed", "9"]);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("of another spec") && stderr.contains("training.seed"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("student/model.safetensors")).unwrap(),
+        student
+    );
 }

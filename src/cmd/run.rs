@@ -236,8 +236,8 @@ async fn local_job(
 }
 
 /// The job this output directory already holds for the same spec (the
-/// same command run again resumes it), or a new one. An unfinished job of
-/// another spec there is cancelled: the directory serves one job at a time.
+/// same command run again resumes it), or a new one. A directory that
+/// holds a job of another spec is refused, naming the fields that differ.
 async fn find_or_submit(
     client: &mut Endpoints,
     spec: &distill_spec::JobSpec,
@@ -258,25 +258,29 @@ async fn find_or_submit(
             Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
         )
     };
-    for j in jobs.iter().filter(|j| !terminal(j.state)) {
-        if j.spec_json == spec_json && j.output_dir == out_s {
-            eprintln!("run: resuming job {} in {}", j.job_id, out.display());
-            return Ok(j.job_id.clone());
-        }
-        let id = j.job_id.clone();
-        eprintln!("run: cancelling the unfinished job {id} here: its spec differs");
-        client
-            .call(|ch, token| {
-                let req = authed(
-                    pb::CancelJobRequest {
-                        job_id: id.clone(),
-                        reason: "distill run started again with another spec".into(),
-                    },
-                    token,
-                );
-                async move { JobServiceClient::new(ch).cancel_job(req).await }
-            })
-            .await?;
+    // Checkpoints carry no fingerprint of the spec: a job of another spec
+    // here would hand this one its teacher and student checkpoints.
+    if let Some(j) = jobs.iter().find(|j| j.spec_json != spec_json) {
+        let (old, new) = (
+            serde_json::from_str(&j.spec_json).unwrap_or_default(),
+            serde_json::from_str(&spec_json).unwrap_or_default(),
+        );
+        let mut fields = vec![];
+        differing("", &old, &new, &mut fields);
+        anyhow::bail!(
+            "{} holds {} of another spec (it differs in {}): this run would resume from that job's checkpoints; give --output a new directory, or remove {}",
+            out.display(),
+            j.job_id,
+            fields.join(", "),
+            out.display()
+        );
+    }
+    if let Some(j) = jobs
+        .iter()
+        .find(|j| !terminal(j.state) && j.output_dir == out_s)
+    {
+        eprintln!("run: resuming job {} in {}", j.job_id, out.display());
+        return Ok(j.job_id.clone());
     }
     let req = pb::SubmitJobRequest {
         spec: spec_json,
@@ -342,4 +346,36 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let plan = distill_worker::plan::plan(&spec)?;
     println!("{}", serde_json::to_string_pretty(&plan)?);
     Ok(())
+}
+
+/// The dotted paths at which two JSON values differ (`training.seed`).
+fn differing(at: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                let null = Value::Null;
+                differing(
+                    &path,
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        _ if a != b => out.push(if at.is_empty() {
+            "everything".into()
+        } else {
+            at.to_string()
+        }),
+        _ => {}
+    }
 }
