@@ -503,18 +503,12 @@ impl<S: Store> Driver<S> {
                 }
                 return Ok(());
             }
-            let want = self
-                .ledger
-                .get(id)
-                .await?
-                .map(|j| j.value.progress.shards_total)
-                .unwrap_or(0);
             let have = tasks
                 .iter()
                 .filter(|t| t.value.kind == TaskKind::TeacherSignal)
                 .count() as u64;
-            if have < want {
-                if let Some(job) = self.ledger.get(id).await? {
+            if let Some(job) = self.ledger.get(id).await? {
+                if have < job.value.progress.shards_total {
                     self.tasks.create_fine_tuned_shards(&job.value, &ft).await?;
                     tasks = self.tasks.list(id).await?;
                 }

@@ -357,11 +357,7 @@ fn teacher_signal(
         // before any shard was created: it is read from the job's
         // directory (never trained here).
         let teacher_dir = pipeline::served_teacher_dir(&prepared, job_dir);
-        let teacher = if spec.teacher.fine_tune {
-            pipeline::load_fine_tuned_teacher(spec, &prepared, job_dir, device)?
-        } else {
-            pipeline::load_teacher(spec, &prepared, device)?
-        };
+        let teacher = pipeline::load_fine_tuned_teacher(spec, &prepared, job_dir, device)?;
         let id = TeacherId::of(&teacher_dir)?;
         let (examples, _) = prepared.training();
         *cache = Some(JobCache {
