@@ -102,7 +102,6 @@ async fn wait_line(logs: &[&Path], what: &str, also: &[&str], skip: &[usize], se
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hangs after the SIGSTOP eviction in about 1 run of 3 (2026-11-29: the group re-forms, the job never succeeds); run with --ignored while it is fixed"]
 async fn a_group_survives_a_kill_a_join_and_a_freeze() {
     let tmp = tempfile::tempdir().unwrap();
     // DISTILL_KEEP_TEST_DIR=1 keeps the logs for a look after a failure.

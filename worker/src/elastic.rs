@@ -27,6 +27,11 @@
 //! - **Checkpoints.** Rank 0 writes them (the trainer's format, verified by
 //!   checksum) and commits each with its generation; a commit refused as
 //!   stale means the group moved on, and this rank re-joins.
+//! - **Done.** A rank whose committed checkpoint is already the last step
+//!   (a holder that took the task over after the members finished) forms
+//!   no group: the finished members stay assigned to the job and would
+//!   never meet it. It returns [`Finished::AtCheckpoint`] holding that
+//!   state, and the holder exports.
 //!
 //! [`StoreServer`]: crate::collective::StoreServer
 
@@ -78,6 +83,24 @@ pub trait Membership {
     }
     /// Prefix of this job's keys in the rendezvous store.
     fn job(&self) -> String;
+    /// Whether this rank exports the student when it finds the training
+    /// already complete at the committed checkpoint and trains nothing:
+    /// the task's holder does; a group member does not.
+    fn exports(&self) -> bool {
+        true
+    }
+}
+
+/// How [`train`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Trained to the last step in a group, which `tr` is still in.
+    InGroup,
+    /// The committed checkpoint was already the last step: nothing to
+    /// train, no group formed (a holder that took the task over after the
+    /// members finished: the members that are done are still assigned to
+    /// the job, and a group with them would never meet).
+    AtCheckpoint,
 }
 
 fn split_address(a: &str) -> Result<(String, u16)> {
@@ -92,14 +115,15 @@ fn split_address(a: &str) -> Result<(String, u16)> {
 
 /// Trains `tr` to its last step as one rank of an elastic group. Returns
 /// with `tr` still in the final group (rank 0 exports; see
-/// `pipeline::distill_student_in`).
+/// `pipeline::distill_student_in`), or out of any group when the
+/// committed checkpoint was already the last step.
 pub fn train(
     tr: &mut Trainer,
     data: &TrainData,
     mut evaluate: Option<&mut dyn FnMut(&TaskModel) -> Result<f64>>,
     mut on_step: impl FnMut(&StepLog),
     m: &mut dyn Membership,
-) -> Result<()> {
+) -> Result<Finished> {
     let flag = m.flag();
     let mut failed = 0u64;
     // The generation this rank last trained in: never formed twice.
@@ -131,6 +155,15 @@ pub fn train(
                 tr.resume_from(dir)?;
                 tracing::info!(step, dir = %dir.display(), "loaded the committed checkpoint");
             }
+        }
+        if tr.step >= tr.cfg.total_steps {
+            tracing::info!(
+                generation = j.generation,
+                step = tr.step,
+                "training already complete at the committed checkpoint; no group needed"
+            );
+            m.set_group(0, 0);
+            return Ok(Finished::AtCheckpoint);
         }
         let before = tr.step;
         if j.world > 1 {
@@ -209,7 +242,7 @@ pub fn train(
             on_step(l)
         });
         match result {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(Finished::InGroup),
             Err(Error::Regroup) => {
                 tracing::info!(
                     generation,

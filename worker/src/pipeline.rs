@@ -748,13 +748,20 @@ pub fn distill_student_in(
         let ev = ev
             .as_mut()
             .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>);
-        match group {
-            None => tr.train(&data, ev, hooks.on_step("distill", total))?,
-            Some(m) => {
-                crate::elastic::train(&mut tr, &data, ev, hooks.on_step("distill", total), m)?
+        leader = match group {
+            None => {
+                tr.train(&data, ev, hooks.on_step("distill", total))?;
+                true
             }
-        }
-        leader = tr.rank_world().0 == 0;
+            Some(m) => {
+                let exports = m.exports();
+                match crate::elastic::train(&mut tr, &data, ev, hooks.on_step("distill", total), m)?
+                {
+                    crate::elastic::Finished::InGroup => tr.rank_world().0 == 0,
+                    crate::elastic::Finished::AtCheckpoint => exports,
+                }
+            }
+        };
         if leader {
             tr.restore_best()?;
         }

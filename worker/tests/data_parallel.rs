@@ -317,3 +317,115 @@ fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
         assert!(a == b, "{n}: ranks differ after training on together");
     }
 }
+
+/// A coordinator stand-in that answers every join with a group of two
+/// whose other member never comes (a member that finished and stays
+/// assigned to the job), and the given committed checkpoint.
+struct NobodyElse {
+    checkpoint: (PathBuf, u64),
+    joins: u32,
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl distill_worker::elastic::Membership for NobodyElse {
+    fn join(&mut self, _failed: u64) -> distill_worker::Result<distill_worker::elastic::Joined> {
+        self.joins += 1;
+        if self.joins > 2 {
+            // Without the rule, the rank tries to meet the absent peer
+            // again and again: end the test instead of hanging.
+            return Err(distill_worker::Error::Invalid(format!(
+                "joined {} times: the rank waits for a peer that never comes",
+                self.joins
+            )));
+        }
+        // Rank 1: rank 0 hosts the rendezvous, and nobody listens there.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        Ok(distill_worker::elastic::Joined {
+            generation: u64::from(self.joins) + 4,
+            rank: 1,
+            world: 2,
+            peers: vec![peer.clone(), peer],
+            checkpoint: Some(self.checkpoint.clone()),
+        })
+    }
+    fn committer(&self, _generation: u64, _total: u64) -> distill_worker::elastic::Committer {
+        Box::new(|_, _| panic!("nothing is trained, so nothing is committed"))
+    }
+    fn flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.flag.clone()
+    }
+    fn set_group(&self, _generation: u64, _world: u32) {}
+    fn bind_host(&self) -> String {
+        "127.0.0.1".into()
+    }
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+    fn job(&self) -> String {
+        "done".into()
+    }
+}
+
+/// A holder that takes the training task over after the members finished
+/// (the old holder was frozen and evicted) finds the last step committed:
+/// it must not wait for a group — the finished members stay assigned to
+/// the job and would never meet it — but finish at once, holding the
+/// committed state, to export.
+#[test]
+fn a_rank_joining_after_the_last_step_was_committed_forms_no_group() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = make_teacher(tmp.path());
+    let ckpt = tmp.path().join("ckpt");
+    let mut cfg = config(1);
+    cfg.checkpoint_every = cfg.total_steps;
+    let (teacher, tok, mut s) = setup(&model_dir);
+    let d = data(&tok);
+    let done = {
+        let mut tr = Trainer::new(
+            &mut s,
+            Some(&teacher),
+            None,
+            &tok,
+            cfg.clone(),
+            ckpt.clone(),
+        )
+        .unwrap();
+        tr.train(&d, None, |_| {}).unwrap();
+        tr.step
+    };
+    assert_eq!(done, cfg.total_steps);
+    let trained = plain(s.named_tensors());
+    let last = ckpt.join(format!("ckpt-{done:08}"));
+    assert!(last.join("meta.json").exists(), "{}", last.display());
+
+    // A fresh process of the new holder.
+    let (teacher, tok, mut fresh) = setup(&model_dir);
+    let mut m = NobodyElse {
+        checkpoint: (last, done),
+        joins: 0,
+        flag: Default::default(),
+    };
+    let finished = {
+        let mut tr = Trainer::new(
+            &mut fresh,
+            Some(&teacher),
+            None,
+            &tok,
+            cfg,
+            tmp.path().join("ckpt2"),
+        )
+        .unwrap();
+        let f = distill_worker::elastic::train(&mut tr, &d, None, |_| {}, &mut m).unwrap();
+        assert_eq!(tr.step, done, "holds the committed step");
+        assert_eq!(tr.rank_world(), (0, 1), "in no group");
+        f
+    };
+    assert_eq!(finished, distill_worker::elastic::Finished::AtCheckpoint);
+    assert_eq!(m.joins, 1, "joined once");
+    let restored = plain(fresh.named_tensors());
+    for ((n, a), (_, b)) in trained.iter().zip(&restored) {
+        assert!(a == b, "{n}: the committed state, restored");
+    }
+}

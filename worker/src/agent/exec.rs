@@ -70,6 +70,8 @@ pub struct LinkParts {
 struct GroupLink<'c> {
     parts: LinkParts,
     control: &'c Control,
+    /// A member of the group, not the task's holder.
+    member: bool,
 }
 
 impl Membership for GroupLink<'_> {
@@ -197,6 +199,10 @@ impl Membership for GroupLink<'_> {
 
     fn job(&self) -> String {
         self.parts.job.clone()
+    }
+
+    fn exports(&self) -> bool {
+        !self.member
     }
 }
 
@@ -543,9 +549,11 @@ fn train(
     };
     // Data-parallel over the job's group, unless the teacher is fine-tuned
     // in this task (every member would write it).
-    let mut link = link
-        .filter(|_| !online_fine_tune)
-        .map(|parts| GroupLink { parts, control });
+    let mut link = link.filter(|_| !online_fine_tune).map(|parts| GroupLink {
+        parts,
+        control,
+        member,
+    });
     pipeline::distill_student_in(
         spec,
         &p,
