@@ -6,6 +6,10 @@
 # Prints per implementation the median samples/s at each world size, the
 # scaling efficiency (world-2 throughput / twice world-1's), and distill's
 # world-2 throughput against DDP's.
+# It also runs two independent world-1 distill processes at once (no
+# communication at all): their summed throughput over twice one process's
+# alone is the ceiling that sharing the machine's cores, caches and memory
+# bandwidth puts on any data-parallel run here, whatever its collectives.
 #   scripts/bench/dp_train.sh [ROUNDS] [STEPS]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -21,6 +25,9 @@ out=$(mktemp)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 for r in $(seq "$rounds"); do
   "$bin" 0 1 0 $model $data "$steps" | tee -a "$out"
+  # Two independent processes side by side: the machine's own ceiling.
+  "$bin" 0 1 0 $model $data "$steps" | sed 's/"impl":"distill"/"impl":"independent"/' >> "$out" &
+  "$bin" 0 1 0 $model $data "$steps" | sed 's/"impl":"distill"/"impl":"independent"/' | tee -a "$out"; wait
   p=$(port); "$bin" 1 2 "$p" $model $data "$steps" > /dev/null & "$bin" 0 2 "$p" $model $data "$steps" | tee -a "$out"; wait
   $py scripts/bench/dp_train_torch.py 0 1 0 $model $data "$steps" 2>/dev/null | tee -a "$out"
   p=$(port); $py scripts/bench/dp_train_torch.py 1 2 "$p" $model $data "$steps" > /dev/null 2>&1 &
@@ -37,4 +44,10 @@ for impl in ("distill", "pytorch-ddp"):
     one, two = med[(impl, 1)], med[(impl, 2)]
     print(f"{impl:>12}: world 1 {one:6.1f} samples/s, world 2 {two:6.1f} samples/s, scaling efficiency {two / (2 * one):.3f}")
 print(f"distill / DDP at world 2: {med[('distill', 2)] / med[('pytorch-ddp', 2)]:.2f}x")
+ind = runs[("independent", 1)]
+# Each side-by-side pair gives two lines; their sum is one pair's throughput.
+pairs = [a + b for a, b in zip(ind[0::2], ind[1::2])]
+ceiling = statistics.median(pairs) / (2 * med[("distill", 1)])
+print(f" independent: two world-1 processes side by side, no communication: {statistics.median(pairs):6.1f} samples/s together, ceiling {ceiling:.3f}")
+print(f"distill's efficiency against that ceiling: {med[('distill', 2)] / statistics.median(pairs):.3f}")
 PY

@@ -20,6 +20,14 @@ use std::time::Duration;
 use tch::{Device, Tensor};
 
 fn config(accum: usize) -> TrainConfig {
+    config_with(accum, false)
+}
+
+/// `all_terms`: the attention and hidden terms too, whose averages are
+/// over tokens and token pairs, not rows: a rank's share of them is its
+/// share of the micro-batch's tokens (the ranks' rows differ in length).
+fn config_with(accum: usize, all_terms: bool) -> TrainConfig {
+    let inter = if all_terms { 1.0 } else { 0.0 };
     TrainConfig {
         total_steps: 12,
         batch_size: 8,
@@ -39,8 +47,8 @@ fn config(accum: usize) -> TrainConfig {
         weights: [
             TermWeight::Fixed(1.0),
             TermWeight::Fixed(1.0),
-            TermWeight::Fixed(0.0),
-            TermWeight::Fixed(0.0),
+            TermWeight::Fixed(inter),
+            TermWeight::Fixed(inter),
             TermWeight::Fixed(0.0),
         ],
         temperature: (4.0, 1.0),
@@ -126,6 +134,16 @@ fn train(
     accum: usize,
     group: Option<Group>,
 ) -> (Vec<(String, Tensor)>, Vec<StepLog>) {
+    train_with(model_dir, ckpt, accum, false, group)
+}
+
+fn train_with(
+    model_dir: &Path,
+    ckpt: &Path,
+    accum: usize,
+    all_terms: bool,
+    group: Option<Group>,
+) -> (Vec<(String, Tensor)>, Vec<StepLog>) {
     let (teacher, tok, mut s) = setup(model_dir);
     let d = data(&tok);
     let mut logs = vec![];
@@ -135,7 +153,7 @@ fn train(
             Some(&teacher),
             None,
             &tok,
-            config(accum),
+            config_with(accum, all_terms),
             ckpt.to_path_buf(),
         )
         .unwrap();
@@ -151,6 +169,7 @@ fn two_ranks(
     model_dir: &Path,
     root: &Path,
     accum: usize,
+    all_terms: bool,
 ) -> Vec<(Vec<(String, Tensor)>, Vec<StepLog>)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -161,14 +180,14 @@ fn two_ranks(
         .map(|rank| {
             let (model_dir, ckpt) = (
                 model_dir.to_path_buf(),
-                root.join(format!("rank{rank}-{accum}")),
+                root.join(format!("rank{rank}-{accum}-{all_terms}")),
             );
             std::thread::spawn(move || {
                 let g = Group::join(&Rendezvous {
                     host: "127.0.0.1".into(),
                     port,
                     host_store: true,
-                    prefix: format!("dp-{accum}/gen-1/"),
+                    prefix: format!("dp-{accum}-{all_terms}/gen-1/"),
                     bind_host: "127.0.0.1".into(),
                     rank,
                     world: 2,
@@ -176,7 +195,7 @@ fn two_ranks(
                     backend: distill_worker::collective::Backend::Gloo,
                 })
                 .unwrap();
-                let (w, l) = train(&model_dir, &ckpt, accum, Some(g));
+                let (w, l) = train_with(&model_dir, &ckpt, accum, all_terms, Some(g));
                 // Tensors go back across the thread boundary as plain data.
                 let w: Vec<(String, Vec<f32>, Vec<i64>)> = w
                     .into_iter()
@@ -203,14 +222,18 @@ fn two_ranks(
 fn two_ranks_with_half_batches_match_one_process_with_the_whole_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = make_teacher(tmp.path());
-    for accum in [1, 2] {
-        let (single, single_logs) = train(
+    // Rows go to ranks by length (`split_by_length`): the ranks' rows
+    // differ in number and in length, and each term is weighted by the
+    // rank's exact share of what it averages over.
+    for (accum, all_terms) in [(1, false), (2, false), (1, true)] {
+        let (single, single_logs) = train_with(
             &model_dir,
-            &tmp.path().join(format!("single-{accum}")),
+            &tmp.path().join(format!("single-{accum}-{all_terms}")),
             accum,
+            all_terms,
             None,
         );
-        let ranks = two_ranks(&model_dir, tmp.path(), accum);
+        let ranks = two_ranks(&model_dir, tmp.path(), accum, all_terms);
         let (r0, r0_logs) = &ranks[0];
         let (r1, _) = &ranks[1];
         let mut worst: f64 = 0.0;
@@ -222,7 +245,7 @@ fn two_ranks_with_half_batches_match_one_process_with_the_whole_batch() {
             moved = moved.max(a.abs().max().double_value(&[]));
         }
         eprintln!(
-            "grad_accum {accum}: max |single − 2 ranks| = {worst:.3e} over {} tensors",
+            "grad_accum {accum} all terms {all_terms}: max |single − 2 ranks| = {worst:.3e} over {} tensors",
             single.len()
         );
         // 12 AdamW steps at lr 1e-3: each step moves a weight by up to 1e-3,

@@ -111,6 +111,85 @@ pub struct Trainer<'a> {
 
 /// Gradient buckets of at most this many fp32 elements (16 MiB) per
 /// all-reduce.
+/// Splits a micro-batch (`all`, example indices) among `world` ranks:
+/// each rank takes a contiguous run of the rows sorted by length, longest
+/// first, so that a rank pads its rows to little more than their own
+/// length; the runs are chosen to minimise the largest padded cost (rows ×
+/// longest row), the rank that decides a step's time. Ranks get at least
+/// one row each while there are enough. A pure function of its inputs:
+/// every rank computes the same split.
+pub fn split_by_length(
+    all: &[usize],
+    len: impl Fn(usize) -> usize,
+    world: usize,
+) -> Vec<Vec<usize>> {
+    let mut sorted: Vec<(usize, usize)> = all.iter().enumerate().map(|(j, &i)| (j, i)).collect();
+    // Longest first; ties in batch order.
+    sorted.sort_by_key(|&(j, i)| (std::cmp::Reverse(len(i)), j));
+    let n = sorted.len();
+    let lens: Vec<usize> = sorted.iter().map(|&(_, i)| len(i)).collect();
+    // Rows for the first `k` ranks; any further rank gets none.
+    let k = world.max(1).min(n);
+    // best[j][e]: the least largest cost of cutting sorted[..e] into j
+    // non-empty runs; cut[j][e]: where the last of them starts.
+    let inf = usize::MAX;
+    let mut best = vec![vec![inf; n + 1]; k + 1];
+    let mut cut = vec![vec![0usize; n + 1]; k + 1];
+    best[0][0] = 0;
+    for j in 1..=k {
+        for e in j..=n {
+            for b in (j - 1)..e {
+                if best[j - 1][b] == inf {
+                    continue;
+                }
+                let c = best[j - 1][b].max((e - b) * lens[b]);
+                if c < best[j][e] {
+                    best[j][e] = c;
+                    cut[j][e] = b;
+                }
+            }
+        }
+    }
+    let mut parts = vec![vec![]; world.max(1)];
+    let mut e = n;
+    for j in (1..=k).rev() {
+        let b = cut[j][e];
+        let mut run: Vec<(usize, usize)> = sorted[b..e].to_vec();
+        run.sort_unstable();
+        parts[j - 1] = run.into_iter().map(|(_, i)| i).collect();
+        e = b;
+    }
+    parts
+}
+
+/// A rank's exact share of each loss term over the micro-batch `all`, by
+/// what the term averages over (see `loss.rs`): labelled rows (task),
+/// rows (KD, embedding), real tokens (hidden), real query × key pairs
+/// (attention). Weighting each term by it makes the group's sum the whole
+/// micro-batch's term, however unevenly rows, labels and lengths split.
+pub fn term_shares(mine: &[usize], all: &[usize], data: &TrainData) -> [f64; 5] {
+    let measure = |idx: &[usize]| {
+        let mut m = [0f64; 4];
+        for &i in idx {
+            let l = data.examples[i].ids.len() as f64;
+            m[0] += (data.labels[i] != loss::IGNORE_LABEL) as u8 as f64;
+            m[1] += 1.0;
+            m[2] += l;
+            m[3] += l * l;
+        }
+        m
+    };
+    let (a, b) = (measure(mine), measure(all));
+    let share = |k: usize| if b[k] > 0.0 { a[k] / b[k] } else { 0.0 };
+    let mut s = [0f64; 5];
+    s[Term::Task as usize] = share(0);
+    s[Term::Kd as usize] = share(1);
+    s[Term::Embedding as usize] = share(1);
+    s[Term::Hidden as usize] = share(2);
+    s[Term::Attention as usize] = share(3);
+    s
+}
+
 const BUCKET: i64 = 4 << 20;
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -450,7 +529,9 @@ impl<'a> Trainer<'a> {
                 let h = g.size()[1];
                 let len = rows.size()[0] * h;
                 let reduced = flat.narrow(0, off, len).view([-1, h]).to_kind(g.kind());
-                *g = g.zeros_like().index_copy(0, rows, &reduced);
+                // In place: this rank's gradient is zero outside the rows its
+                // own examples touch, a subset of the group's `rows`.
+                let _ = g.index_copy_(0, rows, &reduced);
                 off += len;
             } else {
                 let len = g.numel() as i64;
@@ -503,11 +584,15 @@ impl<'a> Trainer<'a> {
     }
 
     /// The weighted loss of one micro-batch and each term's unweighted value.
+    ///
+    /// With `shares` (a rank of a group), each term is multiplied by this
+    /// rank's share of it (see [`term_shares`]), values included.
     fn micro_loss(
         &self,
         idx: &[usize],
         data: &TrainData,
         temp: f64,
+        shares: Option<&[f64; 5]>,
     ) -> Result<(Tensor, [Option<f64>; 5])> {
         let refs: Vec<&Encoded> = idx.iter().map(|&i| &data.examples[i]).collect();
         let device = self.student.device();
@@ -590,8 +675,17 @@ impl<'a> Trainer<'a> {
                     self.step,
                     self.cfg.total_steps,
                 );
-                values[term as usize] = Some(v.double_value(&[]));
-                total = total + v * w;
+                match shares {
+                    None => {
+                        values[term as usize] = Some(v.double_value(&[]));
+                        total = total + v * w;
+                    }
+                    Some(shares) => {
+                        let share = shares[term as usize];
+                        values[term as usize] = Some(v.double_value(&[]) * share);
+                        total = total + v * (w * share);
+                    }
+                }
             }
         }
         Ok((total, values))
@@ -669,27 +763,24 @@ impl<'a> Trainer<'a> {
                 let all: Vec<usize> = (0..self.cfg.batch_size as u64)
                     .map(|j| self.sample(base + j, n))
                     .collect();
-                // This rank's rows of the micro-batch, weighted by their share.
-                let idx: Vec<usize> = all
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| j % world == rank)
-                    .map(|(_, &i)| i)
-                    .collect();
                 let ga = self.cfg.grad_accum as f64;
-                // One process divides by the accumulation exactly as before
-                // data-parallel existed (bitwise the same runs).
-                let share = idx.len() as f64 / all.len() as f64;
-                let scale = |x: f64| if world == 1 { x / ga } else { x * share / ga };
-                if world > 1 {
-                    global.extend_from_slice(&all);
-                }
-                let (l, values) = self.micro_loss(&idx, data, temp)?;
-                let scaled = if world == 1 {
-                    l.shallow_clone() / ga
+                // One process takes the whole micro-batch and divides by the
+                // accumulation exactly as before data-parallel existed
+                // (bitwise the same runs). A rank takes its length-balanced
+                // part, each term weighted by the rank's exact share of
+                // what that term averages over: the terms summed over the
+                // group are the whole micro-batch's.
+                let (idx, shares) = if world == 1 {
+                    (all, None)
                 } else {
-                    l.shallow_clone() * (share / ga)
+                    global.extend_from_slice(&all);
+                    let parts = split_by_length(&all, |i| data.examples[i].ids.len(), world);
+                    let shares = term_shares(&parts[rank], &all, data);
+                    (parts[rank].clone(), Some(shares))
                 };
+                let (l, values) = self.micro_loss(&idx, data, temp, shares.as_ref())?;
+                let scale = |x: f64| x / ga;
+                let scaled = l.shallow_clone() / ga;
                 let g = gradients(&scaled, &self.params);
                 accumulate(&mut grads, g);
                 loss_sum += scale(l.double_value(&[]));
@@ -893,4 +984,76 @@ pub fn accuracy(
     let gold = Tensor::from_slice(labels);
     let correct = pred.eq_tensor(&gold).sum(Kind::Int64).int64_value(&[]);
     Ok(correct as f64 / labels.len().max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_by_length;
+
+    /// Lengths from a fixed pseudo-random stream (no RNG crate needed).
+    fn lengths(n: usize, seed: u64) -> Vec<usize> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                4 + (x >> 33) as usize % 60
+            })
+            .collect()
+    }
+
+    fn cost(part: &[usize], len: &[usize]) -> usize {
+        part.len() * part.iter().map(|&i| len[i]).max().unwrap_or(0)
+    }
+
+    #[test]
+    fn the_split_covers_the_batch_in_runs_of_length_and_beats_round_robin() {
+        for (n, world, seed) in [
+            (32, 2, 1),
+            (32, 3, 2),
+            (12, 4, 3),
+            (7, 2, 4),
+            (5, 8, 5),
+            (64, 2, 6),
+        ] {
+            let len = lengths(100, seed);
+            // Indices may repeat (an epoch boundary inside a batch).
+            let all: Vec<usize> = (0..n).map(|j| (j * 37 + seed as usize) % 100).collect();
+            let parts = split_by_length(&all, |i| len[i], world);
+            assert_eq!(
+                parts,
+                split_by_length(&all, |i| len[i], world),
+                "deterministic"
+            );
+            assert_eq!(parts.len(), world);
+            let mut got: Vec<usize> = parts.concat();
+            let mut want = all.clone();
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want, "every row once: n {n} world {world}");
+            for (r, p) in parts.iter().enumerate() {
+                assert_eq!(p.is_empty(), r >= n, "rank {r} of {world}, {n} rows");
+            }
+            // Runs of the length order: rank r's rows are no shorter than
+            // rank r+1's.
+            for w in parts.windows(2) {
+                if let (Some(lo), Some(hi)) = (
+                    w[0].iter().map(|&i| len[i]).min(),
+                    w[1].iter().map(|&i| len[i]).max(),
+                ) {
+                    assert!(lo >= hi, "{w:?}");
+                }
+            }
+            let worst = parts.iter().map(|p| cost(p, &len)).max().unwrap();
+            let round_robin: Vec<Vec<usize>> = (0..world)
+                .map(|r| all.iter().skip(r).step_by(world).copied().collect())
+                .collect();
+            let rr = round_robin.iter().map(|p| cost(p, &len)).max().unwrap();
+            assert!(
+                worst <= rr,
+                "n {n} world {world}: {worst} > round robin {rr}"
+            );
+        }
+    }
 }
