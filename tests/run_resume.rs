@@ -314,4 +314,32 @@ fn run_fine_tunes_labels_offline_and_trains_the_baseline_through_the_coordinator
         std::fs::read(out.join("student/model.safetensors")).unwrap(),
         student
     );
+    // Without the run's own record (a cluster job given the same output
+    // directory has none), the fingerprint in the fine-tuned teacher's
+    // marker and in every checkpoint still refuses the other spec's job.
+    std::fs::remove_dir_all(out.join(".coordinator")).unwrap();
+    let other = run(&["--seed", "9"]);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("by a job of another configuration")
+            && stderr.contains(&out.join("teacher").display().to_string()),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("student/model.safetensors")).unwrap(),
+        student
+    );
+    // The teacher is not the only guard: with its marker gone, the
+    // teacher's checkpoints refuse the other spec too.
+    std::fs::remove_dir_all(out.join(".coordinator")).unwrap();
+    std::fs::remove_file(out.join("teacher/.complete")).unwrap();
+    let other = run(&["--seed", "9"]);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("by a job of another configuration")
+            && stderr.contains(&out.join("teacher-ckpt").display().to_string()),
+        "{stderr}"
+    );
 }

@@ -472,14 +472,50 @@ fn augment_filter(
     })
 }
 
+/// The fingerprint of what a job's checkpoints and fine-tuned teacher
+/// depend on: the spec without its name, `[evaluation]`, `[quantization]`
+/// and `[cluster]` (sha256 of its JSON, 16 hex digits). Checkpoints and the
+/// teacher's `.complete` marker carry it, and a job refuses ones written
+/// under another: an output directory reused by a job of another
+/// configuration would otherwise resume its weights silently.
+pub fn fingerprint(spec: &JobSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let mut v = serde_json::to_value(spec).expect("a spec serialises");
+    if let Some(o) = v.as_object_mut() {
+        for k in ["name", "evaluation", "quantization", "cluster"] {
+            o.remove(k);
+        }
+    }
+    let digest = Sha256::digest(v.to_string().as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// Whether the fine-tuned teacher under `out` is complete; an error when it
+/// was fine-tuned by a job of another configuration (see [`fingerprint`]).
+fn fine_tuned_teacher_done(spec: &JobSpec, out: &Path) -> Result<bool> {
+    let marker = out.join("teacher/.complete");
+    let Ok(theirs) = std::fs::read_to_string(&marker) else {
+        return Ok(false);
+    };
+    let (theirs, ours) = (theirs.trim(), fingerprint(spec));
+    if !theirs.is_empty() && theirs != ours {
+        return Err(Error::Invalid(format!(
+            "the fine-tuned teacher in {} was made by a job of another configuration (fingerprint {theirs}, this job's {ours}): give the job its own output directory, or delete {}",
+            out.join("teacher").display(),
+            out.join("teacher").display()
+        )));
+    }
+    Ok(true)
+}
+
 /// Where the teacher the job uses lives: the fine-tuned one under `out`
 /// once it exists, else the spec's.
-pub fn served_teacher_dir(p: &Prepared, out: &Path) -> PathBuf {
-    if out.join("teacher/.complete").exists() {
+pub fn served_teacher_dir(spec: &JobSpec, p: &Prepared, out: &Path) -> Result<PathBuf> {
+    Ok(if fine_tuned_teacher_done(spec, out)? {
         out.join("teacher")
     } else {
         p.teacher_dir.clone()
-    }
+    })
 }
 
 /// Loads the teacher as given (any parameter it lacks, such as a new
@@ -497,7 +533,7 @@ pub fn teacher(
     let labels = p.labels.clone();
     let done = out.join("teacher");
     if spec.teacher.fine_tune && task == Task::Classification {
-        if done.join(".complete").exists() {
+        if fine_tuned_teacher_done(spec, out)? {
             eprintln!(
                 "teacher: reusing the fine-tuned teacher in {}",
                 done.display()
@@ -546,6 +582,7 @@ pub fn teacher(
             out.join("teacher-ckpt"),
         )?;
         tr.stop_on(hooks.stop.clone());
+        tr.set_fingerprint(Some(fingerprint(spec)));
         tr.resume()?;
         let mut ev = eval_fn(p.eval.as_ref(), &p.tok);
         tr.train(
@@ -557,7 +594,7 @@ pub fn teacher(
         tr.restore_best()?;
         drop(tr);
         export(&teacher, &done, &p.teacher_dir)?;
-        write_atomic(&done.join(".complete"), b"")?;
+        write_atomic(&done.join(".complete"), fingerprint(spec).as_bytes())?;
         return Ok(teacher);
     }
     load_teacher(spec, p, device)
@@ -576,7 +613,7 @@ pub fn load_fine_tuned_teacher(
         return load_teacher(spec, p, device);
     }
     let done = out.join("teacher");
-    if !done.join(".complete").exists() {
+    if !fine_tuned_teacher_done(spec, out)? {
         return Err(Error::Invalid(format!(
             "teacher.fine_tune: the fine-tuned teacher is missing from {} (its task should have committed it)",
             done.display()
@@ -731,6 +768,7 @@ pub fn distill_student_in(
             out.join("student-ckpt"),
         )?;
         tr.stop_on(hooks.stop.clone());
+        tr.set_fingerprint(Some(fingerprint(spec)));
         if group.is_none() {
             tr.resume()?;
         }
@@ -813,6 +851,7 @@ pub fn baseline(
     {
         let mut tr = Trainer::new(&mut b, None, None, &p.tok, cfg, out.join("baseline-ckpt"))?;
         tr.stop_on(hooks.stop.clone());
+        tr.set_fingerprint(Some(fingerprint(spec)));
         tr.resume()?;
         let mut ev = eval_fn(p.eval.as_ref(), &p.tok);
         tr.train(
@@ -972,7 +1011,7 @@ pub fn evaluate(
         "evaluate: teacher and fp32 student on {} test examples",
         p.test.examples.len()
     );
-    let tm = bench.measure(teacher, Some(&served_teacher_dir(p, out)))?;
+    let tm = bench.measure(teacher, Some(&served_teacher_dir(spec, p, out)?))?;
     let student_dir = out.join("student");
     let sm = bench.measure(student, Some(&student_dir))?;
     let qdevice = match spec.quantization.hardware {

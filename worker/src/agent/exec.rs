@@ -362,7 +362,7 @@ fn teacher_signal(
         // A teacher fine-tuned in the job was committed by its own task
         // before any shard was created: it is read from the job's
         // directory (never trained here).
-        let teacher_dir = pipeline::served_teacher_dir(&prepared, job_dir);
+        let teacher_dir = pipeline::served_teacher_dir(spec, &prepared, job_dir)?;
         let teacher = pipeline::load_fine_tuned_teacher(spec, &prepared, job_dir, device)?;
         let id = TeacherId::of(&teacher_dir)?;
         let (examples, _) = prepared.training();
@@ -491,7 +491,7 @@ fn fine_tune_teacher(
     };
     pipeline::teacher(spec, &p, job_dir, device, &mut hooks)?;
     pipeline::record_stage(job_dir, "teacher", t0.elapsed().as_secs_f64())?;
-    let dir = pipeline::served_teacher_dir(&p, job_dir);
+    let dir = pipeline::served_teacher_dir(spec, &p, job_dir)?;
     let weights = dir.join("model.safetensors");
     Ok(pb::TaskSuccess {
         manifest_sha256: signal::sha256_path(&weights)?,
@@ -541,7 +541,7 @@ fn train(
     let signal: Option<Tensor> = match spec.distill.teacher_signal {
         TeacherSignal::Offline => Some(pipeline::stored_signal(
             &p,
-            &pipeline::served_teacher_dir(&p, job_dir),
+            &pipeline::served_teacher_dir(spec, &p, job_dir)?,
             &signal_root(&root.display().to_string()),
             spec.data.shard_size as usize,
         )?),

@@ -29,6 +29,11 @@ pub struct CheckpointMeta {
     #[serde(default)]
     pub best_step: Option<u64>,
     pub sha256: String,
+    /// The fingerprint of the job configuration that wrote it (see
+    /// `pipeline::fingerprint`); absent in checkpoints written before it
+    /// existed, which are taken as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

@@ -88,6 +88,8 @@ pub struct Trainer<'a> {
     pub best_step: Option<u64>,
     pub cfg: TrainConfig,
     pub checkpoint_dir: PathBuf,
+    /// Written into each checkpoint; a checkpoint with another is refused.
+    fingerprint: Option<String>,
     tok: &'a TextTokenizer,
     order_cache: Option<(u64, Vec<usize>)>,
     /// Output-level teacher signal is precomputed (see `TrainData::teacher_output`).
@@ -298,6 +300,7 @@ impl<'a> Trainer<'a> {
             best_step: None,
             cfg,
             checkpoint_dir,
+            fingerprint: None,
             tok,
             order_cache: None,
             offline,
@@ -875,6 +878,27 @@ impl<'a> Trainer<'a> {
             best_metric: self.best_metric,
             best_step: self.best_step,
             sha256: String::new(),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+
+    /// Marks every checkpoint this trainer writes with `f`, the job
+    /// configuration's fingerprint, and refuses to resume from one marked
+    /// with another: a directory reused by a job of another configuration
+    /// would otherwise resume its weights silently.
+    pub fn set_fingerprint(&mut self, f: Option<String>) {
+        self.fingerprint = f;
+    }
+
+    fn check_fingerprint(&self, meta: &CheckpointMeta, dir: &std::path::Path) -> Result<()> {
+        match (&meta.fingerprint, &self.fingerprint) {
+            (Some(theirs), Some(ours)) if theirs != ours => Err(Error::Invalid(format!(
+                "the checkpoint of step {} in {} was written by a job of another configuration (fingerprint {theirs}, this job's {ours}): resuming it would mix the two; give the job its own output directory, or delete {}",
+                meta.step,
+                dir.display(),
+                dir.display()
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -904,6 +928,7 @@ impl<'a> Trainer<'a> {
         let Some((meta, tensors)) = checkpoint::load_latest(&self.checkpoint_dir)? else {
             return Ok(false);
         };
+        self.check_fingerprint(&meta, &self.checkpoint_dir)?;
         self.restore(meta, tensors)?;
         Ok(true)
     }
@@ -911,6 +936,7 @@ impl<'a> Trainer<'a> {
     /// Restore the checkpoint in directory `ck` (a committed one).
     pub fn resume_from(&mut self, ck: &std::path::Path) -> Result<()> {
         let (meta, tensors) = checkpoint::load_dir(ck)?;
+        self.check_fingerprint(&meta, ck)?;
         self.restore(meta, tensors)
     }
 
