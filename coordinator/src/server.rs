@@ -720,10 +720,8 @@ impl<S: Store> WorkerService for Coordinator<S> {
             // (Not when the task fine-tunes the teacher: that runs on the
             // holder alone.)
             // (An offline job fine-tunes its teacher in a stage of its own.)
-            let fine_tunes = distill_spec::from_json_str(&job.value.spec_json).map_or(true, |s| {
-                s.teacher.fine_tune
-                    && s.distill.teacher_signal == distill_spec::TeacherSignal::Online
-            });
+            let fine_tunes = distill_spec::from_json_str(&job.value.spec_json)
+                .map_or(true, |s| s.fine_tunes_in_training());
             // (Nor once the final checkpoint is committed: the holder is
             // exporting, or training the labels-only baseline, alone.)
             let p = &job.value.progress;

@@ -23,6 +23,16 @@ pub struct JobSpec {
     pub cluster: Cluster,
 }
 
+impl JobSpec {
+    /// Whether the training task fine-tunes the teacher itself (an online
+    /// teacher signal): its holder then trains alone, with no group. With
+    /// an offline signal the teacher is fine-tuned in a stage of its own,
+    /// before labelling, and training is data-parallel as usual.
+    pub fn fine_tunes_in_training(&self) -> bool {
+        self.teacher.fine_tune && self.distill.teacher_signal == TeacherSignal::Online
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {

@@ -524,8 +524,7 @@ fn train(
         stop: Some(control.stop.clone()),
         progress: Some(&mut progress),
     };
-    let online_fine_tune =
-        spec.teacher.fine_tune && spec.distill.teacher_signal == TeacherSignal::Online;
+    let online_fine_tune = spec.fine_tunes_in_training();
     let t0 = Instant::now();
     let teacher = if spec.teacher.fine_tune && !online_fine_tune {
         // Fine-tuned (and timed) by the job's first task.
