@@ -28,6 +28,39 @@ async fn register(w: &mut WorkerServiceClient<Channel>, name: &str) -> String {
     .session_id
 }
 
+/// A coordinator under `config` on a fresh etcd prefix, serving; its
+/// clients; and the id of [`SPEC`] submitted to it.
+async fn serve_and_submit(
+    prefix: &str,
+    config: Config,
+) -> (
+    EtcdServer,
+    Served,
+    JobServiceClient<Channel>,
+    WorkerServiceClient<Channel>,
+    String,
+) {
+    let etcd = EtcdServer::start().await.unwrap();
+    let store = etcd.store(prefix).await.unwrap();
+    let server = Served::start(store, config, false).await.unwrap();
+    let addr = server.url();
+    wait_serving(&addr, Duration::from_secs(10)).await.unwrap();
+    let mut jobs = JobServiceClient::connect(addr.clone()).await.unwrap();
+    let w = WorkerServiceClient::connect(addr).await.unwrap();
+    let job = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: SPEC.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap()
+        .job_id;
+    (etcd, server, jobs, w, job)
+}
+
 fn commit(session: &str, job: &str, generation: u64, step: u64) -> pb::CommitCheckpointRequest {
     pb::CommitCheckpointRequest {
         session_id: session.into(),
@@ -42,29 +75,12 @@ fn commit(session: &str, job: &str, generation: u64, step: u64) -> pb::CommitChe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn generations_fence_checkpoint_commits() {
-    let etcd = EtcdServer::start().await.unwrap();
-    let store = etcd.store("/groups/").await.unwrap();
     let config = Config {
         heartbeat_interval: Duration::from_millis(200),
         session_timeout: Duration::from_secs(1),
         ..Config::default()
     };
-    let server = Served::start(store.clone(), config, false).await.unwrap();
-    let addr = server.url();
-    wait_serving(&addr, Duration::from_secs(10)).await.unwrap();
-    let mut jobs = JobServiceClient::connect(addr.clone()).await.unwrap();
-    let mut w = WorkerServiceClient::connect(addr.clone()).await.unwrap();
-    let job = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: SPEC.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap()
-        .job_id;
+    let (_etcd, server, mut jobs, mut w, job) = serve_and_submit("/groups/", config).await;
     let a = register(&mut w, "a").await;
     let join = |session: &str| pb::JoinGroupRequest {
         session_id: session.into(),
@@ -253,26 +269,7 @@ async fn generations_fence_checkpoint_commits() {
 /// trains the baseline alone, and a finished member does not start over).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_member_lease_once_the_final_checkpoint_is_committed() {
-    let etcd = EtcdServer::start().await.unwrap();
-    let store = etcd.store("/members/").await.unwrap();
-    let server = Served::start(store, Config::default(), false)
-        .await
-        .unwrap();
-    let addr = server.url();
-    wait_serving(&addr, Duration::from_secs(10)).await.unwrap();
-    let mut jobs = JobServiceClient::connect(addr.clone()).await.unwrap();
-    let mut w = WorkerServiceClient::connect(addr.clone()).await.unwrap();
-    let job = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: SPEC.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap()
-        .job_id;
+    let (_etcd, server, _jobs, mut w, job) = serve_and_submit("/members/", Config::default()).await;
     let a = register(&mut w, "a").await;
     let b = register(&mut w, "b").await;
     let lease = |session: &str| pb::LeaseTaskRequest {

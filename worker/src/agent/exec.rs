@@ -429,11 +429,13 @@ fn signal_root(artifact_root: &str) -> String {
 }
 
 /// Records each step's progress for the heartbeat: the rate over the
-/// last 20 steps (or fewer), in steps and in samples of `per_step` each.
-fn progress_hook(
-    control: &Control,
-    per_step: u64,
-) -> impl FnMut(&str, &crate::distill::train::StepLog, u64) + '_ {
+/// last 20 steps (or fewer), in steps and in samples (the spec's global
+/// batch per step).
+fn progress_hook<'c>(
+    control: &'c Control,
+    spec: &JobSpec,
+) -> impl FnMut(&str, &crate::distill::train::StepLog, u64) + 'c {
+    let per_step = (spec.training.batch_size * spec.training.grad_accum) as u64;
     let mut window: std::collections::VecDeque<(Instant, u64)> = Default::default();
     move |stage, log, total| {
         let now = Instant::now();
@@ -481,10 +483,7 @@ fn fine_tune_teacher(
 ) -> Result<pb::TaskSuccess> {
     let t0 = Instant::now();
     let p = pipeline::prepare(spec)?;
-    let mut progress = progress_hook(
-        control,
-        (spec.training.batch_size * spec.training.grad_accum) as u64,
-    );
+    let mut progress = progress_hook(control, spec);
     let mut hooks = Hooks {
         stop: Some(control.stop.clone()),
         progress: Some(&mut progress),
@@ -516,10 +515,7 @@ fn train(
     if !member {
         pipeline::record_stage(job_dir, "prepare", t0.elapsed().as_secs_f64())?;
     }
-    let mut progress = progress_hook(
-        control,
-        (spec.training.batch_size * spec.training.grad_accum) as u64,
-    );
+    let mut progress = progress_hook(control, spec);
     let mut hooks = Hooks {
         stop: Some(control.stop.clone()),
         progress: Some(&mut progress),

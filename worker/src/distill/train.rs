@@ -678,17 +678,10 @@ impl<'a> Trainer<'a> {
                     self.step,
                     self.cfg.total_steps,
                 );
-                match shares {
-                    None => {
-                        values[term as usize] = Some(v.double_value(&[]));
-                        total = total + v * w;
-                    }
-                    Some(shares) => {
-                        let share = shares[term as usize];
-                        values[term as usize] = Some(v.double_value(&[]) * share);
-                        total = total + v * (w * share);
-                    }
-                }
+                // (× 1.0 alone: bitwise as before.)
+                let share = shares.map_or(1.0, |s| s[term as usize]);
+                values[term as usize] = Some(v.double_value(&[]) * share);
+                total = total + v * (w * share);
             }
         }
         Ok((total, values))
@@ -777,9 +770,9 @@ impl<'a> Trainer<'a> {
                     (all, None)
                 } else {
                     global.extend_from_slice(&all);
-                    let parts = split_by_length(&all, |i| data.examples[i].ids.len(), world);
+                    let mut parts = split_by_length(&all, |i| data.examples[i].ids.len(), world);
                     let shares = term_shares(&parts[rank], &all, data);
-                    (parts[rank].clone(), Some(shares))
+                    (parts.swap_remove(rank), Some(shares))
                 };
                 let (l, values) = self.micro_loss(&idx, data, temp, shares.as_ref())?;
                 let scale = |x: f64| x / ga;
