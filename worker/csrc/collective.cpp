@@ -11,6 +11,7 @@
 // the deadline; nothing waits forever.
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -37,6 +38,21 @@ void set_err(char* err, int errlen, const std::string& msg) {
   auto n = std::min<size_t>(msg.size(), static_cast<size_t>(errlen - 1));
   std::memcpy(err, msg.data(), n);
   err[n] = '\0';
+}
+
+// Every collective is issued (not waited for) under one process-wide
+// lock. c10d's flight recorder (torch 2.11, FlightRecorderDetail.hpp,
+// `recordWithResetEnabled`) registers a group on its first collective by
+// inserting into a process-wide map *before* taking its own lock, so two
+// groups of one process issuing their first collectives at once corrupt
+// the map (SIGSEGV in `_Rb_tree_insert_and_rebalance`). One process holds
+// several groups when `distill run --workers N` runs its ranks side by
+// side, and while a failed group is freed as the next one forms.
+template <class F>
+c10::intrusive_ptr<c10d::Work> issue(F&& f) {
+  static std::mutex lock;
+  std::lock_guard<std::mutex> guard(lock);
+  return f();
 }
 
 // Waits for `work` until it completes, the group's deadline passes, or
@@ -191,7 +207,7 @@ int distill_pg_allreduce_sum(void* group, at::Tensor* t, const unsigned char* ab
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
     o.timeout = g->timeout;
-    return wait_work(g, g->pg->allreduce(ts, o), abort, "all-reduce", err, errlen);
+    return wait_work(g, issue([&] { return g->pg->allreduce(ts, o); }), abort, "all-reduce", err, errlen);
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;
@@ -211,7 +227,7 @@ int distill_pg_broadcast(void* group, at::Tensor* t, int root, const unsigned ch
     o.rootRank = root;
     o.rootTensor = 0;
     o.timeout = g->timeout;
-    return wait_work(g, g->pg->broadcast(ts, o), abort, "broadcast", err, errlen);
+    return wait_work(g, issue([&] { return g->pg->broadcast(ts, o); }), abort, "broadcast", err, errlen);
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;
@@ -227,7 +243,7 @@ int distill_pg_barrier(void* group, const unsigned char* abort, char* err, int e
     auto* g = static_cast<Group*>(group);
     c10d::BarrierOptions o;
     o.timeout = g->timeout;
-    return wait_work(g, g->pg->barrier(o), abort, "barrier", err, errlen);
+    return wait_work(g, issue([&] { return g->pg->barrier(o); }), abort, "barrier", err, errlen);
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;
