@@ -324,6 +324,67 @@ pub fn confident(logits: &Tensor, min_confidence: f64) -> Vec<bool> {
         .collect()
 }
 
+/// The confidence filter's decision, taken once per job. The first process
+/// to decide writes `path` (`augment-keep.json` in the job's directory);
+/// every later one takes the decision from there: the other ranks of a
+/// data-parallel group, a worker that joins later, a resumed run. Ranks
+/// that ran the teacher themselves could otherwise disagree on an example
+/// at the threshold (another thread count sums in another order), and
+/// train on different data and different numbers of steps. `decide` runs
+/// only when no decision is stored. A decision of another `key` (the job's
+/// configuration and augmented examples) or size is refused, naming the
+/// file.
+pub fn kept_once(
+    path: &Path,
+    key: &str,
+    generated: usize,
+    decide: impl FnOnce() -> Result<Vec<bool>>,
+) -> Result<Vec<bool>> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Stored {
+        key: String,
+        generated: usize,
+        /// One character per augmented example: '1' kept, '0' dropped.
+        keep: String,
+    }
+    let read = || -> Result<Vec<bool>> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let s: Stored = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Invalid(format!(
+                "{}: not a confidence-filter decision: {e}",
+                path.display()
+            ))
+        })?;
+        if s.key != key || s.generated != generated || s.keep.len() != generated {
+            return Err(Error::Invalid(format!(
+                "{}: the confidence filter's decision of a job of another configuration or \
+                 data (key {}, {} examples; this job's {key}, {generated}): give the job its \
+                 own output directory, or delete the file",
+                path.display(),
+                s.key,
+                s.generated
+            )));
+        }
+        Ok(s.keep.bytes().map(|b| b == b'1').collect())
+    };
+    if path.exists() {
+        return read();
+    }
+    let keep = decide()?;
+    let stored = Stored {
+        key: key.to_string(),
+        generated,
+        keep: keep.iter().map(|&k| if k { '1' } else { '0' }).collect(),
+    };
+    let bytes = serde_json::to_vec(&stored).expect("a decision serialises");
+    if crate::fsutil::create_once(path, &bytes)? {
+        Ok(keep)
+    } else {
+        // Another rank decided first: its decision holds.
+        read()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,5 +629,49 @@ mod tests {
     fn confidence_filter_keeps_confident_rows() {
         let logits = Tensor::from_slice(&[3.0f32, 0.0, 0.1, 0.0, 0.0, 2.0]).view([3, 2]);
         assert_eq!(confident(&logits, 0.8), vec![true, false, true]);
+    }
+
+    /// The first decision of a job holds for every later process, even
+    /// one whose own teacher would decide otherwise; a decision of another
+    /// configuration is refused; two ranks deciding at once end up with
+    /// the same one.
+    #[test]
+    fn the_confidence_decision_is_taken_once_per_job() {
+        let dir = std::env::temp_dir().join(format!("distill-kept-once-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("augment-keep.json");
+        let first = kept_once(&path, "fp", 3, || Ok(vec![true, false, true])).unwrap();
+        assert_eq!(first, [true, false, true]);
+        let mut asked = false;
+        let later = kept_once(&path, "fp", 3, || {
+            asked = true;
+            Ok(vec![false, false, false])
+        })
+        .unwrap();
+        assert_eq!(later, first, "a later rank takes the stored decision");
+        assert!(!asked, "and does not decide again");
+        for (fp, n) in [("other", 3), ("fp", 4)] {
+            let e = kept_once(&path, fp, n, || Ok(vec![true; n]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("augment-keep.json") && e.contains("another configuration"),
+                "{e}"
+            );
+        }
+        for round in 0..20 {
+            let path = dir.join(format!("race-{round}.json"));
+            let ranks: Vec<_> = (0..4)
+                .map(|r| {
+                    let path = path.clone();
+                    std::thread::spawn(move || {
+                        kept_once(&path, "fp", 4, || Ok((0..4).map(|i| i == r).collect())).unwrap()
+                    })
+                })
+                .collect();
+            let got: Vec<Vec<bool>> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+            assert!(got.iter().all(|g| g == &got[0]), "round {round}: {got:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

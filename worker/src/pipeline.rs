@@ -414,17 +414,35 @@ fn augment_filter(
     let first = n - made;
     let keep: Vec<bool> = match (a.min_confidence, p.task) {
         (Some(min), Task::Classification) if made > 0 => {
-            let logits = match &data.teacher_output {
-                Some(t) => t.narrow(0, first as i64, made as i64),
-                None => infer(
-                    teacher,
-                    &p.tok,
-                    &data.examples[first..],
-                    InferOptions::default(),
-                    |_, _| {},
-                )?,
+            // The decision's key: the job's configuration and the
+            // augmented examples themselves (the data files may change
+            // under the same spec).
+            let key = {
+                use sha2::{Digest, Sha256};
+                let mut h = Sha256::new();
+                for e in &data.examples[first..] {
+                    for (i, t) in e.ids.iter().zip(&e.type_ids) {
+                        h.update(i.to_le_bytes());
+                        h.update(t.to_le_bytes());
+                    }
+                    h.update(u64::MAX.to_le_bytes());
+                }
+                format!("{}-{}", fingerprint(spec), &hex::encode(h.finalize())[..16])
             };
-            crate::augment::confident(&logits, min)
+            let decision = out.join("augment-keep.json");
+            crate::augment::kept_once(&decision, &key, made, || {
+                let logits = match &data.teacher_output {
+                    Some(t) => t.narrow(0, first as i64, made as i64),
+                    None => infer(
+                        teacher,
+                        &p.tok,
+                        &data.examples[first..],
+                        InferOptions::default(),
+                        |_, _| {},
+                    )?,
+                };
+                Ok(crate::augment::confident(&logits, min))
+            })?
         }
         _ => vec![true; made],
     };
