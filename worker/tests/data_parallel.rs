@@ -126,17 +126,8 @@ fn setup(model_dir: &Path) -> (TaskModel, TextTokenizer, TaskModel) {
     (teacher, tok, s)
 }
 
-/// Trains a fresh student as rank `group.rank` (or alone); returns its
-/// weights and step logs.
-fn train(
-    model_dir: &Path,
-    ckpt: &Path,
-    accum: usize,
-    group: Option<Group>,
-) -> (Vec<(String, Tensor)>, Vec<StepLog>) {
-    train_with(model_dir, ckpt, accum, false, group)
-}
-
+/// Trains a fresh student as rank `group.rank` (or alone), on the task
+/// and KD terms or on every term; returns its weights and step logs.
 fn train_with(
     model_dir: &Path,
     ckpt: &Path,
