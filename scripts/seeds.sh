@@ -35,7 +35,10 @@ for seed in $(seq 1 "$n"); do
   reports+=("$out/report.json")
 done
 for p in ${pids[@]+"${pids[@]}"}; do
-  wait "${p%%:*}" || { echo "seeds: seed ${p##*:} failed, see runs/$name-seed${p##*:}.log" >&2; exit 1; }
+  # A run finished before this wait may be reaped already (bash forgets
+  # it once `jobs` reported it): its report says whether it succeeded.
+  wait "${p%%:*}" 2>/dev/null || true
+  [ -e "runs/$name-seed${p##*:}/report.json" ] || { echo "seeds: seed ${p##*:} failed, see runs/$name-seed${p##*:}.log" >&2; exit 1; }
 done
 python3 - "${reports[@]}" <<'PY'
 import json, statistics, sys
