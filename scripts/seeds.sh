@@ -6,7 +6,10 @@
 # labels-only, and on how many seeds the distilled student won. Re-running
 # resumes or reuses finished runs. JOBS=N runs N seeds at once (on a GPU,
 # say, with --device cuda --threads 2); DISTILL_BIN and PYTHON override the
-# binary and the Python used to read the job's name.
+# binary and the Python used to read the job's name. Fine-tuned teachers are
+# shared through runs/.teachers (`distill run --teacher-cache`), so jobs
+# that differ only in the student fine-tune each seed's teacher once;
+# TEACHER_CACHE=off gives every run its own.
 # Report figures come from here, not from single runs.
 #   scripts/seeds.sh JOB.toml [N=3] [extra distill run args...]
 set -euo pipefail
@@ -20,6 +23,7 @@ bin=${DISTILL_BIN:-target/release/distill}
 py=${PYTHON:-.venv/bin/python}
 [ -x "$py" ] || py=python3
 jobs=${JOBS:-1}
+teachers=${TEACHER_CACHE:-runs/.teachers}
 name=$("$py" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("name", "job"))' "$job")
 mkdir -p runs
 reports=()
@@ -28,7 +32,7 @@ for seed in $(seq 1 "$n"); do
   out=runs/$name-seed$seed
   if [ ! -e "$out/report.json" ]; then
     echo "seeds: $job seed $seed → $out" >&2
-    "$bin" --log-format plain run "$job" --seed "$seed" --baseline --output "$out" "$@" > "$out.log" 2>&1 &
+    "$bin" --log-format plain run "$job" --seed "$seed" --baseline --output "$out" --teacher-cache "$teachers" "$@" > "$out.log" 2>&1 &
     pids+=("$!:$seed")
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
   fi

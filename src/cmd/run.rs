@@ -50,6 +50,14 @@ pub struct RunArgs {
     /// parameters, dropout); scripts/seeds.sh runs a job over several.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Share fine-tuned teachers between runs through this directory
+    /// (default: off, every run fine-tunes its own). A run whose teacher
+    /// would come out exactly as an earlier run's (same teacher files,
+    /// labelled and eval data, teacher budget, seed, device kind) takes it
+    /// from there: runs that differ only in the student skip the teacher.
+    /// scripts/seeds.sh uses runs/.teachers.
+    #[arg(long, env = "DISTILL_TEACHER_CACHE")]
+    pub teacher_cache: Option<PathBuf>,
 }
 
 fn load(spec: &PathBuf) -> anyhow::Result<distill_spec::JobSpec> {
@@ -95,7 +103,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let outcome = rt.block_on(local_job(spec, &out, &devices, a.threads))?;
+    let teachers = a
+        .teacher_cache
+        .as_deref()
+        .map(|d| distill_worker::teachers::TeacherCache::parse(&d.to_string_lossy()))
+        .unwrap_or(distill_worker::teachers::TeacherCache::Off);
+    let outcome = rt.block_on(local_job(spec, &out, &devices, a.threads, teachers))?;
     match outcome {
         Outcome::Stopped => {
             eprintln!(
@@ -157,6 +170,7 @@ async fn local_job(
     out: &Path,
     devices: &[tch::Device],
     threads: Option<i32>,
+    teachers: distill_worker::teachers::TeacherCache,
 ) -> anyhow::Result<Outcome> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
@@ -203,6 +217,7 @@ async fn local_job(
                     collective_port: 0,
                     collective_timeout: Duration::from_secs(30),
                     collective_backend: distill_worker::collective::BackendChoice::Auto,
+                    teachers: teachers.clone(),
                 };
                 let mut stop = workers_stop.clone();
                 tokio::task::spawn_local(distill_worker::agent::serve(opts, async move {

@@ -77,6 +77,13 @@ pub struct Args {
     /// otherwise. Every worker of a cluster must resolve to the same one.
     #[arg(long, default_value = "auto", env = "DISTILL_COLLECTIVE_BACKEND")]
     pub collective_backend: distill_worker::collective::BackendChoice,
+    /// Where fine-tuned teachers are shared between jobs: a directory, or
+    /// `off` (default: `<artifact root>/teachers`, beside the teacher-signal
+    /// shards). A job whose teacher would be fine-tuned exactly as an earlier
+    /// job's (same teacher files, labelled and eval data, teacher budget,
+    /// seed, device kind) takes it from there instead of fine-tuning again.
+    #[arg(long, env = "DISTILL_TEACHER_CACHE")]
+    pub teacher_cache: Option<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -107,6 +114,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         collective_port: a.collective_port,
         collective_timeout: Duration::from_millis(a.collective_timeout_ms),
         collective_backend: a.collective_backend,
+        teachers: a
+            .teacher_cache
+            .as_deref()
+            .map(distill_worker::teachers::TeacherCache::parse)
+            .unwrap_or_default(),
     };
     // A small runtime for RPC and heartbeats; libtorch has its own thread.
     let rt = tokio::runtime::Builder::new_multi_thread()

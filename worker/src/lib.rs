@@ -31,6 +31,7 @@ pub mod progress;
 pub mod quant;
 pub mod report;
 pub mod signal;
+pub mod teachers;
 pub mod tokenize;
 
 pub use error::{Error, Result};

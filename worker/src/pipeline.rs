@@ -539,13 +539,16 @@ pub fn served_teacher_dir(spec: &JobSpec, p: &Prepared, out: &Path) -> Result<Pa
 /// Loads the teacher as given (any parameter it lacks, such as a new
 /// classifier head, is initialised from the job seed, so every worker
 /// builds the same teacher), or fine-tunes it under `out/teacher` first
-/// when the spec asks (resumable; reused once complete).
+/// when the spec asks (resumable; reused once complete). With a teacher
+/// cache (`crate::teachers`), a teacher another job already fine-tuned the
+/// same way is taken from there, and one fine-tuned here is published to it.
 pub fn teacher(
     spec: &JobSpec,
     p: &Prepared,
     out: &Path,
     device: Device,
     hooks: &mut Hooks,
+    cache: Option<&Path>,
 ) -> Result<TaskModel> {
     let task = p.task;
     let labels = p.labels.clone();
@@ -562,17 +565,13 @@ pub fn teacher(
             .labelled
             .as_ref()
             .ok_or_else(|| Error::Invalid("teacher.fine_tune: needs data.train".into()))?;
-        let mut teacher = TaskModel::load_seeded(
-            &p.teacher_dir,
-            task,
-            Some(labels),
-            device,
-            spec.training.seed,
-        )?;
         // The teacher's own budget: teacher.epochs over the labelled data
         // at teacher.learning_rate (warmup and schedule as [training]).
         let mut cfg = train_config(spec, train.examples.len(), vec![]);
         cfg.weights = task_only();
+        // Unused without a teacher of its own; fixed so the cache key
+        // does not depend on them.
+        cfg.temperature = (1.0, 1.0);
         let per_step = (cfg.batch_size * cfg.grad_accum) as u64;
         cfg.total_steps =
             (train.examples.len() as u64).div_ceil(per_step) * spec.teacher.epochs as u64;
@@ -581,6 +580,38 @@ pub fn teacher(
             .teacher
             .learning_rate
             .unwrap_or(spec.training.learning_rate);
+        let cached = match cache {
+            Some(dir) => Some((
+                dir,
+                crate::teachers::key(&crate::teachers::KeyParts {
+                    teacher_dir: &p.teacher_dir,
+                    task: "text_classification",
+                    labels: &labels,
+                    train: (&train.examples, &train.labels),
+                    eval: p.eval.as_ref().map(|e| (&e.examples[..], &e.labels[..])),
+                    config: &cfg,
+                    device,
+                })?,
+            )),
+            None => None,
+        };
+        if let Some((dir, key)) = &cached {
+            if crate::teachers::take(dir, key, &done)? {
+                write_atomic(&done.join(".complete"), fingerprint(spec).as_bytes())?;
+                eprintln!(
+                    "teacher: taken from the teacher cache ({}): another job fine-tuned it the same way; no fine-tuning",
+                    dir.join(key).display()
+                );
+                return TaskModel::load(&done, task, Some(labels), device);
+            }
+        }
+        let mut teacher = TaskModel::load_seeded(
+            &p.teacher_dir,
+            task,
+            Some(labels),
+            device,
+            spec.training.seed,
+        )?;
         let data = TrainData {
             examples: train.examples.clone(),
             labels: train.labels.clone(),
@@ -613,6 +644,19 @@ pub fn teacher(
         drop(tr);
         export(&teacher, &done, &p.teacher_dir)?;
         write_atomic(&done.join(".complete"), fingerprint(spec).as_bytes())?;
+        if let Some((dir, key)) = &cached {
+            // The job has its teacher; a cache that cannot be written
+            // costs later jobs time, not this one its result.
+            match crate::teachers::publish(dir, key, &done) {
+                Ok(()) => eprintln!(
+                    "teacher: published to the teacher cache as {}",
+                    dir.join(key).display()
+                ),
+                Err(e) => {
+                    tracing::warn!(cache = %dir.display(), "could not publish the fine-tuned teacher: {e}")
+                }
+            }
+        }
         return Ok(teacher);
     }
     load_teacher(spec, p, device)

@@ -237,7 +237,11 @@ pub struct Executor {
 
 impl Executor {
     /// Starts the thread; libtorch uses `threads` intra-op threads when set.
-    pub fn spawn(device: Device, threads: Option<i32>) -> std::io::Result<Self> {
+    pub fn spawn(
+        device: Device,
+        threads: Option<i32>,
+        teachers: crate::teachers::TeacherCache,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let thread = std::thread::Builder::new()
             .name("distill-libtorch".into())
@@ -249,7 +253,9 @@ impl Executor {
                 for mut w in rx {
                     let link = w.link.take();
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        execute(&mut cache, &w.task, &w.spec, &w.control, device, link)
+                        execute(
+                            &mut cache, &w.task, &w.spec, &w.control, device, link, &teachers,
+                        )
                     }))
                     .unwrap_or_else(|p| {
                         let what = p
@@ -306,6 +312,7 @@ fn execute(
     control: &Control,
     device: Device,
     link: Option<LinkParts>,
+    teachers: &crate::teachers::TeacherCache,
 ) -> Result<pb::TaskSuccess> {
     let r = task.r#ref.clone().unwrap_or_default();
     if task.artifact_root.is_empty() {
@@ -318,16 +325,27 @@ fn execute(
     };
     std::fs::create_dir_all(&job_dir).map_err(|e| Error::io(&job_dir, e))?;
     let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
+    let teachers = teachers.dir(&root);
+    let teachers = teachers.as_deref();
     let started = Instant::now();
     let result = match kind {
         pb::TaskKind::TeacherSignal => teacher_signal(cache, task, spec, &job_dir, device),
         pb::TaskKind::Train => {
             *cache = None; // training needs the memory
-            train(spec, &root, &job_dir, control, device, link, task.member)
+            train(
+                spec,
+                &root,
+                &job_dir,
+                control,
+                device,
+                link,
+                task.member,
+                teachers,
+            )
         }
         pb::TaskKind::FineTuneTeacher => {
             *cache = None;
-            fine_tune_teacher(spec, &job_dir, control, device)
+            fine_tune_teacher(spec, &job_dir, control, device, teachers)
         }
         pb::TaskKind::Evaluate => evaluate(spec, &job_dir, control, device),
         pb::TaskKind::Unspecified => Err(Error::Invalid(format!(
@@ -480,6 +498,7 @@ fn fine_tune_teacher(
     job_dir: &Path,
     control: &Control,
     device: Device,
+    teachers: Option<&Path>,
 ) -> Result<pb::TaskSuccess> {
     let t0 = Instant::now();
     let p = pipeline::prepare(spec)?;
@@ -488,7 +507,7 @@ fn fine_tune_teacher(
         stop: Some(control.stop.clone()),
         progress: Some(&mut progress),
     };
-    pipeline::teacher(spec, &p, job_dir, device, &mut hooks)?;
+    pipeline::teacher(spec, &p, job_dir, device, &mut hooks, teachers)?;
     pipeline::record_stage(job_dir, "teacher", t0.elapsed().as_secs_f64())?;
     let dir = pipeline::served_teacher_dir(spec, &p, job_dir)?;
     let weights = dir.join("model.safetensors");
@@ -509,6 +528,7 @@ fn train(
     device: Device,
     link: Option<LinkParts>,
     member: bool,
+    teachers: Option<&Path>,
 ) -> Result<pb::TaskSuccess> {
     let t0 = Instant::now();
     let p = pipeline::prepare(spec)?;
@@ -526,7 +546,7 @@ fn train(
         // Fine-tuned (and timed) by the job's first task.
         pipeline::load_fine_tuned_teacher(spec, &p, job_dir, device)?
     } else {
-        let t = pipeline::teacher(spec, &p, job_dir, device, &mut hooks)?;
+        let t = pipeline::teacher(spec, &p, job_dir, device, &mut hooks, teachers)?;
         if !member {
             pipeline::record_stage(job_dir, "teacher", t0.elapsed().as_secs_f64())?;
         }
@@ -594,7 +614,8 @@ fn evaluate(
         });
     }
     let p = pipeline::prepare(spec)?;
-    let teacher = pipeline::teacher(spec, &p, job_dir, device, &mut Hooks::default())?;
+    // Fine-tuned by then: only loaded.
+    let teacher = pipeline::teacher(spec, &p, job_dir, device, &mut Hooks::default(), None)?;
     let student_dir = job_dir.join("student");
     let student = TaskModel::load(
         &student_dir,

@@ -66,6 +66,8 @@ pub struct Options {
     pub collective_timeout: Duration,
     /// The engine of training groups' collectives.
     pub collective_backend: crate::collective::BackendChoice,
+    /// Where fine-tuned teachers are shared between jobs.
+    pub teachers: crate::teachers::TeacherCache,
 }
 
 /// Client TLS files: the CA the coordinator's certificate chains to, and an
@@ -118,7 +120,7 @@ pub async fn serve(opts: Options, shutdown: impl Future<Output = ()> + Send) -> 
     endpoints.tls = opts.tls.as_ref().map(TlsFiles::load).transpose()?;
     endpoints.deadline = Duration::from_secs(10);
     endpoints.max_pause = opts.max_backoff;
-    let executor = Executor::spawn(opts.device, opts.threads)
+    let executor = Executor::spawn(opts.device, opts.threads, opts.teachers.clone())
         .map_err(|e| Error::Invalid(format!("cannot start the libtorch thread: {e}")))?;
     // This worker's rendezvous store, for every group it is rank 0 of.
     let store = crate::collective::StoreServer::serve(&opts.collective_host, opts.collective_port)?;
