@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// `distill run`, returning its stderr.
-fn run(spec: &Path, out: &Path, cache: &Path) -> String {
+fn run(spec: &Path, out: &Path, cache: impl AsRef<std::ffi::OsStr>) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_distill"))
         .args(["--log-format", "plain", "run"])
         .arg(spec)
@@ -128,4 +128,31 @@ fn a_teacher_fine_tuned_the_same_way_is_taken_from_the_cache_and_another_is_not(
         r["teacher"]["metric"].as_f64().unwrap()
     };
     assert_eq!(teacher_metric("a"), teacher_metric("b"));
+
+    // A job that fine-tuned its teacher without a cache publishes it when
+    // it runs again with one (a finished job, or one resumed after its
+    // teacher was done).
+    let log_x = run(&c, &d.join("x"), "off");
+    assert!(!log_x.contains("teacher cache"), "{log_x}");
+    let cache2 = d.join("cache2");
+    let log_x2 = run(&c, &d.join("x"), &cache2);
+    assert!(
+        log_x2.contains("reusing the fine-tuned teacher"),
+        "{log_x2}"
+    );
+    assert!(
+        log_x2.contains("published to the teacher cache"),
+        "{log_x2}"
+    );
+    assert_eq!(
+        entries(&cache2),
+        entries(&cache)[..]
+            .iter()
+            .filter(|k| {
+                std::fs::read(cache.join(k).join("model.safetensors")).unwrap() == weights("c")
+            })
+            .cloned()
+            .collect::<Vec<_>>(),
+        "cache2 holds C's teacher under C's key"
+    );
 }

@@ -554,13 +554,6 @@ pub fn teacher(
     let labels = p.labels.clone();
     let done = out.join("teacher");
     if spec.teacher.fine_tune && task == Task::Classification {
-        if fine_tuned_teacher_done(spec, out)? {
-            eprintln!(
-                "teacher: reusing the fine-tuned teacher in {}",
-                done.display()
-            );
-            return TaskModel::load(&done, task, Some(labels), device);
-        }
         let train = p
             .labelled
             .as_ref()
@@ -595,6 +588,16 @@ pub fn teacher(
             )),
             None => None,
         };
+        if fine_tuned_teacher_done(spec, out)? {
+            eprintln!(
+                "teacher: reusing the fine-tuned teacher in {}",
+                done.display()
+            );
+            if let Some((dir, key)) = &cached {
+                publish_teacher(dir, key, &done);
+            }
+            return TaskModel::load(&done, task, Some(labels), device);
+        }
         if let Some((dir, key)) = &cached {
             if crate::teachers::take(dir, key, &done)? {
                 write_atomic(&done.join(".complete"), fingerprint(spec).as_bytes())?;
@@ -645,21 +648,29 @@ pub fn teacher(
         export(&teacher, &done, &p.teacher_dir)?;
         write_atomic(&done.join(".complete"), fingerprint(spec).as_bytes())?;
         if let Some((dir, key)) = &cached {
-            // The job has its teacher; a cache that cannot be written
-            // costs later jobs time, not this one its result.
-            match crate::teachers::publish(dir, key, &done) {
-                Ok(()) => eprintln!(
-                    "teacher: published to the teacher cache as {}",
-                    dir.join(key).display()
-                ),
-                Err(e) => {
-                    tracing::warn!(cache = %dir.display(), "could not publish the fine-tuned teacher: {e}")
-                }
-            }
+            publish_teacher(dir, key, &done);
         }
         return Ok(teacher);
     }
     load_teacher(spec, p, device)
+}
+
+/// Publishes the job's complete fine-tuned teacher to the teacher cache,
+/// unless a sound copy is there. The job has its teacher: a cache that
+/// cannot be written costs later jobs time, not this one its result.
+fn publish_teacher(cache: &Path, key: &str, done: &Path) {
+    if crate::teachers::has(cache, key) {
+        return;
+    }
+    match crate::teachers::publish(cache, key, done) {
+        Ok(()) => eprintln!(
+            "teacher: published to the teacher cache as {}",
+            cache.join(key).display()
+        ),
+        Err(e) => {
+            tracing::warn!(cache = %cache.display(), "could not publish the fine-tuned teacher: {e}")
+        }
+    }
 }
 
 /// The teacher that [`teacher`] fine-tuned under `out` earlier (another

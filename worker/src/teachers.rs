@@ -239,6 +239,11 @@ pub fn publish(cache: &Path, key: &str, src: &Path) -> Result<()> {
     result
 }
 
+/// Whether the cache holds a sound entry of `key`.
+pub fn has(cache: &Path, key: &str) -> bool {
+    take_check(&cache.join(key), key)
+}
+
 fn take_check(entry: &Path, key: &str) -> bool {
     std::fs::read_to_string(entry.join(MARKER))
         .ok()
