@@ -93,11 +93,49 @@ pub struct RawDistill {
     pub teacher_signal: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `temperature = 2.0` (constant) or `{ start = 4.0, end = 1.0 }`.
+#[derive(Debug, Default)]
 pub struct RawTemperature {
     pub start: Option<f64>,
     pub end: Option<f64>,
+}
+
+impl<'de> Deserialize<'de> for RawTemperature {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            start: Option<f64>,
+            end: Option<f64>,
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawTemperature;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number (a constant temperature) or a table such as { start = 4.0, end = 1.0 }")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(RawTemperature {
+                    start: Some(v),
+                    end: Some(v),
+                })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(m))?;
+                Ok(RawTemperature {
+                    start: t.start,
+                    end: t.end,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

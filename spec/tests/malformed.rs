@@ -460,3 +460,29 @@ fn quantization_and_teacher_budget_fields_are_checked() {
         (3, Some(2e-5))
     );
 }
+
+#[test]
+fn a_temperature_is_a_number_or_a_start_and_end() {
+    for (text, want) in [
+        ("2", (2.0, 2.0)),
+        ("1.5", (1.5, 1.5)),
+        ("{ end = 2.0 }", (4.0, 2.0)),
+    ] {
+        let spec = from_toml_str(&format!("{MINIMAL}\n[distill]\ntemperature = {text}\n")).unwrap();
+        let t = spec.distill.temperature;
+        assert_eq!((t.start, t.end), want, "temperature = {text}");
+    }
+    let e = one_error(&format!("{MINIMAL}\n[distill]\ntemperature = \"hot\"\n"));
+    assert!(
+        e.message
+            .contains("a number (a constant temperature) or a table"),
+        "{e}"
+    );
+    assert_eq!(e.line, Some(11), "{e}");
+    let e = one_error(&format!(
+        "{MINIMAL}\n[distill]\ntemperature = {{ begin = 2.0 }}\n"
+    ));
+    assert!(e.message.contains("begin"), "{e}");
+    let e = one_error(&format!("{MINIMAL}\n[distill]\ntemperature = 0\n"));
+    assert_eq!(e.field, "distill.temperature.start", "{e}");
+}
