@@ -61,6 +61,20 @@ fn plan_lists_every_problem_at_once() {
     let (ok, out) = plan(&good);
     assert!(ok, "{out}");
     assert!(out.contains("\"layers\": 2"), "{out}");
+    // 30 examples, batch 32, 3 epochs (the defaults): 3 steps. With two
+    // augmented copies of each the epoch is 90 examples: 9 steps.
+    assert!(out.contains("\"steps\": 3"), "{out}");
+    assert!(!out.contains("augmented"), "{out}");
+    let augmented = dir.join("augmented.toml");
+    std::fs::write(
+        &augmented,
+        std::fs::read_to_string(&good).unwrap() + "[data.augment]\nmethod = \"mask\"\nfactor = 2\n",
+    )
+    .unwrap();
+    let (ok, out) = plan(&augmented);
+    assert!(ok, "{out}");
+    assert!(out.contains("\"augmented\": 60"), "{out}");
+    assert!(out.contains("\"steps\": 9"), "{out}");
 
     // Four problems at once.
     let mut train = std::fs::read_to_string(dir.join("train.jsonl")).unwrap();

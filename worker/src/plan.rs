@@ -141,7 +141,14 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
         }
         counts.insert(name.into(), ex.len().into());
     }
-    let steps = crate::pipeline::total_steps(spec, n_train);
+    // `[data.augment]`: the copies follow train and unlabelled in the
+    // training order, so a job measured in epochs trains on them too (the
+    // confidence filter, decided at run time, can only drop some).
+    let n_order = spec.data.with_augmented(n_train as u64) as usize;
+    if n_order > n_train {
+        counts.insert("augmented".into(), (n_order - n_train).into());
+    }
+    let steps = crate::pipeline::total_steps(spec, n_order);
     let schemes = crate::quant::Scheme::from_spec(&spec.quantization);
     // An explicit int4 needs a group size that divides every quantized
     // layer's inputs (hidden and intermediate sizes); "auto" skips it.
