@@ -659,11 +659,9 @@ pub fn teacher(
 /// unless a sound copy is there. The job has its teacher: a cache that
 /// cannot be written costs later jobs time, not this one its result.
 fn publish_teacher(cache: &Path, key: &str, done: &Path) {
-    if crate::teachers::has(cache, key) {
-        return;
-    }
     match crate::teachers::publish(cache, key, done) {
-        Ok(()) => eprintln!(
+        Ok(false) => {}
+        Ok(true) => eprintln!(
             "teacher: published to the teacher cache as {}",
             cache.join(key).display()
         ),

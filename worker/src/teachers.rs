@@ -100,14 +100,7 @@ pub fn key(k: &KeyParts) -> Result<String> {
         h.update(b"\0");
     }
     // Every file of the teacher directory, by name and content.
-    let mut files: Vec<PathBuf> = std::fs::read_dir(k.teacher_dir)
-        .map_err(|e| Error::io(k.teacher_dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
-        .collect();
-    files.sort();
-    for f in &files {
+    for f in &model_files(k.teacher_dir)? {
         h.update(f.file_name().unwrap().to_string_lossy().as_bytes());
         h.update(b"\0");
         h.update(sha256_path(f)?.as_bytes());
@@ -161,19 +154,10 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
 /// entry. A damaged one is reported and ignored.
 pub fn take(cache: &Path, key: &str, dest: &Path) -> Result<bool> {
     let entry = cache.join(key);
-    let Ok(text) = std::fs::read_to_string(entry.join(MARKER)) else {
+    if !entry.join(MARKER).exists() {
         return Ok(false);
-    };
-    let sound = serde_json::from_str::<Entry>(&text)
-        .ok()
-        .filter(|e| e.key == key)
-        .filter(|e| {
-            sha256_path(&entry.join("model.safetensors"))
-                .ok()
-                .as_deref()
-                == Some(e.model_sha256.as_str())
-        });
-    if sound.is_none() {
+    }
+    if !sound(&entry, key) {
         tracing::warn!(
             entry = %entry.display(),
             "the cached teacher is damaged (its record or its weights' sha256 do not match): fine-tuning again"
@@ -187,13 +171,14 @@ pub fn take(cache: &Path, key: &str, dest: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Publishes the complete teacher in `src` as the entry of `key`. The
-/// first publisher wins; a damaged entry is replaced.
-pub fn publish(cache: &Path, key: &str, src: &Path) -> Result<()> {
+/// Publishes the complete teacher in `src` as the entry of `key`:
+/// `Ok(true)` when this call published it, `Ok(false)` when a sound entry
+/// was there (the first publisher wins). A damaged entry is replaced.
+pub fn publish(cache: &Path, key: &str, src: &Path) -> Result<bool> {
     std::fs::create_dir_all(cache).map_err(|e| Error::io(cache, e))?;
     let entry = cache.join(key);
-    if entry.join(MARKER).exists() && take_check(&entry, key) {
-        return Ok(());
+    if sound(&entry, key) {
+        return Ok(false);
     }
     let tmp = cache.join(format!(
         ".{key}.tmp-{}-{}",
@@ -228,10 +213,10 @@ pub fn publish(cache: &Path, key: &str, src: &Path) -> Result<()> {
                 if let Ok(d) = std::fs::File::open(cache) {
                     let _ = d.sync_all();
                 }
-                Ok(())
+                Ok(true)
             }
             // Another job published the same teacher first.
-            Err(_) if entry.join(MARKER).exists() => Ok(()),
+            Err(_) if entry.join(MARKER).exists() => Ok(false),
             Err(e) => Err(Error::io(&entry, e)),
         }
     })();
@@ -239,12 +224,9 @@ pub fn publish(cache: &Path, key: &str, src: &Path) -> Result<()> {
     result
 }
 
-/// Whether the cache holds a sound entry of `key`.
-pub fn has(cache: &Path, key: &str) -> bool {
-    take_check(&cache.join(key), key)
-}
-
-fn take_check(entry: &Path, key: &str) -> bool {
+/// Whether `entry` is a sound entry of `key`: its record names the key and
+/// the weights' sha256 matches it.
+fn sound(entry: &Path, key: &str) -> bool {
     std::fs::read_to_string(entry.join(MARKER))
         .ok()
         .and_then(|t| serde_json::from_str::<Entry>(&t).ok())
@@ -277,7 +259,7 @@ mod tests {
             !take(&cache, "k1", &t.path().join("b")).unwrap(),
             "empty cache"
         );
-        publish(&cache, "k1", &t.path().join("a")).unwrap();
+        assert!(publish(&cache, "k1", &t.path().join("a")).unwrap());
         // No temporaries are left, and the source's marker is not copied.
         let names: Vec<_> = std::fs::read_dir(&cache)
             .unwrap()
@@ -296,7 +278,7 @@ mod tests {
         );
         // A second publisher of the same key leaves the first entry.
         model(&t.path().join("a2"), b"weights a2");
-        publish(&cache, "k1", &t.path().join("a2")).unwrap();
+        assert!(!publish(&cache, "k1", &t.path().join("a2")).unwrap());
         assert!(take(&cache, "k1", &t.path().join("d")).unwrap());
         assert_eq!(
             std::fs::read(t.path().join("d/model.safetensors")).unwrap(),
@@ -306,7 +288,7 @@ mod tests {
         std::fs::remove_file(cache.join("k1/model.safetensors")).unwrap();
         std::fs::write(cache.join("k1/model.safetensors"), b"bit rot").unwrap();
         assert!(!take(&cache, "k1", &t.path().join("e")).unwrap());
-        publish(&cache, "k1", &t.path().join("a2")).unwrap();
+        assert!(publish(&cache, "k1", &t.path().join("a2")).unwrap());
         assert!(take(&cache, "k1", &t.path().join("f")).unwrap());
         assert_eq!(
             std::fs::read(t.path().join("f/model.safetensors")).unwrap(),
