@@ -9,7 +9,9 @@
 # binary and the Python used to read the job's name. Fine-tuned teachers are
 # shared through runs/.teachers (`distill run --teacher-cache`), so jobs
 # that differ only in the student fine-tune each seed's teacher once;
-# TEACHER_CACHE=off gives every run its own.
+# TEACHER_CACHE=off gives every run its own. BASELINE=off skips the
+# labels-only student (for a job whose baseline equals another job's, such as
+# an augmented job's: the baseline trains on the labelled rows only).
 # Report figures come from here, not from single runs.
 #   scripts/seeds.sh JOB.toml [N=3] [extra distill run args...]
 set -euo pipefail
@@ -24,6 +26,8 @@ py=${PYTHON:-.venv/bin/python}
 [ -x "$py" ] || py=python3
 jobs=${JOBS:-1}
 teachers=${TEACHER_CACHE:-runs/.teachers}
+baseline=(--baseline)
+[ "${BASELINE:-on}" = off ] && baseline=()
 name=$("$py" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("name", "job"))' "$job")
 mkdir -p runs
 reports=()
@@ -32,7 +36,7 @@ for seed in $(seq 1 "$n"); do
   out=runs/$name-seed$seed
   if [ ! -e "$out/report.json" ]; then
     echo "seeds: $job seed $seed → $out" >&2
-    "$bin" --log-format plain run "$job" --seed "$seed" --baseline --output "$out" --teacher-cache "$teachers" "$@" > "$out.log" 2>&1 &
+    "$bin" --log-format plain run "$job" --seed "$seed" ${baseline[@]+"${baseline[@]}"} --output "$out" --teacher-cache "$teachers" "$@" > "$out.log" 2>&1 &
     pids+=("$!:$seed")
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done
   fi
