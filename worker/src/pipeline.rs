@@ -625,26 +625,16 @@ pub fn teacher(
             "teacher: fine-tuning {} for {total} steps",
             p.teacher_dir.display()
         );
-        let mut tr = Trainer::new(
+        train_task_only(
             &mut teacher,
-            None,
-            None,
-            &p.tok,
-            cfg,
-            out.join("teacher-ckpt"),
-        )?;
-        tr.stop_on(hooks.stop.clone());
-        tr.set_fingerprint(Some(fingerprint(spec)));
-        tr.resume()?;
-        let mut ev = eval_fn(p.eval.as_ref(), &p.tok);
-        tr.train(
             &data,
-            ev.as_mut()
-                .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>),
-            hooks.on_step("teacher", total),
+            cfg,
+            &out.join("teacher-ckpt"),
+            "teacher",
+            spec,
+            p,
+            hooks,
         )?;
-        tr.restore_best()?;
-        drop(tr);
         export(&teacher, &done, &p.teacher_dir)?;
         write_atomic(&done.join(".complete"), fingerprint(spec).as_bytes())?;
         if let Some((dir, key)) = &cached {
@@ -704,6 +694,37 @@ pub fn load_teacher(spec: &JobSpec, p: &Prepared, device: Device) -> Result<Task
         device,
         spec.training.seed,
     )
+}
+
+/// Trains `model` on `data` with the loss terms of `cfg` and no teacher
+/// (the teacher's fine-tuning, the labels-only baseline): resumable from
+/// checkpoints under `ckpt`, stopped by `hooks.stop`, evaluated on the eval
+/// split, and left on its best evaluated weights.
+#[allow(clippy::too_many_arguments)]
+fn train_task_only(
+    model: &mut TaskModel,
+    data: &TrainData,
+    cfg: TrainConfig,
+    ckpt: &Path,
+    stage: &'static str,
+    spec: &JobSpec,
+    p: &Prepared,
+    hooks: &mut Hooks,
+) -> Result<()> {
+    let total = cfg.total_steps;
+    let mut tr = Trainer::new(model, None, None, &p.tok, cfg, ckpt.to_path_buf())?;
+    tr.stop_on(hooks.stop.clone());
+    tr.set_fingerprint(Some(fingerprint(spec)));
+    tr.resume()?;
+    let mut ev = eval_fn(p.eval.as_ref(), &p.tok);
+    tr.train(
+        data,
+        ev.as_mut()
+            .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>),
+        hooks.on_step(stage, total),
+    )?;
+    tr.restore_best()?;
+    Ok(())
 }
 
 fn task_only() -> [TermWeight; 5] {
@@ -919,20 +940,16 @@ pub fn baseline(
         labels,
         teacher_output: None,
     };
-    {
-        let mut tr = Trainer::new(&mut b, None, None, &p.tok, cfg, out.join("baseline-ckpt"))?;
-        tr.stop_on(hooks.stop.clone());
-        tr.set_fingerprint(Some(fingerprint(spec)));
-        tr.resume()?;
-        let mut ev = eval_fn(p.eval.as_ref(), &p.tok);
-        tr.train(
-            &bdata,
-            ev.as_mut()
-                .map(|f| f as &mut dyn FnMut(&TaskModel) -> Result<f64>),
-            hooks.on_step("baseline", total),
-        )?;
-        tr.restore_best()?;
-    }
+    train_task_only(
+        &mut b,
+        &bdata,
+        cfg,
+        &out.join("baseline-ckpt"),
+        "baseline",
+        spec,
+        p,
+        hooks,
+    )?;
     let (m, eps) = measure(&b, &p.tok, &p.test, None)?;
     let r = ModelReport {
         params: b.num_params(),
