@@ -59,26 +59,7 @@ fn config_with(accum: usize, all_terms: bool) -> TrainConfig {
 }
 
 fn make_teacher(root: &Path) -> PathBuf {
-    let dir = root.join("teacher");
-    reference(&[
-        "make-random",
-        dir.to_str().unwrap(),
-        "--seed",
-        "9",
-        "--layers",
-        "2",
-        "--hidden",
-        "32",
-        "--heads",
-        "4",
-        "--intermediate",
-        "64",
-        "--vocab",
-        "60",
-        "--labels",
-        "2",
-    ]);
-    dir
+    random_model(&root.join("teacher"), Random { seed: 9, ..SMALL })
 }
 
 fn data(tok: &TextTokenizer) -> TrainData {

@@ -10,26 +10,17 @@ use tch::Device;
 
 /// A small random model made by transformers (with its own tokenizer.json).
 fn random_model(root: &Path) -> PathBuf {
-    let dir = root.join("model");
-    reference(&[
-        "make-random",
-        dir.to_str().unwrap(),
-        "--seed",
-        "7",
-        "--layers",
-        "1",
-        "--hidden",
-        "16",
-        "--heads",
-        "2",
-        "--intermediate",
-        "32",
-        "--vocab",
-        "60",
-        "--labels",
-        "2",
-    ]);
-    dir
+    common::random_model(
+        &root.join("model"),
+        Random {
+            seed: 7,
+            layers: 1,
+            hidden: 16,
+            heads: 2,
+            intermediate: 32,
+            ..SMALL
+        },
+    )
 }
 
 fn copy_dir(src: &Path, dst: &Path) {

@@ -91,25 +91,18 @@ fn check_random(
 ) {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
-    let s = |v: i64| v.to_string();
-    reference(&[
-        "make-random",
-        model_dir.to_str().unwrap(),
-        "--seed",
-        &s(seed),
-        "--layers",
-        &s(layers),
-        "--hidden",
-        &s(hidden),
-        "--heads",
-        &s(heads),
-        "--intermediate",
-        &s(inter),
-        "--vocab",
-        &s(vocab),
-        "--labels",
-        &s(labels),
-    ]);
+    random_model(
+        &model_dir,
+        Random {
+            seed,
+            layers,
+            hidden,
+            heads,
+            intermediate: inter,
+            vocab,
+            labels,
+        },
+    );
     let batch = random_batch(vocab, seed);
     let inputs = dir.path().join("inputs.safetensors");
     save_batch(&batch, &inputs);

@@ -150,26 +150,7 @@ fn run_with(
 
 /// The random teacher both tests train against, made by transformers.
 fn make_teacher(root: &Path) -> std::path::PathBuf {
-    let dir = root.join("teacher");
-    reference(&[
-        "make-random",
-        dir.to_str().unwrap(),
-        "--seed",
-        "5",
-        "--layers",
-        "2",
-        "--hidden",
-        "32",
-        "--heads",
-        "4",
-        "--intermediate",
-        "64",
-        "--vocab",
-        "60",
-        "--labels",
-        "2",
-    ]);
-    dir
+    random_model(&root.join("teacher"), Random { seed: 5, ..SMALL })
 }
 
 #[test]

@@ -40,6 +40,55 @@ pub fn reference(args: &[&str]) {
     );
 }
 
+/// The shape of a random BERT made by transformers (`make-random`).
+#[derive(Clone, Copy, Debug)]
+pub struct Random {
+    pub seed: i64,
+    pub layers: i64,
+    pub hidden: i64,
+    pub heads: i64,
+    pub intermediate: i64,
+    pub vocab: i64,
+    pub labels: i64,
+}
+
+/// The small random teacher most tests train against: 2 layers, hidden 32,
+/// 4 heads, vocabulary 60, 2 labels.
+pub const SMALL: Random = Random {
+    seed: 0,
+    layers: 2,
+    hidden: 32,
+    heads: 4,
+    intermediate: 64,
+    vocab: 60,
+    labels: 2,
+};
+
+/// A random model of shape `r` with its own tokenizer.json, made by
+/// transformers into `dir`.
+pub fn random_model(dir: &Path, r: Random) -> PathBuf {
+    let s = |v: i64| v.to_string();
+    reference(&[
+        "make-random",
+        dir.to_str().unwrap(),
+        "--seed",
+        &s(r.seed),
+        "--layers",
+        &s(r.layers),
+        "--hidden",
+        &s(r.hidden),
+        "--heads",
+        &s(r.heads),
+        "--intermediate",
+        &s(r.intermediate),
+        "--vocab",
+        &s(r.vocab),
+        "--labels",
+        &s(r.labels),
+    ]);
+    dir.to_path_buf()
+}
+
 /// The real teacher prepared by setup.
 pub fn minilm_dir() -> PathBuf {
     let d = workspace().join(".cache/data/models/all-MiniLM-L6-v2");
