@@ -49,15 +49,15 @@ def row(label, xs, fmt="{:.4f}"):
     print(f"  {label:30s} {fmt.format(m)} ± {fmt.replace('+', '').format(sd)}   per seed: {', '.join(fmt.format(x) for x in xs)}")
 
 print(f"\n{n} seeds, test {metric}: B = {bn} against A = {an}")
-for nm in (an, bn):
+for label, nm in (("A", an), ("B", bn)):
     t = [reports[(nm, k)]["teacher"]["metric"] for k in range(1, n + 1)]
-    row(f"teacher ({nm})", t)
+    row(f"teacher {label}", t)
 same_teacher = all(reports[(an, k)]["teacher"]["metric"] == reports[(bn, k)]["teacher"]["metric"] for k in range(1, n + 1))
 print(f"  {'':30s} {'each seed shares its teacher' if same_teacher else 'the teachers differ: the difference includes the teacher'}")
 sa = [reports[(an, k)]["student"]["metric"] for k in range(1, n + 1)]
 sb = [reports[(bn, k)]["student"]["metric"] for k in range(1, n + 1)]
-row(f"student A ({an})", sa)
-row(f"student B ({bn})", sb)
+row("student A", sa)
+row("student B", sb)
 diff = [100 * (y - x) for x, y in zip(sa, sb)]
 m, sd = ms(diff)
 se = sd / math.sqrt(n) if n > 1 else float("inf")
