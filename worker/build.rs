@@ -4,8 +4,10 @@
 //! type, which tch does not expose) and `csrc/collective.cpp` (c10d's
 //! TCPStore, PrefixStore and ProcessGroupGloo, which live in libtorch_cpu)
 //! against libtorch's headers, and `csrc/quant.cpp` (FBGEMM's dynamic-INT8
-//! linear, an ATen function tch does not wrap); the wheel lacks gloo's own headers, which
-//! come from Debian's libgloo-dev (`scripts/setup.sh` installs it).
+//! linear, an ATen function tch does not wrap), and `csrc/rng.cpp` (a CPU
+//! generator of the caller's own: tch has no `at::Generator`); the wheel
+//! lacks gloo's own headers, which come from Debian's libgloo-dev
+//! (`scripts/setup.sh` installs it).
 include!("../build-support/libtorch_link.rs");
 
 fn main() {
@@ -13,6 +15,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     println!("cargo:rerun-if-changed=csrc/collective.cpp");
     println!("cargo:rerun-if-changed=csrc/quant.cpp");
+    println!("cargo:rerun-if-changed=csrc/rng.cpp");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("DEP_TCH_LIBTORCH_LIB (set by torch-sys) locates libtorch's headers");
     let root = std::path::Path::new(&lib)
@@ -35,6 +38,7 @@ fn main() {
     };
     shim("csrc/autocast.cpp").compile("distill_autocast");
     shim("csrc/quant.cpp").compile("distill_quant");
+    shim("csrc/rng.cpp").compile("distill_rng");
     if !std::path::Path::new("/usr/include/gloo/config.h").exists() {
         panic!("gloo's headers are missing (/usr/include/gloo): run scripts/setup.sh, or apt-get install libgloo-dev");
     }

@@ -30,6 +30,7 @@ pub mod plan;
 pub mod progress;
 pub mod quant;
 pub mod report;
+pub mod rng;
 pub mod signal;
 pub mod teachers;
 pub mod tokenize;

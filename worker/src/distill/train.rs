@@ -260,19 +260,27 @@ impl<'a> Trainer<'a> {
             .or(offline_width)
             .unwrap_or(hs);
         let on = |t: Term| cfg.weights[t as usize] != TermWeight::Fixed(0.0);
-        // Each projection from a generator seeded by the job seed and its
-        // name (libtorch's default linear init).
-        let seeded_linear = |name: &str| {
-            tch::manual_seed(crate::model::name_seed(cfg.seed, &format!("aux.{name}")) as i64);
-            nn::linear(aux.root() / name, hs, ht, Default::default())
+        // Each projection from a generator of its own, seeded by the job
+        // seed and its name (libtorch's default linear init): never from
+        // the process-wide generator, which the other ranks of a
+        // `distill run --workers N` reseed and draw from at the same time.
+        let seeded_linear = |name: &str| -> Result<nn::Linear> {
+            let mut lin = nn::linear(aux.root() / name, hs, ht, Default::default());
+            crate::rng::init_linear(
+                &mut lin,
+                crate::model::name_seed(cfg.seed, &format!("aux.{name}")),
+            )?;
+            Ok(lin)
         };
         let proj_hidden = (teacher.is_some() && on(Term::Hidden) && hs != ht)
-            .then(|| seeded_linear("proj_hidden"));
+            .then(|| seeded_linear("proj_hidden"))
+            .transpose()?;
         let proj_embedding = ((teacher.is_some() || offline)
             && on(Term::Embedding)
             && student.task == Task::Embedding
             && hs != ht)
-            .then(|| seeded_linear("proj_embedding"));
+            .then(|| seeded_linear("proj_embedding"))
+            .transpose()?;
         let mut params: Vec<(String, Tensor)> = student
             .vs
             .variables()
