@@ -16,6 +16,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/collective.cpp");
     println!("cargo:rerun-if-changed=csrc/quant.cpp");
     println!("cargo:rerun-if-changed=csrc/rng.cpp");
+    println!("cargo:rerun-if-changed=csrc/shim.h");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("DEP_TCH_LIBTORCH_LIB (set by torch-sys) locates libtorch's headers");
     let root = std::path::Path::new(&lib)

@@ -14,6 +14,8 @@
 #include <mutex>
 #include <string>
 
+#include "shim.h"
+
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -33,12 +35,7 @@ struct Group {
   bool nccl;
 };
 
-void set_err(char* err, int errlen, const std::string& msg) {
-  if (err == nullptr || errlen <= 0) return;
-  auto n = std::min<size_t>(msg.size(), static_cast<size_t>(errlen - 1));
-  std::memcpy(err, msg.data(), n);
-  err[n] = '\0';
-}
+using distill_shim::set_err;
 
 // Every collective is issued (not waited for) under one process-wide
 // lock. c10d's flight recorder (torch 2.11, FlightRecorderDetail.hpp,

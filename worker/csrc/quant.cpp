@@ -7,6 +7,8 @@
 // exceptions and returns null with the message in `err`.
 #include <ATen/ATen.h>
 
+#include "shim.h"
+
 #include <cstring>
 #include <string>
 
@@ -19,11 +21,7 @@ struct Quiet : c10::WarningHandler {
 };
 Quiet quiet;
 
-void set_err(char* err, int errlen, const std::string& msg) {
-  if (err == nullptr || errlen <= 0) return;
-  std::strncpy(err, msg.c_str(), errlen - 1);
-  err[errlen - 1] = 0;
-}
+using distill_shim::set_err;
 }  // namespace
 
 extern "C" {

@@ -12,16 +12,9 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
-#include <cstring>
-#include <string>
+#include "shim.h"
 
-namespace {
-void set_err(char* err, int errlen, const std::string& msg) {
-  if (err == nullptr || errlen <= 0) return;
-  std::strncpy(err, msg.c_str(), errlen - 1);
-  err[errlen - 1] = 0;
-}
-}  // namespace
+using distill_shim::set_err;
 
 extern "C" {
 

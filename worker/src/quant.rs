@@ -67,6 +67,27 @@ fn shim_result(raw: *mut torch_sys::C_tensor, err: &[u8], what: &str) -> Result<
     Ok(unsafe { Tensor::from_ptr(raw) })
 }
 
+/// Whether FBGEMM's INT8 GEMM can overflow on this CPU. Without
+/// AVX512-VNNI it multiplies the uint8 activations by the int8 weights
+/// with `vpmaddubsw`, which adds each pair of products into an int16 with
+/// saturation: 2·255·127 = 64 770 does not fit, so a large pair of
+/// weights against large activations comes out clipped (on an AVX2 EPYC:
+/// 0.43 off in an output range of 3.7, `worker/tests/quant.rs`). PyTorch
+/// avoids it with 7-bit activations (`reduce_range`), which this kernel
+/// does not offer; distill splits each weight in two halves that cannot
+/// saturate instead (exact, twice the kernel time). With VNNI
+/// (`vpdpbusd`, int32 sums) one product is exact.
+pub fn fbgemm_int16_saturates() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !std::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this libtorch has FBGEMM (the x86 dynamic-INT8 kernels).
 pub fn fbgemm_available() -> bool {
     // SAFETY: a plain C call; the shim catches every exception.
@@ -197,14 +218,64 @@ fn unpack_nibbles(packed: &Tensor) -> Tensor {
     Tensor::stack(&[lo, hi], -1).view([n, half * 2])
 }
 
+/// An int8 weight `[out, in]` as FBGEMM's dynamic-INT8 kernel takes it.
+pub struct Int8Part {
+    q: Tensor,
+    packed: Tensor,
+    col_offsets: Tensor,
+}
+
+impl Int8Part {
+    fn new(q: Tensor) -> Result<Self> {
+        let q = q.contiguous();
+        let mut err = [0u8; ERRLEN];
+        // SAFETY: `q` outlives the call; the shim copies what it keeps.
+        let raw = unsafe {
+            distill_fbgemm_pack(q.as_ptr(), err.as_mut_ptr() as *mut c_char, ERRLEN as c_int)
+        };
+        let packed = shim_result(raw, &err, "fbgemm_pack_quantized_matrix")?;
+        let col_offsets = q.sum_dim_intlist(1, false, Kind::Int).to_kind(Kind::Int);
+        Ok(Self {
+            q,
+            packed,
+            col_offsets,
+        })
+    }
+
+    /// `x·qᵀ + bias` for fp32 `x` `[rows, in]` (contiguous), the activations
+    /// quantized to uint8 per call by the kernel.
+    fn forward(&self, x: &Tensor, bias: &Tensor) -> Tensor {
+        let mut err = [0u8; ERRLEN];
+        // SAFETY: every tensor outlives the call; the shim returns a new
+        // tensor or null with the message in `err`.
+        let raw = unsafe {
+            distill_fbgemm_linear(
+                x.as_ptr(),
+                self.q.as_ptr(),
+                self.packed.as_ptr(),
+                self.col_offsets.as_ptr(),
+                1.0,
+                0,
+                bias.as_ptr(),
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        shim_result(raw, &err, "fbgemm_linear_int8_weight_fp32_activation")
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
 /// A quantized linear layer.
 pub enum QLinear {
     Int8Dynamic {
         q: Tensor,
         scales: Tensor,
         bias: Tensor,
-        packed: Tensor,
-        col_offsets: Tensor,
+        /// What the kernel multiplies: `q` itself, or where FBGEMM's
+        /// int16 sums saturate (`fbgemm_int16_saturates`) two halves whose
+        /// sum is `q`, each small enough not to.
+        parts: Vec<Int8Part>,
         /// `bias / scales`, what the kernel adds before the scales.
         bias_over_scales: Tensor,
     },
@@ -279,17 +350,20 @@ impl QLinear {
                     )));
                 }
                 let q = q.contiguous();
-                let mut err = [0u8; ERRLEN];
-                // SAFETY: `q` outlives the call; the shim copies what it keeps.
-                let raw = unsafe {
-                    distill_fbgemm_pack(
-                        q.as_ptr(),
-                        err.as_mut_ptr() as *mut c_char,
-                        ERRLEN as c_int,
-                    )
+                let parts = if fbgemm_int16_saturates() {
+                    // q = h + (q − h) with h = q/2 rounded toward zero:
+                    // |h| ≤ 63 and |q − h| ≤ 64, so 2·255·64 = 32 640 fits
+                    // in an int16; the two integer products add up to x·qᵀ
+                    // exactly, at twice the kernel's cost.
+                    let half = q.to_kind(Kind::Int16).divide_scalar_mode(2, "trunc");
+                    let rest = q.to_kind(Kind::Int16) - &half;
+                    vec![
+                        Int8Part::new(half.to_kind(Kind::Int8))?,
+                        Int8Part::new(rest.to_kind(Kind::Int8))?,
+                    ]
+                } else {
+                    vec![Int8Part::new(q.shallow_clone())?]
                 };
-                let packed = shim_result(raw, &err, "fbgemm_pack_quantized_matrix")?;
-                let col_offsets = q.sum_dim_intlist(1, false, Kind::Int).to_kind(Kind::Int);
                 // The kernel adds this before the per-channel scale is
                 // applied in place: (x·qᵀ + b/s)·s = x·(q·s)ᵀ + b.
                 let bias_over_scales = &bias / &scales;
@@ -297,8 +371,7 @@ impl QLinear {
                     q,
                     scales,
                     bias,
-                    packed,
-                    col_offsets,
+                    parts,
                     bias_over_scales,
                 })
             }
@@ -357,32 +430,19 @@ impl QLinear {
         let kind = x.kind();
         let y = match self {
             QLinear::Int8Dynamic {
-                q,
                 scales,
-                packed,
-                col_offsets,
+                parts,
                 bias_over_scales,
                 ..
             } => {
                 let x2 = x2.to_kind(Kind::Float).contiguous();
-                let mut err = [0u8; ERRLEN];
-                // SAFETY: every tensor outlives the call; the shim returns a
-                // new tensor or null with the message in `err`.
-                let raw = unsafe {
-                    distill_fbgemm_linear(
-                        x2.as_ptr(),
-                        q.as_ptr(),
-                        packed.as_ptr(),
-                        col_offsets.as_ptr(),
-                        1.0,
-                        0,
-                        bias_over_scales.as_ptr(),
-                        err.as_mut_ptr() as *mut c_char,
-                        ERRLEN as c_int,
-                    )
-                };
-                let mut y = shim_result(raw, &err, "fbgemm_linear_int8_weight_fp32_activation")
-                    .unwrap_or_else(|e| panic!("{e}"));
+                let mut y = parts[0].forward(&x2, bias_over_scales);
+                if parts.len() > 1 {
+                    let zero = bias_over_scales.zeros_like();
+                    for p in &parts[1..] {
+                        let _ = y.g_add_(&p.forward(&x2, &zero));
+                    }
+                }
                 let _ = y.g_mul_(scales);
                 y
             }

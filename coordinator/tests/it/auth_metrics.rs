@@ -80,7 +80,23 @@ async fn tokens_per_role_and_metrics() {
     .await
     .unwrap();
 
-    let text = scrape(&metrics_addr).await;
+    // A report's commit is visible (the job succeeds) before its handler
+    // returns and its timer records the call: wait for the fifth
+    // report_task to be counted, then check every line of that scrape.
+    let report_tasks = "distill_rpc_duration_seconds_count{method=\"report_task\"} 5";
+    let text = wait_for(
+        Duration::from_secs(10),
+        "the last report_task to be timed",
+        || {
+            let addr = metrics_addr.clone();
+            async move {
+                let text = scrape(&addr).await;
+                text.contains(report_tasks).then_some(text)
+            }
+        },
+    )
+    .await
+    .unwrap();
     for line in [
         "distill_jobs{state=\"succeeded\"} 1",
         "distill_jobs{state=\"pending\"} 0",
