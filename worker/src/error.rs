@@ -42,10 +42,31 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The error a C++ shim wrote into `err` (NUL-terminated; its first
+    /// line), for the call `what`.
+    pub(crate) fn shim(err: &[u8], what: &str) -> Self {
+        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+        let msg = String::from_utf8_lossy(&err[..end]);
+        Error::Invalid(format!("{what}: {}", msg.lines().next().unwrap_or("")))
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
     }
+}
+
+/// The tensor a C++ shim returned, or its error (`raw` null).
+pub(crate) fn shim_result(
+    raw: *mut torch_sys::C_tensor,
+    err: &[u8],
+    what: &str,
+) -> Result<tch::Tensor> {
+    if raw.is_null() {
+        return Err(Error::shim(err, what));
+    }
+    // SAFETY: the shim returns a heap-allocated `at::Tensor` that we now own.
+    Ok(unsafe { tch::Tensor::from_ptr(raw) })
 }

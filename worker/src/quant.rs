@@ -27,6 +27,7 @@
 //! and the layers. The packed kernel layouts are rebuilt at load, so a
 //! file does not depend on the CPU that wrote it.
 
+use crate::error::shim_result;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -55,17 +56,6 @@ extern "C" {
 }
 
 const ERRLEN: usize = 1024;
-
-fn shim_result(raw: *mut torch_sys::C_tensor, err: &[u8], what: &str) -> Result<Tensor> {
-    if raw.is_null() {
-        let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-        let msg = String::from_utf8_lossy(&err[..end]);
-        let first = msg.lines().next().unwrap_or("").to_string();
-        return Err(Error::Invalid(format!("{what}: {first}")));
-    }
-    // SAFETY: the shim returns a heap-allocated `at::Tensor` that we now own.
-    Ok(unsafe { Tensor::from_ptr(raw) })
-}
 
 /// Whether FBGEMM's INT8 GEMM can overflow on this CPU. Without
 /// AVX512-VNNI it multiplies the uint8 activations by the int8 weights
@@ -223,10 +213,12 @@ pub struct Int8Part {
     q: Tensor,
     packed: Tensor,
     col_offsets: Tensor,
+    /// What the kernel adds to this part's product.
+    bias: Tensor,
 }
 
 impl Int8Part {
-    fn new(q: Tensor) -> Result<Self> {
+    fn new(q: Tensor, bias: Tensor) -> Result<Self> {
         let q = q.contiguous();
         let mut err = [0u8; ERRLEN];
         // SAFETY: `q` outlives the call; the shim copies what it keeps.
@@ -239,12 +231,13 @@ impl Int8Part {
             q,
             packed,
             col_offsets,
+            bias,
         })
     }
 
     /// `x·qᵀ + bias` for fp32 `x` `[rows, in]` (contiguous), the activations
     /// quantized to uint8 per call by the kernel.
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor) -> Tensor {
         let mut err = [0u8; ERRLEN];
         // SAFETY: every tensor outlives the call; the shim returns a new
         // tensor or null with the message in `err`.
@@ -256,7 +249,7 @@ impl Int8Part {
                 self.col_offsets.as_ptr(),
                 1.0,
                 0,
-                bias.as_ptr(),
+                self.bias.as_ptr(),
                 err.as_mut_ptr() as *mut c_char,
                 ERRLEN as c_int,
             )
@@ -272,12 +265,11 @@ pub enum QLinear {
         q: Tensor,
         scales: Tensor,
         bias: Tensor,
-        /// What the kernel multiplies: `q` itself, or where FBGEMM's
-        /// int16 sums saturate (`fbgemm_int16_saturates`) two halves whose
-        /// sum is `q`, each small enough not to.
+        /// What the kernel multiplies, its products summed: `q` itself, or
+        /// where FBGEMM's int16 sums saturate (`fbgemm_int16_saturates`)
+        /// two halves whose sum is `q`, each small enough not to. The first
+        /// part adds `bias / scales`, the others nothing.
         parts: Vec<Int8Part>,
-        /// `bias / scales`, what the kernel adds before the scales.
-        bias_over_scales: Tensor,
     },
     Int8WeightOnly {
         q: Tensor,
@@ -350,6 +342,9 @@ impl QLinear {
                     )));
                 }
                 let q = q.contiguous();
+                // The kernel adds this before the per-channel scale is
+                // applied in place: (x·qᵀ + b/s)·s = x·(q·s)ᵀ + b.
+                let bias_over_scales = &bias / &scales;
                 let parts = if fbgemm_int16_saturates() {
                     // q = h + (q − h) with h = q/2 rounded toward zero:
                     // |h| ≤ 63 and |q − h| ≤ 64, so 2·255·64 = 32 640 fits
@@ -357,22 +352,19 @@ impl QLinear {
                     // exactly, at twice the kernel's cost.
                     let half = q.to_kind(Kind::Int16).divide_scalar_mode(2, "trunc");
                     let rest = q.to_kind(Kind::Int16) - &half;
+                    let zero = bias_over_scales.zeros_like();
                     vec![
-                        Int8Part::new(half.to_kind(Kind::Int8))?,
-                        Int8Part::new(rest.to_kind(Kind::Int8))?,
+                        Int8Part::new(half.to_kind(Kind::Int8), bias_over_scales)?,
+                        Int8Part::new(rest.to_kind(Kind::Int8), zero)?,
                     ]
                 } else {
-                    vec![Int8Part::new(q.shallow_clone())?]
+                    vec![Int8Part::new(q.shallow_clone(), bias_over_scales)?]
                 };
-                // The kernel adds this before the per-channel scale is
-                // applied in place: (x·qᵀ + b/s)·s = x·(q·s)ᵀ + b.
-                let bias_over_scales = &bias / &scales;
                 Ok(QLinear::Int8Dynamic {
                     q,
                     scales,
                     bias,
                     parts,
-                    bias_over_scales,
                 })
             }
             _ => {
@@ -429,19 +421,11 @@ impl QLinear {
         let (x2, size) = flatten(x);
         let kind = x.kind();
         let y = match self {
-            QLinear::Int8Dynamic {
-                scales,
-                parts,
-                bias_over_scales,
-                ..
-            } => {
+            QLinear::Int8Dynamic { scales, parts, .. } => {
                 let x2 = x2.to_kind(Kind::Float).contiguous();
-                let mut y = parts[0].forward(&x2, bias_over_scales);
-                if parts.len() > 1 {
-                    let zero = bias_over_scales.zeros_like();
-                    for p in &parts[1..] {
-                        let _ = y.g_add_(&p.forward(&x2, &zero));
-                    }
+                let mut y = parts[0].forward(&x2);
+                for p in &parts[1..] {
+                    let _ = y.g_add_(&p.forward(&x2));
                 }
                 let _ = y.g_mul_(scales);
                 y

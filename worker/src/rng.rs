@@ -30,12 +30,6 @@ extern "C" {
 
 const ERRLEN: usize = 512;
 
-fn shim_error(err: &[u8], what: &str) -> Error {
-    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-    let msg = String::from_utf8_lossy(&err[..end]);
-    Error::Invalid(format!("{what}: {}", msg.lines().next().unwrap_or("")))
-}
-
 /// A CPU generator owned by one caller (not shared between threads).
 pub struct CpuGenerator(*mut c_void);
 
@@ -51,7 +45,7 @@ impl CpuGenerator {
         let raw =
             unsafe { distill_gen_new(seed, err.as_mut_ptr() as *mut c_char, ERRLEN as c_int) };
         if raw.is_null() {
-            return Err(shim_error(&err, "random generator"));
+            return Err(Error::shim(&err, "random generator"));
         }
         Ok(Self(raw))
     }
@@ -61,7 +55,7 @@ impl CpuGenerator {
     pub fn uniform(&mut self, size: &[i64], lo: f64, hi: f64) -> Result<Tensor> {
         let mut err = vec![0u8; ERRLEN];
         // SAFETY: `size` outlives the call; the shim returns a heap-allocated
-        // `at::Tensor` that we then own, or null with the message in `err`.
+        // `at::Tensor` (owned by `shim_result`), or null with the message in `err`.
         let raw = unsafe {
             distill_gen_uniform(
                 self.0,
@@ -73,10 +67,7 @@ impl CpuGenerator {
                 ERRLEN as c_int,
             )
         };
-        if raw.is_null() {
-            return Err(shim_error(&err, "uniform draw"));
-        }
-        Ok(unsafe { Tensor::from_ptr(raw) })
+        crate::error::shim_result(raw, &err, "uniform draw")
     }
 }
 
