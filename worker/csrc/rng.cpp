@@ -11,6 +11,9 @@
 // catches C++ exceptions and returns null with the message in `err`.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
+
+#include <cmath>
 
 #include "shim.h"
 
@@ -42,6 +45,74 @@ at::Tensor* distill_gen_uniform(void* gen, const int64_t* sizes, int ndim, doubl
     auto t = at::empty(at::IntArrayRef(sizes, static_cast<size_t>(ndim)), at::kFloat);
     t.uniform_(lo, hi, *g);
     return new at::Tensor(std::move(t));
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+  }
+  return nullptr;
+}
+
+// Dropout of `x` with drop probability `p` (0 < p < 1) drawn from `gen`:
+// the ops, in the order, of ATen's CPU `dropout` (`_dropout_impl`: a
+// Bernoulli(1 − p) noise tensor like `x`, divided by 1 − p, times `x`), so
+// with `gen` in the default generator's state the result is bitwise what
+// `x.dropout(p, true)` gives. Differentiable: the product is recorded by
+// autograd like any ATen op.
+at::Tensor* distill_gen_dropout(void* gen, const at::Tensor* x, double p, char* err, int errlen) {
+  try {
+    auto* g = static_cast<at::Generator*>(gen);
+    auto noise = at::empty_like(*x);
+    noise.bernoulli_(1 - p, *g);
+    noise.div_(1 - p);
+    return new at::Tensor(*x * noise);
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+  }
+  return nullptr;
+}
+
+// Scaled dot-product attention with dropout on the attention probabilities
+// drawn from `gen`: `q`, `k`, `v` are [batch, heads, seq, head_dim], `mask`
+// is additive. On the CPU, `at::scaled_dot_product_attention` with
+// dropout runs its math kernel, which draws from the default generator;
+// this is that kernel's computation, op for op (inputs in fp32 when they
+// are bf16/fp16, q and k each scaled by √scale, the mask added, softmax,
+// dropout, times v, back to the input dtype), so with `gen` in the default
+// generator's state the result is bitwise SDPA's. Under CPU autocast the
+// inputs are first cast as autocast casts SDPA's (to its dtype) and the
+// body runs with autocast off, as SDPA's kernel does.
+at::Tensor* distill_gen_attention_dropout(void* gen, const at::Tensor* q, const at::Tensor* k,
+                                          const at::Tensor* v, const at::Tensor* mask, double p,
+                                          double scale, char* err, int errlen) {
+  try {
+    auto* g = static_cast<at::Generator*>(gen);
+    at::Tensor qc = *q, kc = *k, vc = *v, mc = *mask;
+    if (at::autocast::is_autocast_enabled(at::kCPU)) {
+      auto dt = at::autocast::get_autocast_dtype(at::kCPU);
+      auto cast = [&](const at::Tensor& t) {
+        return t.is_floating_point() && t.scalar_type() != at::kDouble ? t.to(dt) : t;
+      };
+      qc = cast(qc);
+      kc = cast(kc);
+      vc = cast(vc);
+      mc = cast(mc);
+    }
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet(c10::DispatchKey::AutocastCPU));
+    auto origin = qc.scalar_type();
+    bool low = origin == at::kHalf || origin == at::kBFloat16;
+    auto qa = low ? qc.to(at::kFloat) : qc;
+    auto ka = low ? kc.to(at::kFloat) : kc;
+    auto va = low ? vc.to(at::kFloat) : vc;
+    double sf = std::sqrt(scale);
+    auto attn = at::matmul(qa * sf, ka.transpose(-2, -1) * sf) + mc;
+    attn = at::softmax(attn, -1);
+    auto noise = at::empty_like(attn);
+    noise.bernoulli_(1 - p, *g);
+    noise.div_(1 - p);
+    return new at::Tensor(at::matmul(attn * noise, va).to(origin));
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
   } catch (...) {

@@ -9,10 +9,19 @@
 //! `CpuGenerator::new(s)` gives exactly the values that `manual_seed(s)`
 //! followed by the same draws gave when nothing else drew, so moving a
 //! draw onto it changes no single-process result.
+//!
+//! Dropout: while a [`DropoutScope`] lives on a thread (the trainer opens
+//! one per step on the CPU), [`dropout`] and [`attention_dropout`] on that
+//! thread draw from its own generator, seeded with the step's seed. Each
+//! rank thread thus draws its own masks, and one process gives the masks
+//! `manual_seed(step seed)` gave before (the test below checks bitwise).
+//! Outside a scope, and on CUDA, dropout is libtorch's own.
 
 use crate::{Error, Result};
+use std::cell::RefCell;
+use std::marker::PhantomData;
 use std::os::raw::{c_char, c_int, c_void};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 extern "C" {
     fn distill_gen_new(seed: u64, err: *mut c_char, errlen: c_int) -> *mut c_void;
@@ -23,6 +32,25 @@ extern "C" {
         ndim: c_int,
         lo: f64,
         hi: f64,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> *mut torch_sys::C_tensor;
+    fn distill_gen_dropout(
+        gen: *mut c_void,
+        x: *const torch_sys::C_tensor,
+        p: f64,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> *mut torch_sys::C_tensor;
+    #[allow(clippy::too_many_arguments)]
+    fn distill_gen_attention_dropout(
+        gen: *mut c_void,
+        q: *const torch_sys::C_tensor,
+        k: *const torch_sys::C_tensor,
+        v: *const torch_sys::C_tensor,
+        mask: *const torch_sys::C_tensor,
+        p: f64,
+        scale: f64,
         err: *mut c_char,
         errlen: c_int,
     ) -> *mut torch_sys::C_tensor;
@@ -71,6 +99,117 @@ impl CpuGenerator {
     }
 }
 
+impl CpuGenerator {
+    /// `x.dropout(p, true)` with the mask drawn from this generator
+    /// (`0 < p < 1`).
+    fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let mut err = vec![0u8; ERRLEN];
+        // SAFETY: `x` outlives the call; the result is owned by `shim_result`.
+        let raw = unsafe {
+            distill_gen_dropout(
+                self.0,
+                x.as_ptr(),
+                p,
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        crate::error::shim_result(raw, &err, "dropout")
+    }
+
+    fn attention_dropout(
+        &mut self,
+        [q, k, v, mask]: [&Tensor; 4],
+        p: f64,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let mut err = vec![0u8; ERRLEN];
+        // SAFETY: the tensors outlive the call; the result is owned by `shim_result`.
+        let raw = unsafe {
+            distill_gen_attention_dropout(
+                self.0,
+                q.as_ptr(),
+                k.as_ptr(),
+                v.as_ptr(),
+                mask.as_ptr(),
+                p,
+                scale,
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        crate::error::shim_result(raw, &err, "attention dropout")
+    }
+}
+
+thread_local! {
+    /// This thread's dropout generator while a [`DropoutScope`] is open.
+    static DROPOUT: RefCell<Option<CpuGenerator>> = const { RefCell::new(None) };
+}
+
+/// While alive, CPU dropout on this thread ([`dropout`],
+/// [`attention_dropout`]) draws from a generator of its own seeded with
+/// the scope's seed; dropped, dropout is libtorch's again. Not `Send`: it
+/// belongs to the thread that opened it.
+pub struct DropoutScope(PhantomData<*const ()>);
+
+/// Opens a [`DropoutScope`] seeded with `seed` on this thread (replacing
+/// an open one's generator).
+pub fn seeded_dropout(seed: u64) -> Result<DropoutScope> {
+    let g = CpuGenerator::new(seed)?;
+    DROPOUT.with(|d| *d.borrow_mut() = Some(g));
+    Ok(DropoutScope(PhantomData))
+}
+
+impl Drop for DropoutScope {
+    fn drop(&mut self) {
+        DROPOUT.with(|d| *d.borrow_mut() = None);
+    }
+}
+
+fn with_scope<T>(x: &Tensor, f: impl FnOnce(&mut CpuGenerator) -> Result<T>) -> Option<T> {
+    if x.device() != Device::Cpu {
+        return None;
+    }
+    DROPOUT.with(|d| {
+        d.borrow_mut().as_mut().map(|g| {
+            // A shim failure here is libtorch refusing an op on valid
+            // tensors, which tch's own ops report by panicking too.
+            f(g).unwrap_or_else(|e| panic!("{e}"))
+        })
+    })
+}
+
+/// `xs.dropout(p, train)`, drawn from this thread's [`DropoutScope`] when
+/// one is open and `xs` is on the CPU.
+pub fn dropout(xs: &Tensor, p: f64, train: bool) -> Tensor {
+    if !train || p <= 0.0 || p >= 1.0 {
+        return xs.dropout(p, train);
+    }
+    with_scope(xs, |g| g.dropout(xs, p)).unwrap_or_else(|| xs.dropout(p, train))
+}
+
+/// Attention with dropout `p` on its probabilities, drawn from this
+/// thread's [`DropoutScope`]: bitwise what
+/// `Tensor::scaled_dot_product_attention(q, k, v, Some(mask), p, false,
+/// scale, false)` gives from the default generator in the same state (on
+/// the CPU that call runs its math kernel, whose steps `csrc/rng.cpp`
+/// repeats). `None` when no scope is open or `q` is not on the CPU: the
+/// caller then calls SDPA.
+pub fn attention_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    p: f64,
+    scale: f64,
+) -> Option<Tensor> {
+    if p <= 0.0 || p >= 1.0 {
+        return None;
+    }
+    with_scope(q, |g| g.attention_dropout([q, k, v, mask], p, scale))
+}
+
 impl Drop for CpuGenerator {
     fn drop(&mut self) {
         // SAFETY: made by `distill_gen_new`, freed once.
@@ -110,26 +249,55 @@ mod tests {
     use super::*;
     use tch::nn;
 
+    /// Held by each test here for its whole run: each computes its
+    /// reference from the default generator and runs a thread that
+    /// reseeds it, so two of them at once would spoil each other's
+    /// reference (no other test of this crate's library draws from it).
+    static DEFAULT_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A thread that reseeds and draws from the default generator until
+    /// dropped (also when the test panics, so libtorch is not torn down
+    /// under it).
+    struct Noise(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        Option<std::thread::JoinHandle<()>>,
+    );
+
+    impl Noise {
+        fn start() -> Self {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s = stop.clone();
+            let h = std::thread::spawn(move || {
+                let mut i = 0i64;
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    tch::manual_seed(i);
+                    let _ = Tensor::rand([4096], (tch::Kind::Float, Device::Cpu));
+                    i += 1;
+                }
+            });
+            Self(stop, Some(h))
+        }
+    }
+
+    impl Drop for Noise {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(h) = self.1.take() {
+                let _ = h.join();
+            }
+        }
+    }
+
     /// Same values as the default generator after `manual_seed`, and the
     /// same values while another thread reseeds and draws from it.
     #[test]
     fn a_seeded_linear_matches_manual_seed_and_ignores_other_threads() {
+        let _one = DEFAULT_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
         let seed = 0x1234_5678_9abc_def0u64;
         let vs = nn::VarStore::new(tch::Device::Cpu);
         tch::manual_seed(seed as i64);
         let reference = nn::linear(vs.root() / "a", 24, 40, Default::default());
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let noise = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut i = 0i64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    tch::manual_seed(i);
-                    let _ = Tensor::rand([4096], (tch::Kind::Float, tch::Device::Cpu));
-                    i += 1;
-                }
-            })
-        };
+        let _noise = Noise::start();
         for k in 0..50 {
             let mut lin = nn::linear(vs.root() / format!("b{k}"), 24, 40, Default::default());
             init_linear(&mut lin, seed).unwrap();
@@ -142,7 +310,99 @@ mod tests {
                 "bias differs (try {k})"
             );
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        noise.join().unwrap();
+    }
+
+    /// Dropout and attention dropout in a scope give bitwise what
+    /// libtorch's own give after `manual_seed` with the scope's seed, in
+    /// fp32 and under bf16 autocast, whatever another thread meanwhile
+    /// does with the default generator; gradients too.
+    #[test]
+    fn scoped_dropout_matches_manual_seed_and_ignores_other_threads() {
+        use crate::autocast::{autocast, Reduced};
+        let _one = DEFAULT_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+        let cpu = (tch::Kind::Float, Device::Cpu);
+        tch::manual_seed(5);
+        let mut x = Tensor::randn([8, 64, 384], cpu).set_requires_grad(true);
+        let (b, h, s, d) = (4, 12, 37, 32);
+        // Laid out as the model's heads are: [b, s, h, d] viewed as [b, h, s, d].
+        let q = Tensor::randn([b, s, h, d], cpu).transpose(1, 2);
+        let k = Tensor::randn([b, s, h, d], cpu).transpose(1, 2);
+        let v = Tensor::randn([b, s, h, d], cpu).transpose(1, 2);
+        let mask = Tensor::zeros([b, 1, 1, s], cpu);
+        let _ = mask.narrow(3, 30, s - 30).fill_(-1e4);
+        let scale = 1.0 / (d as f64).sqrt();
+        let seed = 0xfeed_beefu64;
+        // Reference: the default generator, nothing else drawing.
+        let reference = |bf16: bool| {
+            tch::manual_seed(seed as i64);
+            let run = || {
+                let a = x.dropout(0.1, true);
+                let a2 = x.dropout(0.1, true);
+                let att = Tensor::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    Some(&mask),
+                    0.1,
+                    false,
+                    scale,
+                    false,
+                );
+                (a, a2, att)
+            };
+            if bf16 {
+                autocast(Device::Cpu, Reduced::Bf16, run).unwrap()
+            } else {
+                run()
+            }
+        };
+        let refs = [reference(false), reference(true)];
+        let grad_ref = {
+            x.zero_grad();
+            (&refs[0].0 * 3.0 + &refs[0].1)
+                .sum(tch::Kind::Float)
+                .backward();
+            x.grad().copy()
+        };
+        let _noise = Noise::start();
+        for t in 0..10 {
+            for (bf16, (ra, ra2, ratt)) in [false, true].into_iter().zip(&refs) {
+                let scope = seeded_dropout(seed).unwrap();
+                let run = || {
+                    let a = dropout(&x, 0.1, true);
+                    let a2 = dropout(&x, 0.1, true);
+                    let att =
+                        attention_dropout(&q, &k, &v, &mask, 0.1, scale).expect("a scope is open");
+                    (a, a2, att)
+                };
+                let (a, a2, att) = if bf16 {
+                    autocast(Device::Cpu, Reduced::Bf16, run).unwrap()
+                } else {
+                    run()
+                };
+                drop(scope);
+                assert!(
+                    a.equal(ra) && a2.equal(ra2),
+                    "dropout differs (try {t}, bf16 {bf16})"
+                );
+                assert_eq!(att.kind(), ratt.kind());
+                assert!(
+                    att.equal(ratt),
+                    "attention dropout differs (try {t}, bf16 {bf16})"
+                );
+                if !bf16 {
+                    x.zero_grad();
+                    (&a * 3.0 + &a2).sum(tch::Kind::Float).backward();
+                    assert!(
+                        x.grad().equal(&grad_ref),
+                        "dropout gradient differs (try {t})"
+                    );
+                }
+            }
+        }
+        assert!(
+            attention_dropout(&q, &k, &v, &mask, 0.1, scale).is_none(),
+            "the scope is closed"
+        );
     }
 }

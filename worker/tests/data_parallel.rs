@@ -4,7 +4,9 @@
 //! identical weights on both ranks. The ranks are two threads of this test
 //! process, each with its own model and Gloo group over a TCPStore on
 //! loopback (the real engine; the process tests in the root crate use real
-//! processes). Dropout is off: its masks differ per row split by design.
+//! processes). Dropout is off in that comparison: its masks differ per row
+//! split by design. With dropout on, two such runs give bitwise the same
+//! weights (each rank thread draws its masks from its own generator).
 
 mod common;
 
@@ -81,7 +83,7 @@ fn data(tok: &TextTokenizer) -> TrainData {
 
 /// The teacher, its tokenizer and a fresh student (the same init
 /// everywhere).
-fn setup(model_dir: &Path) -> (TaskModel, TextTokenizer, TaskModel) {
+fn setup(model_dir: &Path, dropout: bool) -> (TaskModel, TextTokenizer, TaskModel) {
     let teacher = TaskModel::load(model_dir, Task::Classification, None, Device::Cpu).unwrap();
     let tok = TextTokenizer::load(model_dir, teacher.config(), 16).unwrap();
     let mut cfg = derive_config(
@@ -94,8 +96,10 @@ fn setup(model_dir: &Path) -> (TaskModel, TextTokenizer, TaskModel) {
         },
     )
     .unwrap();
-    cfg.hidden_dropout_prob = 0.0;
-    cfg.attention_probs_dropout_prob = 0.0;
+    if !dropout {
+        cfg.hidden_dropout_prob = 0.0;
+        cfg.attention_probs_dropout_prob = 0.0;
+    }
     let mut s = TaskModel::new(
         &cfg,
         Task::Classification,
@@ -114,9 +118,10 @@ fn train_with(
     ckpt: &Path,
     accum: usize,
     all_terms: bool,
+    dropout: bool,
     group: Option<Group>,
 ) -> (Vec<(String, Tensor)>, Vec<StepLog>) {
-    let (teacher, tok, mut s) = setup(model_dir);
+    let (teacher, tok, mut s) = setup(model_dir, dropout);
     let d = data(&tok);
     let mut logs = vec![];
     {
@@ -142,6 +147,7 @@ fn two_ranks(
     root: &Path,
     accum: usize,
     all_terms: bool,
+    dropout: bool,
 ) -> Vec<(Vec<(String, Tensor)>, Vec<StepLog>)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -167,7 +173,7 @@ fn two_ranks(
                     backend: distill_worker::collective::Backend::Gloo,
                 })
                 .unwrap();
-                let (w, l) = train_with(&model_dir, &ckpt, accum, all_terms, Some(g));
+                let (w, l) = train_with(&model_dir, &ckpt, accum, all_terms, dropout, Some(g));
                 // Tensors go back across the thread boundary as plain data.
                 let w: Vec<(String, Vec<f32>, Vec<i64>)> = w
                     .into_iter()
@@ -203,9 +209,10 @@ fn two_ranks_with_half_batches_match_one_process_with_the_whole_batch() {
             &tmp.path().join(format!("single-{accum}-{all_terms}")),
             accum,
             all_terms,
+            false,
             None,
         );
-        let ranks = two_ranks(&model_dir, tmp.path(), accum, all_terms);
+        let ranks = two_ranks(&model_dir, tmp.path(), accum, all_terms, false);
         let (r0, r0_logs) = &ranks[0];
         let (r1, _) = &ranks[1];
         let mut worst: f64 = 0.0;
@@ -240,6 +247,41 @@ fn two_ranks_with_half_batches_match_one_process_with_the_whole_batch() {
     }
 }
 
+/// Dropout on (hidden, attention probabilities, the head), all terms, two
+/// ranks as threads of this process: two runs give bitwise the same
+/// weights. Each rank draws its masks from its own generator; with the
+/// masks from libtorch's one process-wide generator, which both ranks
+/// reseed each step, a rank's masks depended on how the threads
+/// interleaved.
+#[test]
+fn two_ranks_as_threads_with_dropout_give_the_same_weights_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = make_teacher(tmp.path());
+    let runs: Vec<_> = (0..2)
+        .map(|run| {
+            let root = tmp.path().join(format!("run{run}"));
+            two_ranks(&model_dir, &root, 1, true, true)
+        })
+        .collect();
+    let plain = two_ranks(&model_dir, &tmp.path().join("plain"), 1, true, false);
+    let mut differs_from_no_dropout = false;
+    for (((n, a), (_, b)), (_, c)) in runs[0][0].0.iter().zip(&runs[1][0].0).zip(&plain[0].0) {
+        assert!(
+            a.equal(b),
+            "{n}: two runs with dropout differ (by {:.3e})",
+            max_abs_diff(a, b)
+        );
+        differs_from_no_dropout |= !a.equal(c);
+    }
+    for (r, (w, _)) in runs[0].iter().enumerate().skip(1) {
+        for ((n, a), (_, b)) in runs[0][0].0.iter().zip(w) {
+            assert!(a.equal(b), "{n}: rank 0 and rank {r} differ");
+        }
+    }
+    // The masks were drawn: the weights are not those of training without dropout.
+    assert!(differs_from_no_dropout, "dropout changed nothing");
+}
+
 /// Weights as plain data, to cross a thread boundary.
 type Plain = Vec<(String, Vec<f32>)>;
 
@@ -267,7 +309,7 @@ fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
         .map(|rank| {
             let (model_dir, ckpt) = (model_dir.clone(), tmp.path().join(format!("late{rank}")));
             std::thread::spawn(move || -> (Plain, (u32, u64, u32), u64, [u8; 32]) {
-                let (teacher, tok, mut s) = setup(&model_dir);
+                let (teacher, tok, mut s) = setup(&model_dir, false);
                 let d = data(&tok);
                 let mut tr =
                     Trainer::new(&mut s, Some(&teacher), None, &tok, config(1), ckpt).unwrap();
@@ -375,7 +417,7 @@ fn a_rank_joining_after_the_last_step_was_committed_forms_no_group() {
     let ckpt = tmp.path().join("ckpt");
     let mut cfg = config(1);
     cfg.checkpoint_every = cfg.total_steps;
-    let (teacher, tok, mut s) = setup(&model_dir);
+    let (teacher, tok, mut s) = setup(&model_dir, false);
     let d = data(&tok);
     let done = {
         let mut tr = Trainer::new(
@@ -396,7 +438,7 @@ fn a_rank_joining_after_the_last_step_was_committed_forms_no_group() {
     assert!(last.join("meta.json").exists(), "{}", last.display());
 
     // A fresh process of the new holder.
-    let (teacher, tok, mut fresh) = setup(&model_dir);
+    let (teacher, tok, mut fresh) = setup(&model_dir, false);
     let mut m = NobodyElse {
         checkpoint: (last, done),
         joins: 0,

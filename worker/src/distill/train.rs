@@ -742,7 +742,16 @@ impl<'a> Trainer<'a> {
                 return Err(Error::Regroup);
             }
             let step = self.step;
-            tch::manual_seed((self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(step)) as i64);
+            let step_seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(step);
+            // Dropout masks on CUDA come from libtorch's generators. On the
+            // CPU they come from this thread's own generator (ranks that
+            // are threads of one process must not share one), seeded as
+            // `manual_seed` seeds the default one, so the masks are the
+            // ones the default generator gave before it.
+            tch::manual_seed(step_seed as i64);
+            let _dropout = (self.device() == tch::Device::Cpu)
+                .then(|| crate::rng::seeded_dropout(step_seed))
+                .transpose()?;
             let lr = learning_rate(
                 step,
                 self.cfg.total_steps,

@@ -82,7 +82,7 @@ impl Embeddings {
             None => self.word.forward(input_ids),
         };
         let xs = word + self.position.forward(&positions) + self.token_type.forward(token_type_ids);
-        self.norm.forward(&xs).dropout(self.dropout, train)
+        crate::rng::dropout(&self.norm.forward(&xs), self.dropout, train)
     }
 }
 
@@ -197,35 +197,38 @@ impl Layer {
         let (ctx, probs) = if want_probs {
             let scores = q.matmul(&k.transpose(-1, -2)) * scale + mask;
             let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-            let ctx = probs.dropout(self.attn_dropout, train).matmul(&v);
+            let ctx = crate::rng::dropout(&probs, self.attn_dropout, train).matmul(&v);
             (ctx, Some(probs))
         } else {
             let p = if train { self.attn_dropout } else { 0.0 };
-            let ctx = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(mask),
-                p,
-                false,
-                scale,
-                false,
-            );
+            let ctx =
+                crate::rng::attention_dropout(&q, &k, &v, mask, p, scale).unwrap_or_else(|| {
+                    Tensor::scaled_dot_product_attention(
+                        &q,
+                        &k,
+                        &v,
+                        Some(mask),
+                        p,
+                        false,
+                        scale,
+                        false,
+                    )
+                });
             (ctx, None)
         };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, s, h]);
-        let attn = self
-            .attn_norm
-            .forward(&(self.attn_out.forward(&ctx).dropout(self.dropout, train) + xs));
+        let attn = self.attn_norm.forward(
+            &(crate::rng::dropout(&self.attn_out.forward(&ctx), self.dropout, train) + xs),
+        );
         let inter = self.intermediate.forward(&attn);
         let inter = match self.act {
             Activation::Gelu => inter.gelu("none"),
             Activation::GeluTanh => inter.gelu("tanh"),
             Activation::Relu => inter.relu(),
         };
-        let out = self
-            .out_norm
-            .forward(&(self.output.forward(&inter).dropout(self.dropout, train) + attn));
+        let out = self.out_norm.forward(
+            &(crate::rng::dropout(&self.output.forward(&inter), self.dropout, train) + attn),
+        );
         (out, probs)
     }
 }

@@ -386,7 +386,7 @@ impl TaskModel {
                 self.classifier
                     .as_ref()
                     .expect("classifier")
-                    .forward(&pooled.dropout(drop, train))
+                    .forward(&crate::rng::dropout(&pooled, drop, train))
             }
             Task::Embedding => {
                 let e = mean_pool(&enc.last_hidden, &batch.attention_mask);
