@@ -9,7 +9,9 @@
 // truncated to `errlen`). Every collective waits at most the group's
 // timeout: a dead peer (connection reset) fails at once, a frozen one at
 // the deadline; nothing waits forever.
+#include <algorithm>
 #include <chrono>
+#include <vector>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -33,7 +35,14 @@ struct Group {
   c10::intrusive_ptr<c10d::Backend> pg;
   std::chrono::milliseconds timeout;
   bool nccl;
+  // Gloo runs this many collectives at once (its worker threads); a large
+  // all-reduce is issued as this many concurrent chunks.
+  int chunks;
 };
+
+// A chunk of a split all-reduce is at least this large: below it, the
+// per-collective cost outweighs what the second thread gains.
+constexpr int64_t kChunkMinBytes = 1 << 20;
 
 using distill_shim::set_err;
 
@@ -52,15 +61,16 @@ c10::intrusive_ptr<c10d::Work> issue(F&& f) {
   return f();
 }
 
-// Waits for `work` until it completes, the group's deadline passes, or
+// Waits for `work` until it completes, `deadline` (the call's start plus
+// the group's timeout) passes, or
 // `*abort` becomes non-zero (checked every 20 ms; the Rust side sets it
 // when the coordinator says the group changed). 0 on success; -1 on
 // error or timeout; -2 when aborted. An aborted or timed-out operation
 // may still be in flight in Gloo's threads: the group must not be used
 // again (the Rust side frees it off-thread).
 int wait_work(Group* g, const c10::intrusive_ptr<c10d::Work>& work, const unsigned char* abort,
-              const char* what, char* err, int errlen) {
-  auto deadline = std::chrono::steady_clock::now() + g->timeout;
+              const char* what, char* err, int errlen,
+              std::chrono::steady_clock::time_point deadline) {
 #ifdef DISTILL_NCCL
   if (g->nccl) {
     // NCCL's own timed wait marks the work failed at the slice's end (and
@@ -171,7 +181,7 @@ void* distill_pg_new(const char* host, int port, int is_master, const char* pref
       auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
       pg->setBoundDeviceId(dev);
       pg->eagerConnectSingleDevice(dev);
-      return new Group{store, pg, timeout, true};
+      return new Group{store, pg, timeout, true, 1};
 #else
       set_err(err, errlen,
               "this build has no NCCL: build the worker with the `nccl` feature "
@@ -184,7 +194,8 @@ void* distill_pg_new(const char* host, int port, int is_master, const char* pref
     options->devices.push_back(
         c10d::ProcessGroupGloo::createDeviceForHostname(std::string(bind_host)));
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
-    return new Group{store, pg, timeout, false};
+    int chunks = std::max(1, options->threads);
+    return new Group{store, pg, timeout, false, chunks};
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return nullptr;
@@ -200,11 +211,44 @@ int distill_pg_allreduce_sum(void* group, at::Tensor* t, const unsigned char* ab
                                int errlen) {
   try {
     auto* g = static_cast<Group*>(group);
-    std::vector<at::Tensor> ts{*t};
+    auto deadline = std::chrono::steady_clock::now() + g->timeout;
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
     o.timeout = g->timeout;
-    return wait_work(g, issue([&] { return g->pg->allreduce(ts, o); }), abort, "all-reduce", err, errlen);
+    // A large contiguous tensor goes as `chunks` all-reduces issued at
+    // once, which Gloo's worker threads run side by side (one ring
+    // all-reduce alternates between sending and summing and leaves a core
+    // idle). Every rank splits the same size the same way and issues the
+    // chunks in the same order, which is how Gloo pairs them; with two
+    // ranks each element's sum is the one the whole tensor gets.
+    int64_t bytes = t->numel() * static_cast<int64_t>(t->element_size());
+    int64_t k = std::min<int64_t>(g->chunks, bytes / kChunkMinBytes);
+    if (k > 1 && t->is_contiguous()) {
+      auto flat = t->view({-1});
+      int64_t n = flat.numel(), per = (n + k - 1) / k;
+      std::vector<std::vector<at::Tensor>> parts;
+      for (int64_t off = 0; off < n; off += per) {
+        parts.push_back({flat.narrow(0, off, std::min(per, n - off))});
+      }
+      std::vector<c10::intrusive_ptr<c10d::Work>> works;
+      {
+        // Issued under one hold of the lock (see `issue`).
+        auto issue_all = [&] {
+          for (auto& part : parts) works.push_back(g->pg->allreduce(part, o));
+          return works.back();
+        };
+        issue(issue_all);
+      }
+      // The first failure ends the call: the group is then not used again.
+      for (auto& w : works) {
+        int rc = wait_work(g, w, abort, "all-reduce", err, errlen, deadline);
+        if (rc != 0) return rc;
+      }
+      return 0;
+    }
+    std::vector<at::Tensor> ts{*t};
+    return wait_work(g, issue([&] { return g->pg->allreduce(ts, o); }), abort, "all-reduce", err,
+                     errlen, deadline);
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;
@@ -224,7 +268,8 @@ int distill_pg_broadcast(void* group, at::Tensor* t, int root, const unsigned ch
     o.rootRank = root;
     o.rootTensor = 0;
     o.timeout = g->timeout;
-    return wait_work(g, issue([&] { return g->pg->broadcast(ts, o); }), abort, "broadcast", err, errlen);
+    return wait_work(g, issue([&] { return g->pg->broadcast(ts, o); }), abort, "broadcast", err,
+                     errlen, std::chrono::steady_clock::now() + g->timeout);
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;
@@ -240,7 +285,8 @@ int distill_pg_barrier(void* group, const unsigned char* abort, char* err, int e
     auto* g = static_cast<Group*>(group);
     c10d::BarrierOptions o;
     o.timeout = g->timeout;
-    return wait_work(g, issue([&] { return g->pg->barrier(o); }), abort, "barrier", err, errlen);
+    return wait_work(g, issue([&] { return g->pg->barrier(o); }), abort, "barrier", err, errlen,
+                     std::chrono::steady_clock::now() + g->timeout);
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;

@@ -58,13 +58,28 @@ fn all_reduce_sums_across_two_ranks() {
         let n = 4 << 20;
         let mut big = Tensor::arange(n, (Kind::Float, tch::Device::Cpu)) * (rank as f64 + 1.0);
         g.all_reduce_sum(&mut big).unwrap();
+        // Issued as concurrent chunks of unequal length (n not a multiple
+        // of the chunk count), then a small one after them.
+        let odd = (1 << 20) + 7;
+        let mut uneven = Tensor::arange(odd, (Kind::Float, tch::Device::Cpu)) * (rank as f64 + 1.0);
+        g.all_reduce_sum(&mut uneven).unwrap();
+        let mut after = Tensor::from_slice(&[5.0f32]) * (rank as f64 + 1.0);
+        g.all_reduce_sum(&mut after).unwrap();
         g.barrier().unwrap();
-        (Vec::<f32>::try_from(&small).unwrap(), big)
+        (
+            Vec::<f32>::try_from(&small).unwrap(),
+            big,
+            uneven,
+            Vec::<f32>::try_from(&after).unwrap(),
+        )
     });
-    for (small, big) in &out {
+    for (small, big, uneven, after) in &out {
         assert_eq!(small, &[3.0, 6.0, 9.0]);
         let want = Tensor::arange(4 << 20, (Kind::Float, tch::Device::Cpu)) * 3.0;
         assert!(big.equal(&want), "16 MiB all-reduce is exact");
+        let want = Tensor::arange((1 << 20) + 7, (Kind::Float, tch::Device::Cpu)) * 3.0;
+        assert!(uneven.equal(&want), "4 MiB + 28 B all-reduce is exact");
+        assert_eq!(after, &[15.0]);
     }
 }
 
@@ -87,6 +102,35 @@ fn a_silent_peer_fails_the_collective_at_the_deadline() {
         }
         let t0 = Instant::now();
         let mut t = Tensor::ones([8], (Kind::Float, tch::Device::Cpu));
+        let r = g.all_reduce_sum(&mut t);
+        RANK0_DONE.store(true, Ordering::SeqCst);
+        (r, t0.elapsed())
+    });
+    let (r, took) = &out[0];
+    let e = r.as_ref().expect_err("no peer, no sum").to_string();
+    assert!(e.contains("all-reduce on rank 0 of 2"), "{e}");
+    assert!(
+        *took >= deadline && *took < deadline + Duration::from_secs(2),
+        "failed at the deadline ({deadline:?}), after {took:?}: {e}"
+    );
+}
+
+/// The same with a tensor large enough to go as concurrent chunks: the
+/// deadline is the call's, not each chunk's.
+#[test]
+fn a_silent_peer_fails_a_chunked_all_reduce_at_the_deadline() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static RANK0_DONE: AtomicBool = AtomicBool::new(false);
+    let deadline = Duration::from_secs(8);
+    let out = two_ranks("silent-big/gen-1/", deadline, move |rank, g| {
+        if rank == 1 {
+            while !RANK0_DONE.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return (Ok(()), Duration::ZERO);
+        }
+        let t0 = Instant::now();
+        let mut t = Tensor::ones([4 << 20], (Kind::Float, tch::Device::Cpu));
         let r = g.all_reduce_sum(&mut t);
         RANK0_DONE.store(true, Ordering::SeqCst);
         (r, t0.elapsed())
