@@ -50,6 +50,17 @@ fn run(spec: &Path, out: &Path, extra: &[&str]) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The teacher and the student of runs `a` and `b` are byte-identical.
+fn same_models(a: &Path, b: &Path, what: &str) {
+    for file in ["teacher/model.safetensors", "student/model.safetensors"] {
+        let (x, y) = (
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(b.join(file)).unwrap(),
+        );
+        assert!(x == y, "{file} differs between {what}");
+    }
+}
+
 fn metrics(report: &Path) -> Vec<f64> {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
@@ -117,13 +128,7 @@ fn the_same_job_twice_from_scratch_gives_the_same_models_and_metrics() {
     let (a, b) = (d.join("a"), d.join("b"));
     let _ = run(&spec, &a, &["--baseline"]);
     let _ = run(&spec, &b, &["--baseline"]);
-    for file in ["teacher/model.safetensors", "student/model.safetensors"] {
-        let (x, y) = (
-            std::fs::read(a.join(file)).unwrap(),
-            std::fs::read(b.join(file)).unwrap(),
-        );
-        assert!(x == y, "{file} differs between two runs of the same job");
-    }
+    same_models(&a, &b, "two runs of the same job");
     assert_eq!(
         metrics(&a.join("report.json")),
         metrics(&b.join("report.json")),
@@ -160,11 +165,5 @@ fn two_local_workers_twice_give_the_same_student() {
         cfg.contains("\"hidden_dropout_prob\": 0.1"),
         "dropout is on: {cfg}"
     );
-    for file in ["teacher/model.safetensors", "student/model.safetensors"] {
-        let (x, y) = (
-            std::fs::read(a.join(file)).unwrap(),
-            std::fs::read(b.join(file)).unwrap(),
-        );
-        assert!(x == y, "{file} differs between two runs with --workers 2");
-    }
+    same_models(&a, &b, "two runs with --workers 2");
 }

@@ -55,7 +55,7 @@ using distill_shim::set_err;
 // several groups when `distill run --workers N` runs its ranks side by
 // side, and while a failed group is freed as the next one forms.
 template <class F>
-c10::intrusive_ptr<c10d::Work> issue(F&& f) {
+auto issue(F&& f) -> decltype(f()) {
   static std::mutex lock;
   std::lock_guard<std::mutex> guard(lock);
   return f();
@@ -223,27 +223,28 @@ int distill_pg_allreduce_sum(void* group, at::Tensor* t, const unsigned char* ab
     // ranks each element's sum is the one the whole tensor gets.
     int64_t bytes = t->numel() * static_cast<int64_t>(t->element_size());
     int64_t k = std::min<int64_t>(g->chunks, bytes / kChunkMinBytes);
-    if (k > 1 && t->is_contiguous()) {
-      auto flat = t->view({-1});
+    if (k > 1) {
+      // Split by size alone, so every rank issues the same chunks whatever
+      // its tensor's layout (the Rust side passes contiguous tensors).
+      auto src = t->is_contiguous() ? *t : t->contiguous();
+      auto flat = src.view({-1});
       int64_t n = flat.numel(), per = (n + k - 1) / k;
       std::vector<std::vector<at::Tensor>> parts;
       for (int64_t off = 0; off < n; off += per) {
         parts.push_back({flat.narrow(0, off, std::min(per, n - off))});
       }
-      std::vector<c10::intrusive_ptr<c10d::Work>> works;
-      {
-        // Issued under one hold of the lock (see `issue`).
-        auto issue_all = [&] {
-          for (auto& part : parts) works.push_back(g->pg->allreduce(part, o));
-          return works.back();
-        };
-        issue(issue_all);
-      }
+      // Issued under one hold of the lock (see `issue`).
+      auto works = issue([&] {
+        std::vector<c10::intrusive_ptr<c10d::Work>> ws;
+        for (auto& part : parts) ws.push_back(g->pg->allreduce(part, o));
+        return ws;
+      });
       // The first failure ends the call: the group is then not used again.
       for (auto& w : works) {
         int rc = wait_work(g, w, abort, "all-reduce", err, errlen, deadline);
         if (rc != 0) return rc;
       }
+      if (!src.is_same(*t)) t->copy_(src);
       return 0;
     }
     std::vector<at::Tensor> ts{*t};

@@ -19,6 +19,18 @@
 
 using distill_shim::set_err;
 
+namespace {
+// The scaled Bernoulli(1 − p) noise ATen's CPU dropout multiplies by
+// (`_dropout_impl`): a tensor like `like`, filled from `gen`, divided by
+// 1 − p.
+at::Tensor noise_like(const at::Tensor& like, double p, at::Generator& gen) {
+  auto noise = at::empty_like(like);
+  noise.bernoulli_(1 - p, gen);
+  noise.div_(1 - p);
+  return noise;
+}
+}  // namespace
+
 extern "C" {
 
 // A generator seeded with `seed`; free it with `distill_gen_free`.
@@ -62,10 +74,7 @@ at::Tensor* distill_gen_uniform(void* gen, const int64_t* sizes, int ndim, doubl
 at::Tensor* distill_gen_dropout(void* gen, const at::Tensor* x, double p, char* err, int errlen) {
   try {
     auto* g = static_cast<at::Generator*>(gen);
-    auto noise = at::empty_like(*x);
-    noise.bernoulli_(1 - p, *g);
-    noise.div_(1 - p);
-    return new at::Tensor(*x * noise);
+    return new at::Tensor(*x * noise_like(*x, p, *g));
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
   } catch (...) {
@@ -80,8 +89,11 @@ at::Tensor* distill_gen_dropout(void* gen, const at::Tensor* x, double p, char* 
 // dropout runs its math kernel, which draws from the default generator;
 // this is that kernel's computation, op for op (inputs in fp32 when they
 // are bf16/fp16, q and k each scaled by √scale, the mask added, softmax,
-// dropout, times v, back to the input dtype), so with `gen` in the default
-// generator's state the result is bitwise SDPA's. Under CPU autocast the
+// dropout, times v, back to the input dtype; the softmax is
+// `_safe_softmax`, 0 on a row masked everywhere), so with `gen` in the
+// default generator's state the result is bitwise SDPA's. The caller
+// (rng.rs) passes only what SDPA accepts as is: a float mask of q's dtype,
+// a positive scale, non-empty tensors. Under CPU autocast the
 // inputs are first cast as autocast casts SDPA's (to its dtype) and the
 // body runs with autocast off, as SDPA's kernel does.
 at::Tensor* distill_gen_attention_dropout(void* gen, const at::Tensor* q, const at::Tensor* k,
@@ -108,11 +120,8 @@ at::Tensor* distill_gen_attention_dropout(void* gen, const at::Tensor* q, const 
     auto va = low ? vc.to(at::kFloat) : vc;
     double sf = std::sqrt(scale);
     auto attn = at::matmul(qa * sf, ka.transpose(-2, -1) * sf) + mc;
-    attn = at::softmax(attn, -1);
-    auto noise = at::empty_like(attn);
-    noise.bernoulli_(1 - p, *g);
-    noise.div_(1 - p);
-    return new at::Tensor(at::matmul(attn * noise, va).to(origin));
+    attn = at::_safe_softmax(attn, -1);
+    return new at::Tensor(at::matmul(attn * noise_like(attn, p, *g), va).to(origin));
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
   } catch (...) {

@@ -149,26 +149,34 @@ thread_local! {
 
 /// While alive, CPU dropout on this thread ([`dropout`],
 /// [`attention_dropout`]) draws from a generator of its own seeded with
-/// the scope's seed; dropped, dropout is libtorch's again. Not `Send`: it
-/// belongs to the thread that opened it.
-pub struct DropoutScope(PhantomData<*const ()>);
+/// the scope's seed; dropped, dropout goes back to what it was before (an
+/// enclosing scope's generator, or libtorch's). Not `Send`: it belongs to
+/// the thread that opened it.
+pub struct DropoutScope {
+    outer: Option<CpuGenerator>,
+    _thread: PhantomData<*const ()>,
+}
 
-/// Opens a [`DropoutScope`] seeded with `seed` on this thread (replacing
-/// an open one's generator).
+/// Opens a [`DropoutScope`] seeded with `seed` on this thread.
 pub fn seeded_dropout(seed: u64) -> Result<DropoutScope> {
     let g = CpuGenerator::new(seed)?;
-    DROPOUT.with(|d| *d.borrow_mut() = Some(g));
-    Ok(DropoutScope(PhantomData))
+    let outer = DROPOUT.with(|d| d.borrow_mut().replace(g));
+    Ok(DropoutScope {
+        outer,
+        _thread: PhantomData,
+    })
 }
 
 impl Drop for DropoutScope {
     fn drop(&mut self) {
-        DROPOUT.with(|d| *d.borrow_mut() = None);
+        let outer = self.outer.take();
+        DROPOUT.with(|d| *d.borrow_mut() = outer);
     }
 }
 
 fn with_scope<T>(x: &Tensor, f: impl FnOnce(&mut CpuGenerator) -> Result<T>) -> Option<T> {
-    if x.device() != Device::Cpu {
+    // libtorch draws nothing for an empty tensor (and its kernels might).
+    if x.device() != Device::Cpu || x.numel() == 0 {
         return None;
     }
     DROPOUT.with(|d| {
@@ -194,8 +202,10 @@ pub fn dropout(xs: &Tensor, p: f64, train: bool) -> Tensor {
 /// `Tensor::scaled_dot_product_attention(q, k, v, Some(mask), p, false,
 /// scale, false)` gives from the default generator in the same state (on
 /// the CPU that call runs its math kernel, whose steps `csrc/rng.cpp`
-/// repeats). `None` when no scope is open or `q` is not on the CPU: the
-/// caller then calls SDPA.
+/// repeats). `None` when no scope is open, `q` is not on the CPU or empty,
+/// or the call is one that kernel treats otherwise (a boolean mask; outside
+/// autocast, a mask of another dtype than `q`'s; a scale that is not
+/// positive): the caller then calls SDPA.
 pub fn attention_dropout(
     q: &Tensor,
     k: &Tensor,
@@ -204,7 +214,9 @@ pub fn attention_dropout(
     p: f64,
     scale: f64,
 ) -> Option<Tensor> {
-    if p <= 0.0 || p >= 1.0 {
+    // Under CPU autocast every floating input is cast to its dtype first.
+    let same_kind = mask.kind() == q.kind() || crate::autocast::is_enabled(Device::Cpu);
+    if p <= 0.0 || p >= 1.0 || scale <= 0.0 || !mask.is_floating_point() || !same_kind {
         return None;
     }
     with_scope(q, |g| g.attention_dropout([q, k, v, mask], p, scale))
@@ -315,29 +327,48 @@ mod tests {
     /// Dropout and attention dropout in a scope give bitwise what
     /// libtorch's own give after `manual_seed` with the scope's seed, in
     /// fp32 and under bf16 autocast, whatever another thread meanwhile
-    /// does with the default generator; gradients too.
+    /// does with the default generator; their gradients too (fp32); and a
+    /// scope opened inside another gives the outer one back.
     #[test]
     fn scoped_dropout_matches_manual_seed_and_ignores_other_threads() {
         use crate::autocast::{autocast, Reduced};
         let _one = DEFAULT_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
         let cpu = (tch::Kind::Float, Device::Cpu);
         tch::manual_seed(5);
-        let mut x = Tensor::randn([8, 64, 384], cpu).set_requires_grad(true);
+        let x = Tensor::randn([8, 64, 384], cpu).set_requires_grad(true);
         let (b, h, s, d) = (4, 12, 37, 32);
         // Laid out as the model's heads are: [b, s, h, d] viewed as [b, h, s, d].
-        let q = Tensor::randn([b, s, h, d], cpu).transpose(1, 2);
-        let k = Tensor::randn([b, s, h, d], cpu).transpose(1, 2);
-        let v = Tensor::randn([b, s, h, d], cpu).transpose(1, 2);
+        let leaf = || Tensor::randn([b, s, h, d], cpu).set_requires_grad(true);
+        let (ql, kl, vl) = (leaf(), leaf(), leaf());
+        let (q, k, v) = (ql.transpose(1, 2), kl.transpose(1, 2), vl.transpose(1, 2));
+        // Under autocast the model's q, k, v come out of bf16 linears (the
+        // mask stays fp32).
+        let heads = |bf16: bool| {
+            let kind = if bf16 {
+                tch::Kind::BFloat16
+            } else {
+                tch::Kind::Float
+            };
+            (q.to_kind(kind), k.to_kind(kind), v.to_kind(kind))
+        };
         let mask = Tensor::zeros([b, 1, 1, s], cpu);
         let _ = mask.narrow(3, 30, s - 30).fill_(-1e4);
         let scale = 1.0 / (d as f64).sqrt();
         let seed = 0xfeed_beefu64;
+        // The gradients of x (through both dropouts) and of q, k, v
+        // (through attention) of a loss that weighs every output.
+        let grads = |a: &Tensor, a2: &Tensor, att: &Tensor| {
+            let w = Tensor::arange(d, cpu) / d as f64;
+            let loss = (a * 3.0 + a2).sum(tch::Kind::Float) + (att * w).sum(tch::Kind::Float);
+            Tensor::run_backward(&[loss], &[&x, &ql, &kl, &vl], false, false)
+        };
         // Reference: the default generator, nothing else drawing.
         let reference = |bf16: bool| {
             tch::manual_seed(seed as i64);
             let run = || {
                 let a = x.dropout(0.1, true);
                 let a2 = x.dropout(0.1, true);
+                let (q, k, v) = heads(bf16);
                 let att = Tensor::scaled_dot_product_attention(
                     &q,
                     &k,
@@ -357,13 +388,7 @@ mod tests {
             }
         };
         let refs = [reference(false), reference(true)];
-        let grad_ref = {
-            x.zero_grad();
-            (&refs[0].0 * 3.0 + &refs[0].1)
-                .sum(tch::Kind::Float)
-                .backward();
-            x.grad().copy()
-        };
+        let grad_ref = grads(&refs[0].0, &refs[0].1, &refs[0].2);
         let _noise = Noise::start();
         for t in 0..10 {
             for (bf16, (ra, ra2, ratt)) in [false, true].into_iter().zip(&refs) {
@@ -371,6 +396,7 @@ mod tests {
                 let run = || {
                     let a = dropout(&x, 0.1, true);
                     let a2 = dropout(&x, 0.1, true);
+                    let (q, k, v) = heads(bf16);
                     let att =
                         attention_dropout(&q, &k, &v, &mask, 0.1, scale).expect("a scope is open");
                     (a, a2, att)
@@ -391,18 +417,26 @@ mod tests {
                     "attention dropout differs (try {t}, bf16 {bf16})"
                 );
                 if !bf16 {
-                    x.zero_grad();
-                    (&a * 3.0 + &a2).sum(tch::Kind::Float).backward();
-                    assert!(
-                        x.grad().equal(&grad_ref),
-                        "dropout gradient differs (try {t})"
-                    );
+                    let g = grads(&a, &a2, &att);
+                    for (n, (g, r)) in ["x", "q", "k", "v"].iter().zip(g.iter().zip(&grad_ref)) {
+                        assert!(g.equal(r), "gradient of {n} differs (try {t})");
+                    }
                 }
             }
         }
         assert!(
             attention_dropout(&q, &k, &v, &mask, 0.1, scale).is_none(),
             "the scope is closed"
+        );
+        let outer = seeded_dropout(seed).unwrap();
+        let first = dropout(&x, 0.1, true);
+        drop(seeded_dropout(1).unwrap());
+        let second = dropout(&x, 0.1, true);
+        drop(outer);
+        assert!(first.equal(&refs[0].0), "the outer scope's first draw");
+        assert!(
+            second.equal(&refs[0].1),
+            "the outer scope's generator is back"
         );
     }
 }

@@ -116,7 +116,9 @@ fn a_silent_peer_fails_the_collective_at_the_deadline() {
 }
 
 /// The same with a tensor large enough to go as concurrent chunks: the
-/// deadline is the call's, not each chunk's.
+/// call fails at the deadline, not later. (Both chunks run at once and
+/// Gloo times each out itself, so this does not tell a deadline per call
+/// from one per chunk.)
 #[test]
 fn a_silent_peer_fails_a_chunked_all_reduce_at_the_deadline() {
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -247,39 +247,55 @@ fn two_ranks_with_half_batches_match_one_process_with_the_whole_batch() {
     }
 }
 
-/// Dropout on (hidden, attention probabilities, the head), all terms, two
-/// ranks as threads of this process: two runs give bitwise the same
-/// weights. Each rank draws its masks from its own generator; with the
-/// masks from libtorch's one process-wide generator, which both ranks
-/// reseed each step, a rank's masks depended on how the threads
-/// interleaved.
+/// Dropout on (hidden, attention probabilities, the head), two ranks as
+/// threads of this process: two runs give bitwise the same weights. Each
+/// rank draws its masks from its own generator; with the masks from
+/// libtorch's one process-wide generator, which both ranks reseed each
+/// step, a rank's masks depended on how the threads interleaved. With
+/// every term the attention probabilities are an output (explicit
+/// softmax, then dropout); with task and KD only, attention goes through
+/// the scaled-dot-product path (`rng::attention_dropout`).
 #[test]
 fn two_ranks_as_threads_with_dropout_give_the_same_weights_twice() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = make_teacher(tmp.path());
-    let runs: Vec<_> = (0..2)
-        .map(|run| {
-            let root = tmp.path().join(format!("run{run}"));
-            two_ranks(&model_dir, &root, 1, true, true)
-        })
-        .collect();
-    let plain = two_ranks(&model_dir, &tmp.path().join("plain"), 1, true, false);
-    let mut differs_from_no_dropout = false;
-    for (((n, a), (_, b)), (_, c)) in runs[0][0].0.iter().zip(&runs[1][0].0).zip(&plain[0].0) {
-        assert!(
-            a.equal(b),
-            "{n}: two runs with dropout differ (by {:.3e})",
-            max_abs_diff(a, b)
+    for all_terms in [true, false] {
+        let runs: Vec<_> = (0..2)
+            .map(|run| {
+                let root = tmp.path().join(format!("run{run}-{all_terms}"));
+                two_ranks(&model_dir, &root, 1, all_terms, true)
+            })
+            .collect();
+        let plain = two_ranks(
+            &model_dir,
+            &tmp.path().join(format!("plain-{all_terms}")),
+            1,
+            all_terms,
+            false,
         );
-        differs_from_no_dropout |= !a.equal(c);
-    }
-    for (r, (w, _)) in runs[0].iter().enumerate().skip(1) {
-        for ((n, a), (_, b)) in runs[0][0].0.iter().zip(w) {
-            assert!(a.equal(b), "{n}: rank 0 and rank {r} differ");
+        let mut differs_from_no_dropout = false;
+        for (((n, a), (_, b)), (_, c)) in runs[0][0].0.iter().zip(&runs[1][0].0).zip(&plain[0].0) {
+            assert!(
+                a.equal(b),
+                "all terms {all_terms}: {n}: two runs with dropout differ (by {:.3e})",
+                max_abs_diff(a, b)
+            );
+            differs_from_no_dropout |= !a.equal(c);
         }
+        for (r, (w, _)) in runs[0].iter().enumerate().skip(1) {
+            for ((n, a), (_, b)) in runs[0][0].0.iter().zip(w) {
+                assert!(
+                    a.equal(b),
+                    "all terms {all_terms}: {n}: rank 0 and rank {r} differ"
+                );
+            }
+        }
+        // The masks were drawn: the weights are not those of training without dropout.
+        assert!(
+            differs_from_no_dropout,
+            "all terms {all_terms}: dropout changed nothing"
+        );
     }
-    // The masks were drawn: the weights are not those of training without dropout.
-    assert!(differs_from_no_dropout, "dropout changed nothing");
 }
 
 /// Weights as plain data, to cross a thread boundary.
