@@ -11,10 +11,10 @@
 // the deadline; nothing waits forever.
 #include <algorithm>
 #include <chrono>
-#include <vector>
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "shim.h"
 
@@ -215,41 +215,41 @@ int distill_pg_allreduce_sum(void* group, at::Tensor* t, const unsigned char* ab
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
     o.timeout = g->timeout;
-    // A large contiguous tensor goes as `chunks` all-reduces issued at
-    // once, which Gloo's worker threads run side by side (one ring
-    // all-reduce alternates between sending and summing and leaves a core
-    // idle). Every rank splits the same size the same way and issues the
-    // chunks in the same order, which is how Gloo pairs them; with two
-    // ranks each element's sum is the one the whole tensor gets.
+    // A large tensor goes as `chunks` all-reduces issued at once, which
+    // Gloo's worker threads run side by side (one ring all-reduce
+    // alternates between sending and summing and leaves a core idle).
+    // Every rank splits the same size the same way, whatever its tensor's
+    // layout, and issues the chunks in the same order, which is how Gloo
+    // pairs them; with two ranks each element's sum is the one the whole
+    // tensor gets. A small tensor goes whole, as one all-reduce.
     int64_t bytes = t->numel() * static_cast<int64_t>(t->element_size());
-    int64_t k = std::min<int64_t>(g->chunks, bytes / kChunkMinBytes);
-    if (k > 1) {
-      // Split by size alone, so every rank issues the same chunks whatever
-      // its tensor's layout (the Rust side passes contiguous tensors).
-      auto src = t->is_contiguous() ? *t : t->contiguous();
+    int64_t k = std::max<int64_t>(1, std::min<int64_t>(g->chunks, bytes / kChunkMinBytes));
+    // Chunks are views of a contiguous copy when `t` is not contiguous
+    // (the Rust side passes contiguous tensors).
+    auto src = k == 1 || t->is_contiguous() ? *t : t->contiguous();
+    std::vector<std::vector<at::Tensor>> parts;
+    if (k == 1) {
+      parts.push_back({src});
+    } else {
       auto flat = src.view({-1});
       int64_t n = flat.numel(), per = (n + k - 1) / k;
-      std::vector<std::vector<at::Tensor>> parts;
       for (int64_t off = 0; off < n; off += per) {
         parts.push_back({flat.narrow(0, off, std::min(per, n - off))});
       }
-      // Issued under one hold of the lock (see `issue`).
-      auto works = issue([&] {
-        std::vector<c10::intrusive_ptr<c10d::Work>> ws;
-        for (auto& part : parts) ws.push_back(g->pg->allreduce(part, o));
-        return ws;
-      });
-      // The first failure ends the call: the group is then not used again.
-      for (auto& w : works) {
-        int rc = wait_work(g, w, abort, "all-reduce", err, errlen, deadline);
-        if (rc != 0) return rc;
-      }
-      if (!src.is_same(*t)) t->copy_(src);
-      return 0;
     }
-    std::vector<at::Tensor> ts{*t};
-    return wait_work(g, issue([&] { return g->pg->allreduce(ts, o); }), abort, "all-reduce", err,
-                     errlen, deadline);
+    // Issued under one hold of the lock (see `issue`).
+    auto works = issue([&] {
+      std::vector<c10::intrusive_ptr<c10d::Work>> ws;
+      for (auto& part : parts) ws.push_back(g->pg->allreduce(part, o));
+      return ws;
+    });
+    // The first failure ends the call: the group is then not used again.
+    for (auto& w : works) {
+      int rc = wait_work(g, w, abort, "all-reduce", err, errlen, deadline);
+      if (rc != 0) return rc;
+    }
+    if (!src.is_same(*t)) t->copy_(src);
+    return 0;
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;

@@ -97,9 +97,7 @@ impl CpuGenerator {
         };
         crate::error::shim_result(raw, &err, "uniform draw")
     }
-}
 
-impl CpuGenerator {
     /// `x.dropout(p, true)` with the mask drawn from this generator
     /// (`0 < p < 1`).
     fn dropout(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
