@@ -504,6 +504,17 @@ impl<S: Store> WorkerService for Coordinator<S> {
             ))
             .into());
         }
+        // Exact: the ranks of a training group must cut and order their
+        // all-reduces alike, and a mismatch would pair unequal collectives.
+        let protocol = distill_proto::COLLECTIVE_PROTOCOL;
+        if r.collective_protocol != protocol {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "collective_protocol: worker {name} speaks collective protocol {} ({}), this coordinator {protocol}; the ranks of a training group must split their all-reduces alike, so a cluster runs one build of distill",
+                r.collective_protocol,
+                if r.collective_protocol == 0 { "a build from before the field" } else { "another build" }
+            ))
+            .into());
+        }
         let lease = self
             .store()
             .grant(self.config.session_timeout)

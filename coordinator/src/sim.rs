@@ -80,6 +80,7 @@ impl SimWorker {
         let req = pb::RegisterRequest {
             worker_name: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
+            collective_protocol: distill_proto::COLLECTIVE_PROTOCOL,
             devices: vec![pb::Device {
                 name: "cpu".into(),
                 memory_bytes: 0,

@@ -11,3 +11,13 @@ pub mod v1 {
 }
 
 pub mod client;
+
+/// The collective protocol of this build: the sequence, split and order of
+/// the collectives that data-parallel training issues (the gradient
+/// buckets, the chunks a large Gloo all-reduce is cut into, the state
+/// check on joining). Every rank of a group must issue the same ones, so a
+/// worker registers with this number and the coordinator refuses one that
+/// differs from its own. Bump it with any change to that sequence.
+/// 1: 16 MiB buckets, a Gloo all-reduce of 2 MiB or more in one chunk per
+/// Gloo thread (2).
+pub const COLLECTIVE_PROTOCOL: u32 = 1;

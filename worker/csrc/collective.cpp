@@ -41,7 +41,9 @@ struct Group {
 };
 
 // A chunk of a split all-reduce is at least this large: below it, the
-// per-collective cost outweighs what the second thread gains.
+// per-collective cost outweighs what the second thread gains. This rule
+// and the chunk count are part of the collective protocol
+// (distill_proto::COLLECTIVE_PROTOCOL): every rank must split alike.
 constexpr int64_t kChunkMinBytes = 1 << 20;
 
 using distill_shim::set_err;

@@ -4,7 +4,8 @@
 //! - a report is accepted only from the session that holds that attempt
 //!   (a live session cannot report another worker's live attempt);
 //! - `manifest_sha256` must be a sha256 digest;
-//! - `Register` refuses an incompatible version;
+//! - `Register` refuses an incompatible version, and a worker of another
+//!   collective protocol;
 //! - a report that arrives after a cancel changes nothing;
 //! - a task's final failure fails the job in the same transaction;
 //! - the commit that ends a stage creates the next stage's task with it,
@@ -13,6 +14,7 @@
 use std::time::Duration;
 
 use distill_coordinator::ledger::Ledger;
+use distill_coordinator::store::Store;
 use distill_coordinator::tasks::{TaskKind, TaskState, Tasks};
 use distill_coordinator::testing::{wait_for, EtcdServer, Served};
 use distill_coordinator::Config;
@@ -66,6 +68,7 @@ fn register(name: &str) -> pb::RegisterRequest {
     pb::RegisterRequest {
         worker_name: name.into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        collective_protocol: distill_proto::COLLECTIVE_PROTOCOL,
         ..Default::default()
     }
 }
@@ -205,6 +208,26 @@ async fn manifest_digests_and_worker_versions_are_checked() {
         h.workers.register(none).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
+    // The same version but another collective protocol (a build that
+    // splits its all-reduces otherwise), or none (a build from before the
+    // field): refused by name, and no session is created for it.
+    for (protocol, says) in [
+        (distill_proto::COLLECTIVE_PROTOCOL + 1, "another build"),
+        (0, "a build from before the field"),
+    ] {
+        let mut other = register("other");
+        other.collective_protocol = protocol;
+        let status = h.workers.register(other).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains(&format!(
+                "collective_protocol: worker other speaks collective protocol {protocol} ({says})"
+            )),
+            "{status:?}"
+        );
+    }
+    let (sessions, _) = h.store.range("sessions/").await.unwrap();
+    assert_eq!(sessions.len(), 1, "only worker a holds a session");
     h.server.stop().await.unwrap();
 }
 

@@ -19,6 +19,7 @@ async fn register(w: &mut WorkerServiceClient<Channel>, name: &str) -> String {
     w.register(pb::RegisterRequest {
         worker_name: name.into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        collective_protocol: distill_proto::COLLECTIVE_PROTOCOL,
         collective_address: format!("{name}:29500"),
         ..Default::default()
     })

@@ -161,6 +161,7 @@ async fn jobs_and_workers_over_grpc() {
     let register = |name: &str| pb::RegisterRequest {
         worker_name: name.into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        collective_protocol: distill_proto::COLLECTIVE_PROTOCOL,
         ..Default::default()
     };
     // The job waits for a worker; once one registers, the scheduler starts

@@ -126,6 +126,7 @@ fn register(name: &str) -> pb::RegisterRequest {
     pb::RegisterRequest {
         worker_name: name.into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        collective_protocol: distill_proto::COLLECTIVE_PROTOCOL,
         ..Default::default()
     }
 }

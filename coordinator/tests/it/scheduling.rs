@@ -47,6 +47,7 @@ async fn register(w: &mut WorkerServiceClient<Channel>, name: &str) -> String {
     w.register(pb::RegisterRequest {
         worker_name: name.into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        collective_protocol: distill_proto::COLLECTIVE_PROTOCOL,
         ..Default::default()
     })
     .await

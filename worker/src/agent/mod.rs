@@ -254,6 +254,7 @@ impl Worker {
             host_memory_bytes: 0,
             version: env!("CARGO_PKG_VERSION").into(),
             collective_address: self.collective_address.clone(),
+            collective_protocol: distill_proto::COLLECTIVE_PROTOCOL,
         };
         let mut backoff = Duration::from_millis(100);
         loop {

@@ -111,8 +111,6 @@ pub struct Trainer<'a> {
     word_param: Option<usize>,
 }
 
-/// Gradient buckets of at most this many fp32 elements (16 MiB) per
-/// all-reduce.
 /// Splits a micro-batch (`all`, example indices) among `world` ranks:
 /// each rank takes a contiguous run of the rows sorted by length, longest
 /// first, so that a rank pads its rows to little more than their own
@@ -192,6 +190,9 @@ pub fn term_shares(mine: &[usize], all: &[usize], data: &TrainData) -> [f64; 5] 
     s
 }
 
+/// Gradient buckets of at most this many fp32 elements (16 MiB) per
+/// all-reduce. Part of the collective protocol
+/// (`distill_proto::COLLECTIVE_PROTOCOL`): every rank must cut the same.
 const BUCKET: i64 = 4 << 20;
 
 fn splitmix(state: &mut u64) -> u64 {
