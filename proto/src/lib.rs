@@ -18,6 +18,11 @@ pub mod client;
 /// check on joining). Every rank of a group must issue the same ones, so a
 /// worker registers with this number and the coordinator refuses one that
 /// differs from its own. Bump it with any change to that sequence.
-/// 1: 16 MiB buckets, a Gloo all-reduce of 2 MiB or more in one chunk per
-/// Gloo thread (2).
-pub const COLLECTIVE_PROTOCOL: u32 = 1;
+/// 1: 16 MiB buckets after backward, a Gloo all-reduce of 2 MiB or more
+/// in one chunk per Gloo thread (2).
+/// 2: on Gloo with CPU tensors, every parameter's gradient but the word
+/// embedding's in 4 MiB buckets issued from backward hooks (parameters in
+/// reverse name order), then one all-reduce (16 MiB buckets) of the
+/// touched word-embedding rows, the loss and term sums and one "had a
+/// gradient" flag per hooked parameter; otherwise as 1.
+pub const COLLECTIVE_PROTOCOL: u32 = 2;

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -138,6 +139,111 @@ int wait_work(Group* g, const c10::intrusive_ptr<c10d::Work>& work, const unsign
   }
 }
 
+// Issues the sum of the contiguous tensor `src` over the group, not
+// waiting for it. A large tensor goes as up to `chunks` all-reduces
+// issued at once, which Gloo's worker threads run side by side (one ring
+// all-reduce alternates between sending and summing and leaves a core
+// idle). Every rank splits the same size the same way and issues the
+// chunks in the same order, which is how Gloo pairs them; with two ranks
+// each element's sum is the one the whole tensor gets. A small tensor
+// goes whole, as one all-reduce.
+std::vector<c10::intrusive_ptr<c10d::Work>> issue_allreduce(c10d::Backend& pg, int chunks,
+                                                            std::chrono::milliseconds timeout,
+                                                            const at::Tensor& src) {
+  c10d::AllreduceOptions o;
+  o.reduceOp = c10d::ReduceOp::SUM;
+  o.timeout = timeout;
+  int64_t bytes = src.numel() * static_cast<int64_t>(src.element_size());
+  int64_t k = std::max<int64_t>(1, std::min<int64_t>(chunks, bytes / kChunkMinBytes));
+  std::vector<std::vector<at::Tensor>> parts;
+  if (k == 1) {
+    parts.push_back({src});
+  } else {
+    auto flat = src.view({-1});
+    int64_t n = flat.numel(), per = (n + k - 1) / k;
+    for (int64_t off = 0; off < n; off += per) {
+      parts.push_back({flat.narrow(0, off, std::min(per, n - off))});
+    }
+  }
+  // Issued under one hold of the lock (see `issue`).
+  return issue([&] {
+    std::vector<c10::intrusive_ptr<c10d::Work>> ws;
+    for (auto& part : parts) ws.push_back(pg.allreduce(part, o));
+    return ws;
+  });
+}
+
+// Gradient all-reduce that overlaps backward (DDP's Reducer, reduced to
+// what the trainer needs). Hooks on the parameters' gradients copy each
+// gradient, as it is computed, into its slot of one flat fp32 buffer;
+// once every parameter of a bucket has arrived, and every earlier bucket
+// has been issued, the bucket's all-reduce is issued at once and runs in
+// Gloo's threads while backward goes on. Buckets are issued strictly in
+// their index order on every rank, whatever order the gradients arrive
+// in, so the ranks pair the same collectives. `finish` fills what never
+// arrived, issues the rest in order and waits. The state holds the
+// process group by reference count, so it never outlives what it issues
+// on.
+struct Reducer {
+  c10::intrusive_ptr<c10d::Backend> pg;
+  int chunks;
+  std::chrono::milliseconds timeout;
+  std::vector<at::Tensor> params;
+  std::vector<unsigned> hook_ids;
+  std::vector<int64_t> offset, numel;
+  std::vector<int> bucket_of;
+  std::vector<int64_t> bucket_start, bucket_len;
+  // The flat fp32 buffer (the Rust side's tensor): the sums land here.
+  at::Tensor flat;
+  std::mutex mu;
+  bool armed = false;
+  // Per parameter: what earlier micro-batches accumulated (undefined: none).
+  std::vector<at::Tensor> prior;
+  std::vector<char> arrived;
+  std::vector<int> missing;
+  size_t next = 0;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  std::string error;
+
+  // Issues buckets from `next` on while they are complete (`mu` held).
+  void issue_ready() {
+    while (next < bucket_start.size() && missing[next] == 0 && error.empty()) {
+      try {
+        auto part = flat.narrow(0, bucket_start[next], bucket_len[next]);
+        for (auto& w : issue_allreduce(*pg, chunks, timeout, part)) works.push_back(w);
+      } catch (const std::exception& e) {
+        error = e.what();
+        return;
+      }
+      ++next;
+    }
+  }
+
+  void arrive(size_t i, const at::Tensor& grad) {
+    std::lock_guard<std::mutex> guard(mu);
+    if (!armed || !error.empty()) return;
+    if (arrived[i]) {
+      error = "parameter " + std::to_string(i) + "'s gradient arrived twice in one backward";
+      return;
+    }
+    try {
+      at::NoGradGuard no_grad;
+      auto dst = flat.narrow(0, offset[i], numel[i]);
+      if (prior[i].defined()) {
+        dst.copy_((prior[i] + grad).reshape({-1}));
+      } else {
+        dst.copy_(grad.reshape({-1}));
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+      return;
+    }
+    arrived[i] = 1;
+    --missing[bucket_of[i]];
+    issue_ready();
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -214,37 +320,10 @@ int distill_pg_allreduce_sum(void* group, at::Tensor* t, const unsigned char* ab
   try {
     auto* g = static_cast<Group*>(group);
     auto deadline = std::chrono::steady_clock::now() + g->timeout;
-    c10d::AllreduceOptions o;
-    o.reduceOp = c10d::ReduceOp::SUM;
-    o.timeout = g->timeout;
-    // A large tensor goes as `chunks` all-reduces issued at once, which
-    // Gloo's worker threads run side by side (one ring all-reduce
-    // alternates between sending and summing and leaves a core idle).
-    // Every rank splits the same size the same way, whatever its tensor's
-    // layout, and issues the chunks in the same order, which is how Gloo
-    // pairs them; with two ranks each element's sum is the one the whole
-    // tensor gets. A small tensor goes whole, as one all-reduce.
-    int64_t bytes = t->numel() * static_cast<int64_t>(t->element_size());
-    int64_t k = std::max<int64_t>(1, std::min<int64_t>(g->chunks, bytes / kChunkMinBytes));
     // Chunks are views of a contiguous copy when `t` is not contiguous
     // (the Rust side passes contiguous tensors).
-    auto src = k == 1 || t->is_contiguous() ? *t : t->contiguous();
-    std::vector<std::vector<at::Tensor>> parts;
-    if (k == 1) {
-      parts.push_back({src});
-    } else {
-      auto flat = src.view({-1});
-      int64_t n = flat.numel(), per = (n + k - 1) / k;
-      for (int64_t off = 0; off < n; off += per) {
-        parts.push_back({flat.narrow(0, off, std::min(per, n - off))});
-      }
-    }
-    // Issued under one hold of the lock (see `issue`).
-    auto works = issue([&] {
-      std::vector<c10::intrusive_ptr<c10d::Work>> ws;
-      for (auto& part : parts) ws.push_back(g->pg->allreduce(part, o));
-      return ws;
-    });
+    auto src = t->is_contiguous() ? *t : t->contiguous();
+    auto works = issue_allreduce(*g->pg, g->chunks, g->timeout, src);
     // The first failure ends the call: the group is then not used again.
     for (auto& w : works) {
       int rc = wait_work(g, w, abort, "all-reduce", err, errlen, deadline);
@@ -332,6 +411,169 @@ void distill_store_free(void* store) {
 void distill_pg_free(void* group) {
   try {
     delete static_cast<Group*>(group);
+  } catch (...) {
+  }
+}
+
+// A reducer over `n` parameters (in the order their gradients are
+// expected: the last layer's first) of `group`, summing into `flat` (fp32,
+// contiguous, one slot per parameter in that order), in buckets of about
+// `bucket_elems` elements (a parameter is never split). Gloo on CPU
+// tensors only. Null on error.
+void* distill_reducer_new(void* group, at::Tensor** params, int n, at::Tensor* flat,
+                          int64_t bucket_elems, char* err, int errlen) {
+  try {
+    auto* g = static_cast<Group*>(group);
+    if (g->nccl) {
+      set_err(err, errlen, "the overlapping reducer takes Gloo groups only");
+      return nullptr;
+    }
+    auto r = std::make_shared<Reducer>();
+    r->pg = g->pg;
+    r->chunks = g->chunks;
+    r->timeout = g->timeout;
+    r->flat = *flat;
+    int64_t off = 0;
+    for (int i = 0; i < n; ++i) {
+      auto& p = *params[i];
+      int64_t len = p.numel();
+      if (r->bucket_start.empty() || (r->bucket_len.back() > 0 && r->bucket_len.back() + len > bucket_elems)) {
+        r->bucket_start.push_back(off);
+        r->bucket_len.push_back(0);
+      }
+      r->params.push_back(p);
+      r->offset.push_back(off);
+      r->numel.push_back(len);
+      r->bucket_of.push_back(static_cast<int>(r->bucket_start.size()) - 1);
+      r->bucket_len.back() += len;
+      off += len;
+    }
+    if (off != flat->numel() || flat->scalar_type() != at::kFloat || !flat->is_contiguous() ||
+        !flat->device().is_cpu()) {
+      set_err(err, errlen,
+              "the reducer's buffer must be a contiguous CPU fp32 tensor of " +
+                  std::to_string(off) + " elements");
+      return nullptr;
+    }
+    r->prior.resize(n);
+    r->arrived.assign(n, 0);
+    r->missing.assign(r->bucket_start.size(), 0);
+    auto* holder = new std::shared_ptr<Reducer>(r);
+    std::weak_ptr<Reducer> weak = r;
+    for (int i = 0; i < n; ++i) {
+      size_t idx = static_cast<size_t>(i);
+      r->hook_ids.push_back(r->params[idx].register_hook([weak, idx](const at::Tensor& grad) {
+        if (auto s = weak.lock()) s->arrive(idx, grad);
+      }));
+    }
+    return holder;
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return nullptr;
+  }
+}
+
+// Arms the reducer for the next backward: the hooks reduce from now on.
+// `prior[i]` (null: none) is what earlier micro-batches accumulated for
+// parameter i; it is added to the gradient before the sum.
+int distill_reducer_arm(void* reducer, at::Tensor** prior, char* err, int errlen) {
+  try {
+    auto& r = **static_cast<std::shared_ptr<Reducer>*>(reducer);
+    std::lock_guard<std::mutex> guard(r.mu);
+    size_t n = r.params.size();
+    for (size_t i = 0; i < n; ++i) {
+      r.prior[i] = prior[i] != nullptr ? *prior[i] : at::Tensor();
+    }
+    r.arrived.assign(n, 0);
+    r.missing.assign(r.bucket_start.size(), 0);
+    for (size_t i = 0; i < n; ++i) ++r.missing[r.bucket_of[i]];
+    r.next = 0;
+    r.works.clear();
+    r.error.clear();
+    r.armed = true;
+    return 0;
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return -1;
+  }
+}
+
+// Ends the armed backward: a parameter whose gradient never arrived takes
+// its prior (or zeros), and `defined[i]` says whether it had either; the
+// buckets not yet issued are issued in order, and every all-reduce is
+// waited for (the group's timeout from now; `abort` as for the other
+// collectives). 0 on success, -1 on error, -2 when aborted.
+int distill_reducer_finish(void* reducer, void* group, const unsigned char* abort,
+                           unsigned char* defined, char* err, int errlen) {
+  try {
+    auto& r = **static_cast<std::shared_ptr<Reducer>*>(reducer);
+    auto* g = static_cast<Group*>(group);
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    {
+      std::lock_guard<std::mutex> guard(r.mu);
+      r.armed = false;
+      size_t n = r.params.size();
+      for (size_t i = 0; i < n; ++i) {
+        defined[i] = r.arrived[i] || r.prior[i].defined();
+        if (r.arrived[i]) continue;
+        at::NoGradGuard no_grad;
+        auto dst = r.flat.narrow(0, r.offset[i], r.numel[i]);
+        if (r.prior[i].defined()) {
+          dst.copy_(r.prior[i].reshape({-1}));
+        } else {
+          dst.zero_();
+        }
+        r.arrived[i] = 1;
+        --r.missing[r.bucket_of[i]];
+      }
+      r.issue_ready();
+      for (auto& p : r.prior) p = at::Tensor();
+      works.swap(r.works);
+      if (!r.error.empty()) {
+        set_err(err, errlen, "all-reduce: " + r.error);
+        return -1;
+      }
+    }
+    auto deadline = std::chrono::steady_clock::now() + g->timeout;
+    for (auto& w : works) {
+      int rc = wait_work(g, w, abort, "all-reduce", err, errlen, deadline);
+      if (rc != 0) return rc;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    set_err(err, errlen, e.what());
+    return -1;
+  } catch (...) {
+    set_err(err, errlen, "unknown C++ exception");
+    return -1;
+  }
+}
+
+// How many buckets have been issued since the reducer was last armed.
+int distill_reducer_issued(void* reducer) {
+  auto& r = **static_cast<std::shared_ptr<Reducer>*>(reducer);
+  std::lock_guard<std::mutex> guard(r.mu);
+  return static_cast<int>(r.next);
+}
+
+// How many buckets the reducer has.
+int distill_reducer_buckets(void* reducer) {
+  auto& r = **static_cast<std::shared_ptr<Reducer>*>(reducer);
+  return static_cast<int>(r.bucket_start.size());
+}
+
+// Removes the hooks and drops the reducer (an all-reduce still in flight
+// keeps what it needs alive).
+void distill_reducer_free(void* reducer) {
+  try {
+    auto* holder = static_cast<std::shared_ptr<Reducer>*>(reducer);
+    {
+      auto& r = **holder;
+      std::lock_guard<std::mutex> guard(r.mu);
+      r.armed = false;
+      for (size_t i = 0; i < r.params.size(); ++i) r.params[i].remove_hook(r.hook_ids[i]);
+    }
+    delete holder;
   } catch (...) {
   }
 }

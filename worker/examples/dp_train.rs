@@ -1,15 +1,17 @@
 //! Benchmark: data-parallel KD training throughput with distill's
-//! `Trainer` (the code the cluster runs: one bucketed Gloo all-reduce per
-//! step, word-embedding rows reduced only where the batch has tokens).
+//! `Trainer` (the code the cluster runs: gradients summed by Gloo while
+//! backward runs, word-embedding rows reduced only where the batch has
+//! tokens; with `after`, every sum after backward, as on NCCL).
 //! Teacher all-MiniLM-L6-v2 with a 2-class head (online), student L3-H384
 //! initialised from teacher layers 1, 3, 5; global batch 32 of real
 //! rotten-tomatoes reviews (max 64 tokens), split over the ranks; loss
 //! CE + T²·KL (T = 2); clip 1.0, AdamW. One libtorch thread per rank.
 //! Rank 0 prints one JSON line: samples per second over the steps after
-//! two warm-up steps. The PyTorch DDP peer is scripts/bench/dp_train_torch.py;
+//! two warm-up steps, and the first bytes of the training state's digest
+//! (the same for `overlap` and `after`: they sum the same numbers). The PyTorch DDP peer is scripts/bench/dp_train_torch.py;
 //! scripts/bench/dp_train.sh runs both at world sizes 1 and 2.
 //!
-//!   dp_train RANK WORLD PORT MODEL_DIR DATA.jsonl [STEPS]
+//!   dp_train RANK WORLD PORT MODEL_DIR DATA.jsonl [STEPS] [overlap|after]
 
 use distill_worker::collective::{Group, Rendezvous};
 use distill_worker::data::{read_examples, Fields};
@@ -27,6 +29,11 @@ fn main() -> anyhow::Result<()> {
     let model_dir = std::path::PathBuf::from(&a[4]);
     let data = std::path::PathBuf::from(&a[5]);
     let steps: u64 = a.get(6).map(|s| s.parse()).transpose()?.unwrap_or(20);
+    let overlap = match a.get(7).map(String::as_str) {
+        None | Some("overlap") => true,
+        Some("after") => false,
+        Some(other) => anyhow::bail!("expected overlap or after, not {other:?}"),
+    };
     tch::set_num_threads(1);
     let labels = vec!["rotten".to_string(), "fresh".to_string()];
     let teacher = TaskModel::load(
@@ -77,6 +84,9 @@ fn main() -> anyhow::Result<()> {
         config,
         ckpt.path().to_path_buf(),
     )?;
+    if !overlap {
+        tr.sum_after_backward();
+    }
     if world > 1 {
         tr.data_parallel(Group::join(&Rendezvous {
             host: "127.0.0.1".into(),
@@ -106,10 +116,16 @@ fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("too few steps to time"),
     };
     if rank == 0 {
+        // The training state's digest: equal for equal weights and moments.
+        let digest: String = tr.state_digest()?[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         println!(
             "{}",
-            serde_json::json!({"impl": "distill", "world": world, "steps": steps,
-                "samples_per_second": (steps * 32) as f64 / secs, "seconds": secs})
+            serde_json::json!({"impl": if overlap { "distill" } else { "distill-after" }, "world": world, "steps": steps,
+                "samples_per_second": (steps * 32) as f64 / secs, "seconds": secs,
+                "state": digest})
         );
     }
     Ok(())

@@ -64,6 +64,32 @@ extern "C" {
         errlen: c_int,
     ) -> c_int;
     fn distill_pg_free(group: *mut c_void);
+    fn distill_reducer_new(
+        group: *mut c_void,
+        params: *const *mut torch_sys::C_tensor,
+        n: c_int,
+        flat: *mut torch_sys::C_tensor,
+        bucket_elems: i64,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> *mut c_void;
+    fn distill_reducer_arm(
+        reducer: *mut c_void,
+        prior: *const *mut torch_sys::C_tensor,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
+    fn distill_reducer_finish(
+        reducer: *mut c_void,
+        group: *mut c_void,
+        abort: *const u8,
+        defined: *mut u8,
+        err: *mut c_char,
+        errlen: c_int,
+    ) -> c_int;
+    fn distill_reducer_free(reducer: *mut c_void);
+    fn distill_reducer_issued(reducer: *mut c_void) -> c_int;
+    fn distill_reducer_buckets(reducer: *mut c_void) -> c_int;
     fn distill_store_serve(
         host: *const c_char,
         port: c_int,
@@ -410,6 +436,137 @@ impl Group {
             )
         };
         self.check(rc, "barrier", &err)
+    }
+}
+
+/// A gradient all-reduce that overlaps backward (Gloo groups on CPU
+/// tensors): hooks on the parameters copy each gradient, as backward
+/// computes it, into its slot of one flat fp32 buffer, and issue a
+/// bucket's all-reduce as soon as all of the bucket has arrived and every
+/// earlier bucket has been issued, so the sums run in Gloo's threads while
+/// backward goes on. Buckets go in index order on every rank, whatever
+/// order the gradients arrive in. Part of the collective protocol
+/// (`distill_proto::COLLECTIVE_PROTOCOL`): every rank must hook the same
+/// parameters in the same order with the same bucket size.
+///
+/// Use: [`arm`](Self::arm) before the backward whose gradients are to be
+/// summed, then [`finish`](Self::finish). Hooks fire only while armed (a
+/// backward of an earlier micro-batch, or of another model, is left
+/// alone). Dropping the reducer removes its hooks.
+pub struct Reducer {
+    raw: *mut c_void,
+    n: usize,
+    flat: Tensor,
+}
+
+// Used from the libtorch thread that runs backward; the C++ state has its
+// own lock (the hooks may run on autograd's threads).
+unsafe impl Send for Reducer {}
+
+impl Reducer {
+    /// Hooks `params` (each its own slot, in this order: the gradients
+    /// expected first come first) of `group`, in buckets of about
+    /// `bucket_elems` elements (a parameter is never split).
+    pub fn new(group: &Group, params: &[&Tensor], bucket_elems: i64) -> Result<Self> {
+        if group.backend != Backend::Gloo {
+            return Err(Error::Invalid(
+                "the overlapping reducer takes Gloo groups only".into(),
+            ));
+        }
+        let total: i64 = params.iter().map(|p| p.numel() as i64).sum();
+        let mut flat = Tensor::zeros([total], (tch::Kind::Float, Device::Cpu));
+        let ptrs: Vec<*mut torch_sys::C_tensor> =
+            params.iter().map(|p| p.as_ptr() as *mut _).collect();
+        let mut err = vec![0u8; ERRLEN];
+        let raw = unsafe {
+            distill_reducer_new(
+                group.raw,
+                ptrs.as_ptr(),
+                ptrs.len() as c_int,
+                flat.as_mut_ptr(),
+                bucket_elems,
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        if raw.is_null() {
+            return Err(Error::Collective(format!(
+                "cannot hook the gradients: {}",
+                message(&err)
+            )));
+        }
+        Ok(Self {
+            raw,
+            n: params.len(),
+            flat,
+        })
+    }
+
+    /// Arms the hooks for the next backward. `prior[i]`, when given, is
+    /// what earlier micro-batches accumulated for parameter `i`: it is
+    /// added to the gradient before the sum.
+    pub fn arm(&mut self, prior: &[Option<&Tensor>]) -> Result<()> {
+        assert_eq!(prior.len(), self.n, "one prior per hooked parameter");
+        let ptrs: Vec<*mut torch_sys::C_tensor> = prior
+            .iter()
+            .map(|p| p.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut _))
+            .collect();
+        let mut err = vec![0u8; ERRLEN];
+        let rc = unsafe {
+            distill_reducer_arm(
+                self.raw,
+                ptrs.as_ptr(),
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Collective(format!(
+                "cannot arm the gradient hooks: {}",
+                message(&err)
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many buckets have been issued since the last [`arm`](Self::arm):
+    /// after a backward in which every hooked gradient arrived, all of
+    /// them, before [`finish`](Self::finish) is called.
+    pub fn issued(&self) -> usize {
+        unsafe { distill_reducer_issued(self.raw) as usize }
+    }
+
+    /// How many buckets the hooked parameters make.
+    pub fn buckets(&self) -> usize {
+        unsafe { distill_reducer_buckets(self.raw) as usize }
+    }
+
+    /// Ends the armed backward: what never arrived is its prior or zeros,
+    /// the buckets not yet issued are issued, and every sum is waited for
+    /// (the group's deadline and abort, as for any collective; a failure
+    /// poisons the group). Returns the flat buffer of sums and, per
+    /// parameter, whether this rank had a gradient (or prior) for it.
+    pub fn finish(&mut self, group: &Group) -> Result<(&Tensor, Vec<bool>)> {
+        let mut defined = vec![0u8; self.n];
+        let mut err = vec![0u8; ERRLEN];
+        let rc = unsafe {
+            distill_reducer_finish(
+                self.raw,
+                group.raw,
+                group.abort_ptr(),
+                defined.as_mut_ptr(),
+                err.as_mut_ptr() as *mut c_char,
+                ERRLEN as c_int,
+            )
+        };
+        group.check(rc, "all-reduce", &err)?;
+        Ok((&self.flat, defined.into_iter().map(|d| d != 0).collect()))
+    }
+}
+
+impl Drop for Reducer {
+    fn drop(&mut self) {
+        unsafe { distill_reducer_free(self.raw) }
     }
 }
 

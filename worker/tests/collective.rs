@@ -290,3 +290,133 @@ fn many_groups_start_their_first_collectives_at_once() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+/// The overlapping reducer, two ranks: each bucket's all-reduce is issued
+/// from the gradient hooks while backward runs (all of them before
+/// `finish` once every gradient arrived), in order; the sums are exact
+/// and include what earlier micro-batches accumulated; a parameter whose
+/// gradient never arrives holds the other ranks' sum (here zeros) and is
+/// reported as not defined on this rank, and its bucket waits for
+/// `finish`.
+#[test]
+fn the_reducer_sums_gradients_as_backward_computes_them() {
+    use distill_worker::collective::Reducer;
+    use distill_worker::distill::adamw::gradients;
+    let out = two_ranks("reducer/gen-1/", Duration::from_secs(20), |rank, g| {
+        let f = rank as f64 + 1.0;
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        // 3 Mi elements: a bucket of its own; then b, c and d share one.
+        let a = Tensor::ones([3 << 20], cpu).set_requires_grad(true);
+        let b = Tensor::ones([1000], cpu).set_requires_grad(true);
+        let c = (Tensor::arange(500_000, cpu) / 1e5).set_requires_grad(true);
+        let d = Tensor::ones([10], cpu).set_requires_grad(true);
+        let params: Vec<(String, Tensor)> = [&a, &b, &c, &d]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("p{i}"), t.shallow_clone()))
+            .collect();
+        let mut r = Reducer::new(&g, &[&a, &b, &c, &d], 1 << 20).unwrap();
+        assert_eq!(r.buckets(), 2);
+        let wa = Tensor::arange(3 << 20, cpu) * f;
+        let wb = Tensor::ones([1000], cpu) * f;
+        // Step 1: every gradient arrives.
+        r.arm(&[None, None, None, None]).unwrap();
+        let loss = (&a * &wa).sum(Kind::Float)
+            + (&b * &wb).sum(Kind::Float)
+            + (&c * &c).sum(Kind::Float) * f
+            + (&d * 3.0).sum(Kind::Float) * f;
+        let _ = gradients(&loss, &params);
+        let issued_1 = r.issued();
+        let (sums, defined_1) = r.finish(&g).unwrap();
+        let sums_1 = sums.copy();
+        // Step 2: d takes no part; b carries an earlier micro-batch's
+        // gradient.
+        let prior_b = Tensor::ones([1000], cpu) * (10.0 * f);
+        r.arm(&[None, Some(&prior_b), None, None]).unwrap();
+        let loss = (&a * &wa).sum(Kind::Float)
+            + (&b * &wb).sum(Kind::Float)
+            + (&c * &c).sum(Kind::Float) * f;
+        let _ = gradients(&loss, &params);
+        let issued_2 = r.issued();
+        let (sums, defined_2) = r.finish(&g).unwrap();
+        let sums_2 = sums.copy();
+        // Step 3: on rank 0 `a` takes no part, so its first bucket is
+        // incomplete and the second, complete, must wait for it: the
+        // ranks issue in the same order, or their all-reduces pair
+        // buckets of different sizes.
+        r.arm(&[None, None, None, None]).unwrap();
+        let mut loss = (&b * &wb).sum(Kind::Float)
+            + (&c * &c).sum(Kind::Float) * f
+            + (&d * 3.0).sum(Kind::Float) * f;
+        if rank == 1 {
+            loss += (&a * &wa).sum(Kind::Float);
+        }
+        let _ = gradients(&loss, &params);
+        let issued_3 = r.issued();
+        let (sums, defined_3) = r.finish(&g).unwrap();
+        let sums_3 = sums.copy();
+        drop(r);
+        g.barrier().unwrap();
+        (
+            rank,
+            [issued_1, issued_2, issued_3],
+            [defined_1, defined_2, defined_3],
+            [sums_1, sums_2, sums_3],
+        )
+    });
+    let cpu = (Kind::Float, tch::Device::Cpu);
+    let n_a = 3i64 << 20;
+    let a_sum = Tensor::arange(n_a, cpu) * 3.0;
+    let b_sum = Tensor::ones([1000], cpu) * 3.0;
+    let c_sum = Tensor::arange(500_000, cpu) / 1e5 * 2.0 * 3.0;
+    let d_sum = Tensor::ones([10], cpu) * 9.0;
+    for (rank, issued, defined, [s1, s2, s3]) in &out {
+        assert_eq!(issued[0], 2, "both buckets issued during backward");
+        assert_eq!(defined[0], [true; 4]);
+        assert!(s1.narrow(0, 0, n_a).equal(&a_sum), "a's sum");
+        assert!(s1.narrow(0, n_a, 1000).equal(&b_sum), "b's sum");
+        assert!(
+            s1.narrow(0, n_a + 1000, 500_000)
+                .allclose(&c_sum, 1e-6, 1e-6, false),
+            "c's sum"
+        );
+        assert!(s1.narrow(0, n_a + 501_000, 10).equal(&d_sum), "d's sum");
+        assert_eq!(
+            issued[1], 1,
+            "the bucket waiting for d is not issued during backward"
+        );
+        assert_eq!(defined[1], [true, true, true, false]);
+        assert!(s2.narrow(0, 0, n_a).equal(&a_sum), "a's sum, step 2");
+        let b_with_prior = Tensor::ones([1000], cpu) * (3.0 + 30.0);
+        assert!(
+            s2.narrow(0, n_a, 1000).equal(&b_with_prior),
+            "b's sum includes its prior"
+        );
+        assert!(
+            s2.narrow(0, n_a + 1000, 500_000)
+                .allclose(&c_sum, 1e-6, 1e-6, false),
+            "c's sum, step 2"
+        );
+        assert!(
+            s2.narrow(0, n_a + 501_000, 10)
+                .equal(&Tensor::zeros([10], cpu)),
+            "d holds zeros"
+        );
+        assert_eq!(
+            issued[2],
+            if *rank == 0 { 0 } else { 2 },
+            "rank {rank}, step 3"
+        );
+        assert_eq!(defined[2], [*rank == 1, true, true, true]);
+        let a_rank_1 = Tensor::arange(n_a, cpu) * 2.0;
+        assert!(
+            s3.narrow(0, 0, n_a).equal(&a_rank_1),
+            "a's sum is rank 1's gradient"
+        );
+        assert!(s3.narrow(0, n_a, 1000).equal(&b_sum), "b's sum, step 3");
+        assert!(
+            s3.narrow(0, n_a + 501_000, 10).equal(&d_sum),
+            "d's sum, step 3"
+        );
+    }
+}

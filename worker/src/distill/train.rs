@@ -18,7 +18,7 @@ use super::checkpoint::{self, CheckpointMeta};
 use super::loss;
 use super::schedule::{learning_rate, temperature, Balancer, Decay, Term, TermWeight, TERMS};
 use crate::autocast::{self, Reduced};
-use crate::collective::Group;
+use crate::collective::{Group, Reducer};
 use crate::infer::{infer, InferOptions};
 use crate::model::{ModelOutput, Outputs, Task, TaskModel};
 use crate::tokenize::{Encoded, Padding, TextTokenizer};
@@ -97,6 +97,13 @@ pub struct Trainer<'a> {
     /// When set, training checkpoints and stops at the next step boundary
     /// ([`Error::Stopped`]).
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Sums the gradients of every parameter but the word embedding while
+    /// backward runs (Gloo groups on CPU tensors), with the indices in
+    /// `params` of what it hooks, in its order. Dropped before `dp`.
+    reducer: Option<(Reducer, Vec<usize>)>,
+    /// Whether `data_parallel` makes a reducer where it can (see
+    /// `sum_after_backward`).
+    overlap: bool,
     /// Data-parallel membership (`data_parallel`): this rank trains on its
     /// slice of every micro-batch and gradients are summed over the group.
     dp: Option<Group>,
@@ -194,6 +201,10 @@ pub fn term_shares(mine: &[usize], all: &[usize], data: &TrainData) -> [f64; 5] 
 /// all-reduce. Part of the collective protocol
 /// (`distill_proto::COLLECTIVE_PROTOCOL`): every rank must cut the same.
 const BUCKET: i64 = 4 << 20;
+
+/// Buckets of the overlapping [`Reducer`]: about this many fp32 elements
+/// (4 MiB) each. Part of the collective protocol, like `BUCKET`.
+const OVERLAP_BUCKET: i64 = 1 << 20;
 
 fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -314,6 +325,8 @@ impl<'a> Trainer<'a> {
             order_cache: None,
             offline,
             stop: None,
+            reducer: None,
+            overlap: true,
             dp: None,
             regroup: None,
             on_checkpoint: None,
@@ -322,10 +335,14 @@ impl<'a> Trainer<'a> {
     }
 
     /// Trains as one rank of `group`: every micro-batch of the global
-    /// order is split by position (row `j` goes to rank `j mod world`), each
-    /// rank's loss is weighted by its share of the rows, and the gradients,
-    /// the logged loss terms and the non-finite check are summed over the
-    /// group in one all-reduce per step (in buckets of 16 MiB). Every rank
+    /// order is split by length (`split_by_length`), each rank's loss
+    /// terms are weighted by its exact share of what they average over,
+    /// and the gradients, the logged loss terms and the non-finite check
+    /// are summed over the group every step. On a Gloo group with CPU
+    /// tensors the gradients are summed while backward runs (a
+    /// [`Reducer`]: buckets of `OVERLAP_BUCKET` elements issued from
+    /// gradient hooks), then the rest in one more all-reduce; otherwise
+    /// all of it after backward, in buckets of 16 MiB. Every rank
     /// then holds the same sum, so clipping on the global norm, the NaN
     /// skip, the "auto" balancer and the optimizer step are identical on
     /// every rank and the ranks never drift. The global batch is the same
@@ -353,8 +370,32 @@ impl<'a> Trainer<'a> {
             .params
             .iter()
             .position(|(n, _)| n == "student.embeddings.word_embeddings.weight");
+        self.reducer = None;
+        if self.overlap
+            && group.backend == crate::collective::Backend::Gloo
+            && self.device() == tch::Device::Cpu
+        {
+            // The gradients that backward computes last (the first layers')
+            // come last: `params` is sorted by name, and the names of later
+            // layers sort after earlier ones'.
+            let hooked: Vec<usize> = (0..self.params.len())
+                .rev()
+                .filter(|&i| Some(i) != self.word_param && self.params[i].1.requires_grad())
+                .collect();
+            let ts: Vec<&Tensor> = hooked.iter().map(|&i| &self.params[i].1).collect();
+            let reducer = Reducer::new(&group, &ts, OVERLAP_BUCKET)?;
+            self.reducer = Some((reducer, hooked));
+        }
         self.dp = Some(group);
         Ok(())
+    }
+
+    /// For benchmarks: the next `data_parallel` sums every gradient after
+    /// backward, as on NCCL, instead of while backward runs. Every rank of
+    /// the group must make the same choice (it changes the collectives a
+    /// step issues); the cluster and `distill run` never call this.
+    pub fn sum_after_backward(&mut self) {
+        self.overlap = false;
     }
 
     /// The device the student trains on.
@@ -371,6 +412,9 @@ impl<'a> Trainer<'a> {
 
     /// Leaves the data-parallel group (if any) and returns it.
     pub fn leave_group(&mut self) -> Option<Group> {
+        // The reducer first: the group then holds the last reference to
+        // its process group, and a failed one is freed off this thread.
+        self.reducer = None;
         self.dp.take()
     }
 
@@ -498,19 +542,42 @@ impl<'a> Trainer<'a> {
     }
 
     /// Sums the gradients, the loss and the term values over the group.
+    /// With a reducer, what it hooked was summed during backward (and is
+    /// waited for here); the rest goes in one more all-reduce, with each
+    /// hooked parameter's "this rank had a gradient" flag, so that every
+    /// rank agrees which of them have one.
     fn all_reduce(
-        &self,
-        group: &Group,
+        &mut self,
         grads: &mut [Tensor],
         loss: &mut f64,
         terms: &mut [Option<f64>; 5],
         rows: &Tensor,
+        expected: &[bool],
     ) -> Result<()> {
         let _g = tch::no_grad_guard();
+        let group = self.dp.as_ref().expect("all_reduce needs a group");
         let device = self.student.device();
+        let hooked = match self.reducer.as_mut() {
+            Some((reducer, hooked)) => {
+                let (sums, defined) = reducer.finish(group)?;
+                // A parameter tensor replaced rather than updated in place
+                // would carry no hook, and its gradient would be lost.
+                if let Some(k) =
+                    (0..defined.len()).find(|&k| expected.get(k) == Some(&true) && !defined[k])
+                {
+                    return Err(Error::Invalid(format!(
+                        "the gradient of {} never reached its all-reduce hook",
+                        self.params[hooked[k]].0
+                    )));
+                }
+                Some((sums.shallow_clone(), defined, hooked.clone()))
+            }
+            None => None,
+        };
+        let in_reducer = |i: usize| hooked.as_ref().is_some_and(|(_, _, h)| h.contains(&i));
         let mut parts = vec![];
         for (i, g) in grads.iter().enumerate() {
-            if !g.defined() {
+            if !g.defined() || in_reducer(i) {
                 continue;
             }
             let part = if Some(i) == self.word_param {
@@ -522,6 +589,10 @@ impl<'a> Trainer<'a> {
         }
         let mut scalars = vec![*loss as f32];
         scalars.extend(terms.iter().map(|t| t.unwrap_or(0.0) as f32));
+        if let Some((_, defined, _)) = &hooked {
+            scalars.extend(defined.iter().map(|&d| d as u8 as f32));
+        }
+        let n_scalars = scalars.len() as i64;
         parts.push(Tensor::from_slice(&scalars).to_device(device));
         let flat = Tensor::cat(&parts, 0);
         let n = flat.size()[0];
@@ -534,7 +605,7 @@ impl<'a> Trainer<'a> {
         }
         let mut off = 0;
         for (i, g) in grads.iter_mut().enumerate() {
-            if !g.defined() {
+            if !g.defined() || in_reducer(i) {
                 continue;
             }
             if Some(i) == self.word_param {
@@ -554,12 +625,29 @@ impl<'a> Trainer<'a> {
                 off += len;
             }
         }
-        let sums = Vec::<f32>::try_from(flat.narrow(0, off, 6).to_device(tch::Device::Cpu))
+        let sums = Vec::<f32>::try_from(flat.narrow(0, off, n_scalars).to_device(tch::Device::Cpu))
             .map_err(|e| Error::Collective(e.to_string()))?;
         *loss = sums[0] as f64;
-        for (t, v) in terms.iter_mut().zip(&sums[1..]) {
+        for (t, v) in terms.iter_mut().zip(&sums[1..6]) {
             if t.is_some() {
                 *t = Some(*v as f64);
+            }
+        }
+        if let Some((reduced, _, hooked)) = hooked {
+            // Each hooked parameter's slot, in the reducer's order.
+            let mut at = 0;
+            for (k, &i) in hooked.iter().enumerate() {
+                let p = &self.params[i].1;
+                let len = p.numel() as i64;
+                grads[i] = if sums[6 + k] > 0.0 {
+                    reduced
+                        .narrow(0, at, len)
+                        .view(p.size().as_slice())
+                        .to_kind(p.kind())
+                } else {
+                    Tensor::new()
+                };
+                at += len;
             }
         }
         Ok(())
@@ -772,6 +860,9 @@ impl<'a> Trainer<'a> {
             let mut term_sum = [None::<f64>; 5];
             let (rank, world) = self.rank_world();
             let mut global = vec![];
+            // Per hooked parameter: whether the reducer must have had a
+            // gradient (or an earlier micro-batch's) for it.
+            let mut expected: Vec<bool> = vec![];
             for micro in 0..self.cfg.grad_accum {
                 let base = step * per_step + (micro * self.cfg.batch_size) as u64;
                 let all: Vec<usize> = (0..self.cfg.batch_size as u64)
@@ -795,7 +886,30 @@ impl<'a> Trainer<'a> {
                 let (l, values) = self.micro_loss(&idx, data, temp, shares.as_ref())?;
                 let scale = |x: f64| x / ga;
                 let scaled = l.shallow_clone() / ga;
-                let g = gradients(&scaled, &self.params);
+                // The last micro-batch's backward sums the hooked gradients
+                // (with what the earlier ones accumulated) as it goes.
+                let armed = match self.reducer.as_mut() {
+                    Some((reducer, hooked)) if micro + 1 == self.cfg.grad_accum => {
+                        let prior: Vec<Option<&Tensor>> = hooked
+                            .iter()
+                            .map(|&i| Some(&grads[i]).filter(|g| g.defined()))
+                            .collect();
+                        reducer.arm(&prior)?;
+                        Some(hooked.clone())
+                    }
+                    _ => None,
+                };
+                let mut g = gradients(&scaled, &self.params);
+                if let Some(hooked) = armed {
+                    // In the reducer's sum instead; what it must have seen.
+                    expected = hooked
+                        .iter()
+                        .map(|&i| g[i].defined() || grads[i].defined())
+                        .collect();
+                    for i in hooked {
+                        g[i] = Tensor::new();
+                    }
+                }
                 accumulate(&mut grads, g);
                 loss_sum += scale(l.double_value(&[]));
                 for (acc, v) in term_sum.iter_mut().zip(values) {
@@ -804,9 +918,9 @@ impl<'a> Trainer<'a> {
                     }
                 }
             }
-            if let Some(group) = self.dp.as_ref() {
+            if self.dp.is_some() {
                 let rows = self.touched_rows(&global, data);
-                self.all_reduce(group, &mut grads, &mut loss_sum, &mut term_sum, &rows)?;
+                self.all_reduce(&mut grads, &mut loss_sum, &mut term_sum, &rows, &expected)?;
             }
             let norm = clip_grad_norm(&mut grads, self.cfg.grad_clip);
             let skipped = !loss_sum.is_finite() || !norm.is_finite();
