@@ -139,6 +139,18 @@ int wait_work(Group* g, const c10::intrusive_ptr<c10d::Work>& work, const unsign
   }
 }
 
+// Waits for every all-reduce of `works` (see `wait_work`); the first
+// failure ends the wait, and the group is then not used again.
+int wait_all(Group* g, const std::vector<c10::intrusive_ptr<c10d::Work>>& works,
+             const unsigned char* abort, char* err, int errlen,
+             std::chrono::steady_clock::time_point deadline) {
+  for (auto& w : works) {
+    int rc = wait_work(g, w, abort, "all-reduce", err, errlen, deadline);
+    if (rc != 0) return rc;
+  }
+  return 0;
+}
+
 // Issues the sum of the contiguous tensor `src` over the group, not
 // waiting for it. A large tensor goes as up to `chunks` all-reduces
 // issued at once, which Gloo's worker threads run side by side (one ring
@@ -323,12 +335,9 @@ int distill_pg_allreduce_sum(void* group, at::Tensor* t, const unsigned char* ab
     // Chunks are views of a contiguous copy when `t` is not contiguous
     // (the Rust side passes contiguous tensors).
     auto src = t->is_contiguous() ? *t : t->contiguous();
-    auto works = issue_allreduce(*g->pg, g->chunks, g->timeout, src);
-    // The first failure ends the call: the group is then not used again.
-    for (auto& w : works) {
-      int rc = wait_work(g, w, abort, "all-reduce", err, errlen, deadline);
-      if (rc != 0) return rc;
-    }
+    int rc = wait_all(g, issue_allreduce(*g->pg, g->chunks, g->timeout, src), abort, err, errlen,
+                      deadline);
+    if (rc != 0) return rc;
     if (!src.is_same(*t)) t->copy_(src);
     return 0;
   } catch (const std::exception& e) {
@@ -534,12 +543,7 @@ int distill_reducer_finish(void* reducer, void* group, const unsigned char* abor
         return -1;
       }
     }
-    auto deadline = std::chrono::steady_clock::now() + g->timeout;
-    for (auto& w : works) {
-      int rc = wait_work(g, w, abort, "all-reduce", err, errlen, deadline);
-      if (rc != 0) return rc;
-    }
-    return 0;
+    return wait_all(g, works, abort, err, errlen, std::chrono::steady_clock::now() + g->timeout);
   } catch (const std::exception& e) {
     set_err(err, errlen, e.what());
     return -1;
