@@ -231,6 +231,20 @@ struct Reducer {
     }
   }
 
+  // Puts `value` (undefined: zeros) in parameter i's slot and counts it
+  // as arrived (`mu` held).
+  void place(size_t i, const at::Tensor& value) {
+    at::NoGradGuard no_grad;
+    auto dst = flat.narrow(0, offset[i], numel[i]);
+    if (value.defined()) {
+      dst.copy_(value.reshape({-1}));
+    } else {
+      dst.zero_();
+    }
+    arrived[i] = 1;
+    --missing[bucket_of[i]];
+  }
+
   void arrive(size_t i, const at::Tensor& grad) {
     std::lock_guard<std::mutex> guard(mu);
     if (!armed || !error.empty()) return;
@@ -239,19 +253,11 @@ struct Reducer {
       return;
     }
     try {
-      at::NoGradGuard no_grad;
-      auto dst = flat.narrow(0, offset[i], numel[i]);
-      if (prior[i].defined()) {
-        dst.copy_((prior[i] + grad).reshape({-1}));
-      } else {
-        dst.copy_(grad.reshape({-1}));
-      }
+      place(i, prior[i].defined() ? prior[i] + grad : grad);
     } catch (const std::exception& e) {
       error = e.what();
       return;
     }
-    arrived[i] = 1;
-    --missing[bucket_of[i]];
     issue_ready();
   }
 };
@@ -464,9 +470,8 @@ void* distill_reducer_new(void* group, at::Tensor** params, int n, at::Tensor* f
                   std::to_string(off) + " elements");
       return nullptr;
     }
+    // `arm` sets the per-backward state; the hooks do nothing before it.
     r->prior.resize(n);
-    r->arrived.assign(n, 0);
-    r->missing.assign(r->bucket_start.size(), 0);
     auto* holder = new std::shared_ptr<Reducer>(r);
     std::weak_ptr<Reducer> weak = r;
     for (int i = 0; i < n; ++i) {
@@ -524,16 +529,7 @@ int distill_reducer_finish(void* reducer, void* group, const unsigned char* abor
       size_t n = r.params.size();
       for (size_t i = 0; i < n; ++i) {
         defined[i] = r.arrived[i] || r.prior[i].defined();
-        if (r.arrived[i]) continue;
-        at::NoGradGuard no_grad;
-        auto dst = r.flat.narrow(0, r.offset[i], r.numel[i]);
-        if (r.prior[i].defined()) {
-          dst.copy_(r.prior[i].reshape({-1}));
-        } else {
-          dst.zero_();
-        }
-        r.arrived[i] = 1;
-        --r.missing[r.bucket_of[i]];
+        if (!r.arrived[i]) r.place(i, r.prior[i]);
       }
       r.issue_ready();
       for (auto& p : r.prior) p = at::Tensor();

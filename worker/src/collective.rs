@@ -467,12 +467,8 @@ impl Reducer {
     /// Hooks `params` (each its own slot, in this order: the gradients
     /// expected first come first) of `group`, in buckets of about
     /// `bucket_elems` elements (a parameter is never split).
+    /// Gloo groups only (the shim refuses another).
     pub fn new(group: &Group, params: &[&Tensor], bucket_elems: i64) -> Result<Self> {
-        if group.backend != Backend::Gloo {
-            return Err(Error::Invalid(
-                "the overlapping reducer takes Gloo groups only".into(),
-            ));
-        }
         let total: i64 = params.iter().map(|p| p.numel() as i64).sum();
         let mut flat = Tensor::zeros([total], (tch::Kind::Float, Device::Cpu));
         let ptrs: Vec<*mut torch_sys::C_tensor> =

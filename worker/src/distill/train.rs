@@ -557,6 +557,8 @@ impl<'a> Trainer<'a> {
         let _g = tch::no_grad_guard();
         let group = self.dp.as_ref().expect("all_reduce needs a group");
         let device = self.student.device();
+        // The hooked parameters' gradients are the reducer's (their
+        // entries in `grads` are undefined until filled in below).
         let hooked = match self.reducer.as_mut() {
             Some((reducer, hooked)) => {
                 let (sums, defined) = reducer.finish(group)?;
@@ -570,14 +572,13 @@ impl<'a> Trainer<'a> {
                         self.params[hooked[k]].0
                     )));
                 }
-                Some((sums.shallow_clone(), defined, hooked.clone()))
+                Some((sums.shallow_clone(), defined))
             }
             None => None,
         };
-        let in_reducer = |i: usize| hooked.as_ref().is_some_and(|(_, _, h)| h.contains(&i));
         let mut parts = vec![];
         for (i, g) in grads.iter().enumerate() {
-            if !g.defined() || in_reducer(i) {
+            if !g.defined() {
                 continue;
             }
             let part = if Some(i) == self.word_param {
@@ -589,7 +590,7 @@ impl<'a> Trainer<'a> {
         }
         let mut scalars = vec![*loss as f32];
         scalars.extend(terms.iter().map(|t| t.unwrap_or(0.0) as f32));
-        if let Some((_, defined, _)) = &hooked {
+        if let Some((_, defined)) = &hooked {
             scalars.extend(defined.iter().map(|&d| d as u8 as f32));
         }
         let n_scalars = scalars.len() as i64;
@@ -605,7 +606,7 @@ impl<'a> Trainer<'a> {
         }
         let mut off = 0;
         for (i, g) in grads.iter_mut().enumerate() {
-            if !g.defined() || in_reducer(i) {
+            if !g.defined() {
                 continue;
             }
             if Some(i) == self.word_param {
@@ -633,7 +634,7 @@ impl<'a> Trainer<'a> {
                 *t = Some(*v as f64);
             }
         }
-        if let Some((reduced, _, hooked)) = hooked {
+        if let (Some((reduced, _)), Some((_, hooked))) = (hooked, self.reducer.as_ref()) {
             // Each hooked parameter's slot, in the reducer's order.
             let mut at = 0;
             for (k, &i) in hooked.iter().enumerate() {
@@ -888,26 +889,25 @@ impl<'a> Trainer<'a> {
                 let scaled = l.shallow_clone() / ga;
                 // The last micro-batch's backward sums the hooked gradients
                 // (with what the earlier ones accumulated) as it goes.
-                let armed = match self.reducer.as_mut() {
-                    Some((reducer, hooked)) if micro + 1 == self.cfg.grad_accum => {
-                        let prior: Vec<Option<&Tensor>> = hooked
-                            .iter()
-                            .map(|&i| Some(&grads[i]).filter(|g| g.defined()))
-                            .collect();
-                        reducer.arm(&prior)?;
-                        Some(hooked.clone())
-                    }
-                    _ => None,
-                };
+                let last = micro + 1 == self.cfg.grad_accum;
+                if let (true, Some((reducer, hooked))) = (last, self.reducer.as_mut()) {
+                    let prior: Vec<Option<&Tensor>> = hooked
+                        .iter()
+                        .map(|&i| Some(&grads[i]).filter(|g| g.defined()))
+                        .collect();
+                    reducer.arm(&prior)?;
+                }
                 let mut g = gradients(&scaled, &self.params);
-                if let Some(hooked) = armed {
-                    // In the reducer's sum instead; what it must have seen.
+                if let (true, Some((_, hooked))) = (last, self.reducer.as_ref()) {
+                    // In the reducer's sum instead (it holds the priors);
+                    // what it must have seen.
                     expected = hooked
                         .iter()
                         .map(|&i| g[i].defined() || grads[i].defined())
                         .collect();
-                    for i in hooked {
+                    for &i in hooked {
                         g[i] = Tensor::new();
+                        grads[i] = Tensor::new();
                     }
                 }
                 accumulate(&mut grads, g);
