@@ -25,4 +25,8 @@ pub mod client;
 /// reverse name order), then one all-reduce (16 MiB buckets) of the
 /// touched word-embedding rows, the loss and term sums and one "had a
 /// gradient" flag per hooked parameter; otherwise as 1.
-pub const COLLECTIVE_PROTOCOL: u32 = 2;
+/// 3: as 2, and the all-reduce after backward has the same layout on every
+/// rank: every parameter not hooked, a missing gradient as zeros, and one
+/// "had a gradient" flag per parameter (hooked, then not), so ranks that
+/// differ in which gradients they have still pair equal buffers.
+pub const COLLECTIVE_PROTOCOL: u32 = 3;

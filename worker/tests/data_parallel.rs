@@ -482,3 +482,73 @@ fn a_rank_joining_after_the_last_step_was_committed_forms_no_group() {
         assert!(a == b, "{n}: the committed state, restored");
     }
 }
+
+/// The all-reduce after backward (NCCL's path, and Gloo's with
+/// `sum_after_backward`) has the same layout on every rank whichever
+/// gradients a rank has: a rank without one sends zeros and a flag. Here
+/// rank 1 lacks the classifier bias's gradient (the test freezes it there,
+/// the one way to make ranks differ with this model; distill itself never
+/// freezes a parameter). Both ranks train to bitwise-equal weights, and
+/// the bias moves on rank 1 too (rank 0's gradient reached it). Leaving the
+/// missing gradient out of the buffer, as before, pairs unequal buffers and
+/// the all-reduce fails.
+#[test]
+fn a_rank_without_a_gradient_still_pairs_equal_all_reduces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = make_teacher(tmp.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let frozen = "classifier.bias";
+    let handles: Vec<_> = (0..2u32)
+        .map(|rank| {
+            let (model_dir, ckpt) = (model_dir.clone(), tmp.path().join(format!("frozen{rank}")));
+            std::thread::spawn(move || -> (Plain, Vec<f32>) {
+                let (teacher, tok, mut s) = setup(&model_dir, false);
+                let vars = s.vs.variables();
+                let bias = vars.get(frozen).expect("the student has a classifier bias");
+                let before = Vec::<f32>::try_from(bias.detach()).unwrap();
+                if rank == 1 {
+                    let _ = bias.shallow_clone().set_requires_grad(false);
+                }
+                let d = data(&tok);
+                let mut tr =
+                    Trainer::new(&mut s, Some(&teacher), None, &tok, config(1), ckpt).unwrap();
+                tr.sum_after_backward();
+                let g = Group::join(&Rendezvous {
+                    host: "127.0.0.1".into(),
+                    port,
+                    host_store: true,
+                    prefix: "frozen/gen-1/".into(),
+                    bind_host: "127.0.0.1".into(),
+                    rank,
+                    world: 2,
+                    timeout: Duration::from_secs(30),
+                    backend: distill_worker::collective::Backend::Gloo,
+                })
+                .unwrap();
+                tr.data_parallel(g).unwrap();
+                tr.train(&d, None, |_| {})
+                    .unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+                drop(tr);
+                (plain(s.named_tensors()), before)
+            })
+        })
+        .collect();
+    let out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for ((n, a), (_, b)) in out[0].0.iter().zip(&out[1].0) {
+        assert_eq!(a, b, "{n}: rank 0 and rank 1 differ");
+    }
+    let (_, after) = out[1]
+        .0
+        .iter()
+        .find(|(n, _)| n.ends_with(frozen))
+        .expect("the exported classifier bias");
+    assert_eq!(out[0].1, out[1].1, "both ranks start alike");
+    assert_ne!(
+        after, &out[1].1,
+        "rank 1's bias moved with rank 0's gradient"
+    );
+}

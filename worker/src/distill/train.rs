@@ -116,6 +116,11 @@ pub struct Trainer<'a> {
     /// Index in `params` of the word-embedding table, whose gradient is
     /// reduced on the rows the global batch touches only.
     word_param: Option<usize>,
+    /// Indices in `params` of what the all-reduce after backward carries
+    /// (every parameter the reducer does not hook), in order: the same
+    /// on every rank, each with a "had a gradient" flag, so a rank without
+    /// a gradient for one sends zeros rather than a shorter buffer.
+    tail: Vec<usize>,
 }
 
 /// Splits a micro-batch (`all`, example indices) among `world` ranks:
@@ -331,6 +336,7 @@ impl<'a> Trainer<'a> {
             regroup: None,
             on_checkpoint: None,
             word_param: None,
+            tail: vec![],
         })
     }
 
@@ -386,6 +392,10 @@ impl<'a> Trainer<'a> {
             let reducer = Reducer::new(&group, &ts, OVERLAP_BUCKET)?;
             self.reducer = Some((reducer, hooked));
         }
+        let hooked = self.reducer.as_ref().map_or(&[][..], |(_, h)| h.as_slice());
+        self.tail = (0..self.params.len())
+            .filter(|i| !hooked.contains(i))
+            .collect();
         self.dp = Some(group);
         Ok(())
     }
@@ -543,9 +553,11 @@ impl<'a> Trainer<'a> {
 
     /// Sums the gradients, the loss and the term values over the group.
     /// With a reducer, what it hooked was summed during backward (and is
-    /// waited for here); the rest goes in one more all-reduce, with each
-    /// hooked parameter's "this rank had a gradient" flag, so that every
-    /// rank agrees which of them have one.
+    /// waited for here). The rest (`tail`) goes in one more all-reduce,
+    /// with one "this rank had a gradient" flag per parameter, hooked or
+    /// not, so that every rank agrees which of them have one. The layout
+    /// does not depend on which gradients a rank has: a missing one is
+    /// sent as zeros, and its flag says so.
     fn all_reduce(
         &mut self,
         grads: &mut [Tensor],
@@ -576,23 +588,33 @@ impl<'a> Trainer<'a> {
             }
             None => None,
         };
-        let mut parts = vec![];
-        for (i, g) in grads.iter().enumerate() {
-            if !g.defined() {
-                continue;
-            }
-            let part = if Some(i) == self.word_param {
-                g.index_select(0, rows)
+        // The length of parameter i's part: the touched rows of the word
+        // embedding, all of any other.
+        let part_len = |i: usize| {
+            let p = &self.params[i].1;
+            if Some(i) == self.word_param {
+                rows.size()[0] * p.size()[1]
             } else {
-                g.shallow_clone()
-            };
-            parts.push(part.reshape([-1]).to_kind(Kind::Float));
+                p.numel() as i64
+            }
+        };
+        let mut parts = vec![];
+        for &i in &self.tail {
+            let g = &grads[i];
+            parts.push(if !g.defined() {
+                Tensor::zeros([part_len(i)], (Kind::Float, device))
+            } else if Some(i) == self.word_param {
+                g.index_select(0, rows).reshape([-1]).to_kind(Kind::Float)
+            } else {
+                g.reshape([-1]).to_kind(Kind::Float)
+            });
         }
         let mut scalars = vec![*loss as f32];
         scalars.extend(terms.iter().map(|t| t.unwrap_or(0.0) as f32));
         if let Some((_, defined)) = &hooked {
             scalars.extend(defined.iter().map(|&d| d as u8 as f32));
         }
+        scalars.extend(self.tail.iter().map(|&i| grads[i].defined() as u8 as f32));
         let n_scalars = scalars.len() as i64;
         parts.push(Tensor::from_slice(&scalars).to_device(device));
         let flat = Tensor::cat(&parts, 0);
@@ -604,34 +626,42 @@ impl<'a> Trainer<'a> {
             group.all_reduce_sum(&mut bucket)?;
             off += len;
         }
-        let mut off = 0;
-        for (i, g) in grads.iter_mut().enumerate() {
-            if !g.defined() {
-                continue;
-            }
-            if Some(i) == self.word_param {
-                let h = g.size()[1];
-                let len = rows.size()[0] * h;
-                let reduced = flat.narrow(0, off, len).view([-1, h]).to_kind(g.kind());
-                // In place: this rank's gradient is zero outside the rows its
-                // own examples touch, a subset of the group's `rows`.
-                let _ = g.index_copy_(0, rows, &reduced);
-                off += len;
-            } else {
-                let len = g.numel() as i64;
-                *g = flat
-                    .narrow(0, off, len)
-                    .view(g.size().as_slice())
-                    .to_kind(g.kind());
-                off += len;
-            }
-        }
-        let sums = Vec::<f32>::try_from(flat.narrow(0, off, n_scalars).to_device(tch::Device::Cpu))
-            .map_err(|e| Error::Collective(e.to_string()))?;
+        let sums = Vec::<f32>::try_from(
+            flat.narrow(0, n - n_scalars, n_scalars)
+                .to_device(tch::Device::Cpu),
+        )
+        .map_err(|e| Error::Collective(e.to_string()))?;
         *loss = sums[0] as f64;
         for (t, v) in terms.iter_mut().zip(&sums[1..6]) {
             if t.is_some() {
                 *t = Some(*v as f64);
+            }
+        }
+        let n_hooked = hooked.as_ref().map_or(0, |(_, d)| d.len());
+        let tail_flags = &sums[6 + n_hooked..];
+        let mut off = 0;
+        for (k, &i) in self.tail.iter().enumerate() {
+            let len = part_len(i);
+            let reduced = flat.narrow(0, off, len);
+            off += len;
+            if tail_flags[k] <= 0.0 {
+                // No rank had a gradient: it stays undefined.
+                grads[i] = Tensor::new();
+                continue;
+            }
+            let p = &self.params[i].1;
+            if Some(i) == self.word_param {
+                let h = p.size()[1];
+                let reduced = reduced.view([-1, h]).to_kind(p.kind());
+                // This rank's gradient is zero outside the rows its own
+                // examples touch, a subset of the group's `rows`: in place,
+                // into zeros where this rank had none.
+                if !grads[i].defined() {
+                    grads[i] = p.zeros_like();
+                }
+                let _ = grads[i].index_copy_(0, rows, &reduced);
+            } else {
+                grads[i] = reduced.view(p.size().as_slice()).to_kind(p.kind());
             }
         }
         if let (Some((reduced, _)), Some((_, hooked))) = (hooked, self.reducer.as_ref()) {
