@@ -142,6 +142,32 @@ fn train_with(
     (s.named_tensors(), logs)
 }
 
+/// A free loopback port for a test's TCPStore.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Joins `rank` of a two-rank Gloo group on loopback (rank 0 hosts the
+/// store) under `prefix`.
+fn join_pair(port: u16, prefix: &str, rank: u32) -> Group {
+    Group::join(&Rendezvous {
+        host: "127.0.0.1".into(),
+        port,
+        host_store: true,
+        prefix: prefix.into(),
+        bind_host: "127.0.0.1".into(),
+        rank,
+        world: 2,
+        timeout: Duration::from_secs(60),
+        backend: distill_worker::collective::Backend::Gloo,
+    })
+    .unwrap()
+}
+
 fn two_ranks(
     model_dir: &Path,
     root: &Path,
@@ -149,11 +175,7 @@ fn two_ranks(
     all_terms: bool,
     dropout: bool,
 ) -> Vec<(Vec<(String, Tensor)>, Vec<StepLog>)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {
             let (model_dir, ckpt) = (
@@ -161,18 +183,7 @@ fn two_ranks(
                 root.join(format!("rank{rank}-{accum}-{all_terms}")),
             );
             std::thread::spawn(move || {
-                let g = Group::join(&Rendezvous {
-                    host: "127.0.0.1".into(),
-                    port,
-                    host_store: true,
-                    prefix: format!("dp-{accum}-{all_terms}/gen-1/"),
-                    bind_host: "127.0.0.1".into(),
-                    rank,
-                    world: 2,
-                    timeout: Duration::from_secs(60),
-                    backend: distill_worker::collective::Backend::Gloo,
-                })
-                .unwrap();
+                let g = join_pair(port, &format!("dp-{accum}-{all_terms}/gen-1/"), rank);
                 let (w, l) = train_with(&model_dir, &ckpt, accum, all_terms, dropout, Some(g));
                 // Tensors go back across the thread boundary as plain data.
                 let w: Vec<(String, Vec<f32>, Vec<i64>)> = w
@@ -316,11 +327,7 @@ fn plain(ts: Vec<(String, Tensor)>) -> Plain {
 fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = make_teacher(tmp.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {
             let (model_dir, ckpt) = (model_dir.clone(), tmp.path().join(format!("late{rank}")));
@@ -333,18 +340,7 @@ fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
                     tr.train_until(4, &d, None, |_| {}).unwrap();
                 }
                 let before = tr.step;
-                let g = Group::join(&Rendezvous {
-                    host: "127.0.0.1".into(),
-                    port,
-                    host_store: true,
-                    prefix: "late/gen-2/".into(),
-                    bind_host: "127.0.0.1".into(),
-                    rank,
-                    world: 2,
-                    timeout: Duration::from_secs(60),
-                    backend: distill_worker::collective::Backend::Gloo,
-                })
-                .unwrap();
+                let g = join_pair(port, "late/gen-2/", rank);
                 tr.data_parallel(g).unwrap();
                 let synced = tr.sync_state().unwrap();
                 let digest = tr.state_digest().unwrap();
@@ -496,11 +492,7 @@ fn a_rank_joining_after_the_last_step_was_committed_forms_no_group() {
 fn a_rank_without_a_gradient_still_pairs_equal_all_reduces() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = make_teacher(tmp.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let frozen = "classifier.bias";
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {
@@ -517,18 +509,7 @@ fn a_rank_without_a_gradient_still_pairs_equal_all_reduces() {
                 let mut tr =
                     Trainer::new(&mut s, Some(&teacher), None, &tok, config(1), ckpt).unwrap();
                 tr.sum_after_backward();
-                let g = Group::join(&Rendezvous {
-                    host: "127.0.0.1".into(),
-                    port,
-                    host_store: true,
-                    prefix: "frozen/gen-1/".into(),
-                    bind_host: "127.0.0.1".into(),
-                    rank,
-                    world: 2,
-                    timeout: Duration::from_secs(30),
-                    backend: distill_worker::collective::Backend::Gloo,
-                })
-                .unwrap();
+                let g = join_pair(port, "frozen/gen-1/", rank);
                 tr.data_parallel(g).unwrap();
                 tr.train(&d, None, |_| {})
                     .unwrap_or_else(|e| panic!("rank {rank}: {e}"));
