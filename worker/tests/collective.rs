@@ -5,30 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use distill_worker::collective::{Group, Rendezvous};
+mod common;
+
+use common::{free_port, rendezvous};
+use distill_worker::collective::Group;
 use tch::{Kind, Tensor};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn rendezvous(port: u16, prefix: &str, rank: u32, timeout: Duration) -> Rendezvous {
-    Rendezvous {
-        host: "127.0.0.1".into(),
-        port,
-        host_store: true,
-        prefix: prefix.into(),
-        bind_host: "127.0.0.1".into(),
-        rank,
-        world: 2,
-        timeout,
-        backend: distill_worker::collective::Backend::Gloo,
-    }
-}
 
 /// Runs `f(rank, group)` on two threads, one per rank.
 fn two_ranks<T: Send + 'static>(

@@ -11,7 +11,7 @@
 mod common;
 
 use common::*;
-use distill_worker::collective::{Group, Rendezvous};
+use distill_worker::collective::Group;
 use distill_worker::distill::schedule::{Decay, TermWeight};
 use distill_worker::distill::train::{StepLog, TrainConfig, TrainData, Trainer};
 use distill_worker::model::student::{derive_config, init_from_teacher, StudentShape};
@@ -142,30 +142,9 @@ fn train_with(
     (s.named_tensors(), logs)
 }
 
-/// A free loopback port for a test's TCPStore.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Joins `rank` of a two-rank Gloo group on loopback (rank 0 hosts the
-/// store) under `prefix`.
+/// Joins `rank` of a two-rank Gloo group on loopback under `prefix`.
 fn join_pair(port: u16, prefix: &str, rank: u32) -> Group {
-    Group::join(&Rendezvous {
-        host: "127.0.0.1".into(),
-        port,
-        host_store: true,
-        prefix: prefix.into(),
-        bind_host: "127.0.0.1".into(),
-        rank,
-        world: 2,
-        timeout: Duration::from_secs(60),
-        backend: distill_worker::collective::Backend::Gloo,
-    })
-    .unwrap()
+    Group::join(&common::rendezvous(port, prefix, rank, Duration::from_secs(60))).unwrap()
 }
 
 fn two_ranks(
@@ -175,7 +154,7 @@ fn two_ranks(
     all_terms: bool,
     dropout: bool,
 ) -> Vec<(Vec<(String, Tensor)>, Vec<StepLog>)> {
-    let port = free_port();
+    let port = common::free_port();
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {
             let (model_dir, ckpt) = (
@@ -327,7 +306,7 @@ fn plain(ts: Vec<(String, Tensor)>) -> Plain {
 fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = make_teacher(tmp.path());
-    let port = free_port();
+    let port = common::free_port();
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {
             let (model_dir, ckpt) = (model_dir.clone(), tmp.path().join(format!("late{rank}")));
@@ -492,7 +471,7 @@ fn a_rank_joining_after_the_last_step_was_committed_forms_no_group() {
 fn a_rank_without_a_gradient_still_pairs_equal_all_reduces() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = make_teacher(tmp.path());
-    let port = free_port();
+    let port = common::free_port();
     let frozen = "classifier.bias";
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {

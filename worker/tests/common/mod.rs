@@ -130,3 +130,33 @@ pub fn save_batch(b: &distill_worker::model::Batch, path: &Path) {
     )
     .unwrap();
 }
+
+/// A free loopback port for a test's TCPStore.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `rank` of a two-rank Gloo group on loopback (rank 0 hosts the store),
+/// keys under `prefix`.
+pub fn rendezvous(
+    port: u16,
+    prefix: &str,
+    rank: u32,
+    timeout: std::time::Duration,
+) -> distill_worker::collective::Rendezvous {
+    distill_worker::collective::Rendezvous {
+        host: "127.0.0.1".into(),
+        port,
+        host_store: true,
+        prefix: prefix.into(),
+        bind_host: "127.0.0.1".into(),
+        rank,
+        world: 2,
+        timeout,
+        backend: distill_worker::collective::Backend::Gloo,
+    }
+}
