@@ -144,7 +144,13 @@ fn train_with(
 
 /// Joins `rank` of a two-rank Gloo group on loopback under `prefix`.
 fn join_pair(port: u16, prefix: &str, rank: u32) -> Group {
-    Group::join(&common::rendezvous(port, prefix, rank, Duration::from_secs(60))).unwrap()
+    Group::join(&common::rendezvous(
+        port,
+        prefix,
+        rank,
+        Duration::from_secs(60),
+    ))
+    .unwrap()
 }
 
 fn two_ranks(
