@@ -144,13 +144,7 @@ fn train_with(
 
 /// Joins `rank` of a two-rank Gloo group on loopback under `prefix`.
 fn join_pair(port: u16, prefix: &str, rank: u32) -> Group {
-    Group::join(&common::rendezvous(
-        port,
-        prefix,
-        rank,
-        Duration::from_secs(60),
-    ))
-    .unwrap()
+    Group::join(&rendezvous(port, prefix, rank, Duration::from_secs(60))).unwrap()
 }
 
 fn two_ranks(
@@ -160,7 +154,7 @@ fn two_ranks(
     all_terms: bool,
     dropout: bool,
 ) -> Vec<(Vec<(String, Tensor)>, Vec<StepLog>)> {
-    let port = common::free_port();
+    let port = free_port();
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {
             let (model_dir, ckpt) = (
@@ -312,7 +306,7 @@ fn plain(ts: Vec<(String, Tensor)>) -> Plain {
 fn a_member_that_joins_late_receives_the_state_and_stays_in_lockstep() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = make_teacher(tmp.path());
-    let port = common::free_port();
+    let port = free_port();
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {
             let (model_dir, ckpt) = (model_dir.clone(), tmp.path().join(format!("late{rank}")));
@@ -477,7 +471,7 @@ fn a_rank_joining_after_the_last_step_was_committed_forms_no_group() {
 fn a_rank_without_a_gradient_still_pairs_equal_all_reduces() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = make_teacher(tmp.path());
-    let port = common::free_port();
+    let port = free_port();
     let frozen = "classifier.bias";
     let handles: Vec<_> = (0..2u32)
         .map(|rank| {
