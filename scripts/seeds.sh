@@ -12,6 +12,8 @@
 # TEACHER_CACHE=off gives every run its own. BASELINE=off skips the
 # labels-only student (for a job whose baseline equals another job's, such as
 # an augmented job's: the baseline trains on the labelled rows only).
+# FIRST=K starts at seed K instead of 1 (seeds K..N: more seeds for a job
+# whose first ones another checkout ran); the summary covers K..N.
 # Report figures come from here, not from single runs.
 #   scripts/seeds.sh JOB.toml [N=3] [extra distill run args...]
 set -euo pipefail
@@ -32,7 +34,7 @@ name=$("$py" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")
 mkdir -p runs
 reports=()
 pids=()
-for seed in $(seq 1 "$n"); do
+for seed in $(seq "${FIRST:-1}" "$n"); do
   out=runs/$name-seed$seed
   if [ ! -e "$out/report.json" ]; then
     echo "seeds: $job seed $seed → $out" >&2
