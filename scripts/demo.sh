@@ -3,7 +3,7 @@
 # teacher: fine-tune all-MiniLM-L6-v2 on rotten-tomatoes sentiment, distil a
 # 3-layer student, evaluate on the test split, quantize, export, and print the
 # result table. Arguments go to `distill run`: `--baseline` also trains the
-# same student on labels alone for comparison (about 3.5 more minutes on 2
+# same student on labels alone for comparison (about 8 more minutes on 2
 # CPU cores), `--output DIR` writes elsewhere.
 # Output: runs/sentiment-quickstart/ (re-running resumes from checkpoints).
 set -euo pipefail
