@@ -1,17 +1,22 @@
-//! Every file in `cluster-configs/` parses, validates, and survives the
-//! TOML → JobSpec → JSON → JobSpec round trip unchanged.
+//! Every job file in `cluster-configs/` and `cluster-configs/quality/` (the
+//! quality study's jobs) parses, validates, and survives the TOML → JobSpec →
+//! JSON → JobSpec round trip unchanged.
 
 use std::path::Path;
 
 use distill_spec::{from_json_str, load, StudentSize, Task};
 
 fn configs() -> Vec<std::path::PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster-configs");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("read cluster-configs/")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml" || e == "json"))
-        .collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster-configs");
+    let mut files = Vec::new();
+    for dir in [root.clone(), root.join("quality")] {
+        files.extend(
+            std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml" || e == "json")),
+        );
+    }
     files.sort();
     files
 }
@@ -19,9 +24,10 @@ fn configs() -> Vec<std::path::PathBuf> {
 #[test]
 fn every_cluster_config_parses_and_round_trips() {
     let files = configs();
+    // The top level holds at least 3 examples and quality/ at least 10 jobs.
     assert!(
-        files.len() >= 3,
-        "expected at least 3 example specs, found {files:?}"
+        files.len() >= 13,
+        "expected at least 13 job specs, found {files:?}"
     );
     for file in files {
         let spec = load(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
