@@ -1,11 +1,12 @@
 """Reference side of distill's parity tests: transformers (PyTorch) computes
 what distill must reproduce. Called by the Rust tests in worker/tests/.
 
-  make-random OUT --seed S --layers L --hidden H --heads A --intermediate I --vocab V --labels K
-      a randomly initialised BertForSequenceClassification (every parameter
-      perturbed, so biases and LayerNorms are not trivial) and a WordPiece
-      tokenizer.json over V tokens, saved with save_pretrained
-  run MODEL_DIR INPUTS OUT --task classification|embedding [--normalize]
+  make-random OUT --seed S --layers L --hidden H --heads A --intermediate I --vocab V --labels K [--mlm]
+      a randomly initialised BertForSequenceClassification (with --mlm a
+      BertForMaskedLM: an encoder with its masked-LM head, cls.predictions.*)
+      (every parameter perturbed, so biases and LayerNorms are not trivial)
+      and a WordPiece tokenizer.json over V tokens, saved with save_pretrained
+  run MODEL_DIR INPUTS OUT --task classification|embedding|mlm [--normalize]
       load with Auto* (eager attention), run input_ids/attention_mask/
       token_type_ids from INPUTS (safetensors), write hidden_states.N,
       attentions.N and logits or embeddings to OUT; fail on any missing or
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 def make_random(a):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, normalizers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, PreTrainedTokenizerFast
 
     torch.manual_seed(a.seed)
     cfg = BertConfig(
@@ -33,7 +34,7 @@ def make_random(a):
         id2label={i: f"class_{i}" for i in range(a.labels)},
         label2id={f"class_{i}": i for i in range(a.labels)},
     )
-    m = BertForSequenceClassification(cfg).eval()
+    m = (BertForMaskedLM if a.mlm else BertForSequenceClassification)(cfg).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -53,12 +54,14 @@ def make_random(a):
 
 
 def run(a):
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-    cls = AutoModelForSequenceClassification if a.task == "classification" else AutoModel
+    cls = {"classification": AutoModelForSequenceClassification, "mlm": AutoModelForMaskedLM}.get(a.task, AutoModel)
     model, info = cls.from_pretrained(a.model, attn_implementation="eager", output_loading_info=True)
-    # A classification checkpoint read as a plain encoder may carry its head.
-    info["unexpected_keys"] = [k for k in info.get("unexpected_keys", []) if not k.startswith("classifier.")]
+    # A classification checkpoint read as a plain encoder may carry its head,
+    # a masked-LM one its cls.predictions.
+    info["unexpected_keys"] = [k for k in info.get("unexpected_keys", [])
+                               if not k.startswith(("classifier.", "cls."))]
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         sys.exit(f"reference: loading {a.model} reported {bad}")
@@ -72,7 +75,7 @@ def run(a):
         res[f"hidden_states.{i}"] = h.contiguous()
     for i, t in enumerate(out.attentions):
         res[f"attentions.{i}"] = t.contiguous()
-    if a.task == "classification":
+    if a.task in ("classification", "mlm"):
         res["logits"] = out.logits.contiguous()
     else:
         last = out.last_hidden_state
@@ -100,9 +103,10 @@ def main():
     r.add_argument("out")
     for f in ["seed", "layers", "hidden", "heads", "intermediate", "vocab", "labels"]:
         r.add_argument("--" + f, type=int, required=True)
+    r.add_argument("--mlm", action="store_true")
     r = sub.add_parser("run")
     r.add_argument("model"); r.add_argument("inputs"); r.add_argument("out")
-    r.add_argument("--task", choices=["classification", "embedding"], required=True)
+    r.add_argument("--task", choices=["classification", "embedding", "mlm"], required=True)
     r.add_argument("--normalize", action="store_true")
     r = sub.add_parser("tokenize")
     r.add_argument("model"); r.add_argument("texts"); r.add_argument("out")

@@ -122,7 +122,8 @@ pub struct Augment {
     pub factor: u32,
     /// Chance that each token is changed.
     pub probability: f64,
-    /// `neighbours`: a replacement is drawn from this many nearest tokens.
+    /// `neighbours`, `mlm`: a replacement is drawn from this many nearest
+    /// (or most likely) words.
     pub neighbours: u32,
     /// `None`: the job's `training.seed`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -140,6 +141,11 @@ pub enum AugmentMethod {
     /// one of its nearest neighbours (cosine) in the teacher's
     /// input-embedding table.
     Neighbours,
+    /// TinyBERT-style word replacement by the teacher's masked-LM head: the
+    /// chosen whole words are masked and each is replaced by one of the
+    /// `neighbours` whole words the head predicts most likely there (not
+    /// the word itself). Needs a checkpoint with `cls.predictions.*`.
+    Mlm,
     /// A token becomes `[MASK]`.
     Mask,
     /// A token is deleted.

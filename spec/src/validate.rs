@@ -285,7 +285,7 @@ fn augment(c: &mut Check, task: Task, a: RawAugment) -> Augment {
         None => {
             c.err(
                 "data.augment.method",
-                "missing; expected one of \"neighbours\", \"mask\", \"delete\", \"swap\"",
+                "missing; expected one of \"neighbours\", \"mlm\", \"mask\", \"delete\", \"swap\"",
             );
             M::Mask
         }
@@ -295,6 +295,7 @@ fn augment(c: &mut Check, task: Task, a: RawAugment) -> Augment {
             M::Mask,
             &[
                 ("neighbours", M::Neighbours),
+                ("mlm", M::Mlm),
                 ("mask", M::Mask),
                 ("delete", M::Delete),
                 ("swap", M::Swap),

@@ -5,16 +5,24 @@
 //! Each augmented example is a pure function of its source example's
 //! tokens, the copy number and the seed (a splitmix64 stream seeded by a
 //! hash of the three), so the same job makes the same examples on every
-//! machine, in any order, and teacher-signal shards over them are
-//! content-addressed like any others.
+//! machine, in any order (`mlm` copies: see below), and teacher-signal
+//! shards over them are content-addressed like any others.
 //!
 //! Methods:
 //! - `neighbours` (TinyBERT-style word replacement): a whole-word token
 //!   (one that is not a `##` piece and is not followed by one) is replaced
 //!   by one of its `neighbours` nearest whole-word tokens by cosine
-//!   similarity in the teacher's input-embedding table. The teachers this
-//!   project ships (sentence-transformers MiniLM) have no masked-LM head,
-//!   so TinyBERT's MLM variant has nothing to run on.
+//!   similarity in the teacher's input-embedding table.
+//! - `mlm` (TinyBERT's own variant, for a teacher checkpoint with a
+//!   masked-LM head, `cls.predictions.*`): the chosen whole words of a copy
+//!   are masked together, and each becomes one of the `neighbours` whole
+//!   words the head ranks most likely there, other than itself. TinyBERT
+//!   masks one word per pass; masking a copy's words together costs one
+//!   pass per batch of copies instead of one per word. The copies then also
+//!   depend on the head's fp32 logits (fixed batches, so the same device
+//!   and thread count give the same copies). The teacher this project
+//!   ships (sentence-transformers MiniLM) has no masked-LM head: there
+//!   `mlm` is refused, naming the missing tensor.
 //! - `mask`: a token becomes `[MASK]`.
 //! - `delete`: a token is dropped (at least one content token is kept).
 //! - `swap`: a token trades places with the next one of its segment.
@@ -29,6 +37,8 @@ use distill_spec::{Augment, AugmentMethod};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use crate::model::mlm::MaskedLm;
+use crate::model::Batch;
 use crate::tokenize::{Encoded, TextTokenizer};
 use crate::{Error, Result};
 
@@ -72,11 +82,14 @@ pub struct Augmenter {
     seed: u64,
     special: BTreeSet<i64>,
     mask_id: Option<i64>,
+    pad_id: i64,
     /// `neighbours`: each whole-word token's nearest whole-word tokens.
     neighbours: HashMap<i64, Vec<i64>>,
     /// `neighbours`: which ids are whole words.
     whole: Vec<bool>,
     continuation: Vec<bool>,
+    /// `mlm`: the teacher checkpoint's masked-LM head.
+    mlm: Option<MaskedLm>,
 }
 
 impl Augmenter {
@@ -93,9 +106,13 @@ impl Augmenter {
     ) -> Result<Self> {
         let mut a = Self::from_vocab(cfg, job_seed, &tok.vocab(), tok.pad_id)
             .map_err(|e| Error::Invalid(format!("{e} (tokenizer {})", tok.path.display())))?;
-        if cfg.method == AugmentMethod::Neighbours {
-            let table = embedding_table(teacher_dir)?;
-            a.neighbours = a.neighbours_in(&table, sources)?;
+        match cfg.method {
+            AugmentMethod::Neighbours => {
+                let table = embedding_table(teacher_dir)?;
+                a.neighbours = a.neighbours_in(&table, sources)?;
+            }
+            AugmentMethod::Mlm => a.mlm = Some(MaskedLm::load(teacher_dir, Device::Cpu)?),
+            _ => {}
         }
         Ok(a)
     }
@@ -128,20 +145,38 @@ impl Augmenter {
         let mask_id = ["[MASK]", "<mask>"]
             .iter()
             .find_map(|t| vocab.get(*t).map(|&i| i as i64));
-        if cfg.method == AugmentMethod::Mask && mask_id.is_none() {
-            return Err(Error::Invalid(
-                "data.augment.method = \"mask\": the tokenizer has no [MASK] token".into(),
-            ));
+        if matches!(cfg.method, AugmentMethod::Mask | AugmentMethod::Mlm) && mask_id.is_none() {
+            return Err(Error::Invalid(format!(
+                "data.augment.method = \"{}\": the tokenizer has no [MASK] token",
+                if cfg.method == AugmentMethod::Mask {
+                    "mask"
+                } else {
+                    "mlm"
+                }
+            )));
         }
         Ok(Augmenter {
             cfg: cfg.clone(),
             seed: cfg.seed.unwrap_or(job_seed),
             special,
             mask_id,
+            pad_id,
             neighbours: HashMap::new(),
             whole,
             continuation,
+            mlm: None,
         })
+    }
+
+    /// The positions of `ids` that are whole words, not followed by a
+    /// `##` piece, and not special: what `neighbours` and `mlm` replace.
+    fn word_positions(&self, ids: &[i64]) -> Vec<usize> {
+        (0..ids.len())
+            .filter(|&i| {
+                let next_piece = ids.get(i + 1).is_some_and(|&n| self.is_continuation(n));
+                !self.special.contains(&ids[i]) && self.is_whole(ids[i]) && !next_piece
+            })
+            .collect()
     }
 
     fn is_whole(&self, id: i64) -> bool {
@@ -236,6 +271,7 @@ impl Augmenter {
                     }
                 }
             }
+            AugmentMethod::Mlm => return self.mlm_copies(&[(e, copy)]).remove(0),
             AugmentMethod::Delete => {
                 let n_content = (0..ids.len()).filter(|&i| content(i)).count();
                 let mut keep = vec![true; ids.len()];
@@ -275,10 +311,114 @@ impl Augmenter {
 
     /// Every source's `factor` copies, source by source.
     pub fn all(&self, sources: &[Encoded]) -> Vec<Encoded> {
-        let mut out = Vec::with_capacity(sources.len() * self.cfg.factor as usize);
-        for e in sources {
-            for c in 0..self.cfg.factor {
-                out.push(self.one(e, c));
+        let pairs: Vec<(&Encoded, u32)> = sources
+            .iter()
+            .flat_map(|e| (0..self.cfg.factor).map(move |c| (e, c)))
+            .collect();
+        if self.cfg.method == AugmentMethod::Mlm {
+            // One masked-LM pass per batch of copies, always the same
+            // batches in the same order: the same job, device and thread
+            // count give the same copies.
+            return pairs.chunks(64).flat_map(|b| self.mlm_copies(b)).collect();
+        }
+        pairs.into_iter().map(|(e, c)| self.one(e, c)).collect()
+    }
+
+    /// `mlm` copies of `pairs` (example, copy number): each chosen whole
+    /// word is masked (all of an example's at once, in one pass of the
+    /// teacher's masked-LM head) and replaced by one of the `neighbours`
+    /// whole words most likely there, other than itself.
+    fn mlm_copies(&self, pairs: &[(&Encoded, u32)]) -> Vec<Encoded> {
+        let mlm = self
+            .mlm
+            .as_ref()
+            .expect("mlm: the masked-LM head is loaded in new");
+        let mask = self.mask_id.expect("mlm: [MASK] checked in from_vocab");
+        let p = self.cfg.probability;
+        let mut rngs = Vec::with_capacity(pairs.len());
+        let mut chosen = Vec::with_capacity(pairs.len());
+        for &(e, copy) in pairs {
+            let mut rng = Rng::for_example(self.seed, copy, e);
+            let at: Vec<usize> = self
+                .word_positions(&e.ids)
+                .into_iter()
+                .filter(|_| rng.unit() < p)
+                .collect();
+            rngs.push(rng);
+            chosen.push(at);
+        }
+        let mut out: Vec<Encoded> = pairs.iter().map(|(e, _)| (*e).clone()).collect();
+        let rows: Vec<usize> = (0..pairs.len())
+            .filter(|&r| !chosen[r].is_empty())
+            .collect();
+        if rows.is_empty() {
+            return out;
+        }
+        let seq = rows
+            .iter()
+            .map(|&r| pairs[r].0.ids.len())
+            .max()
+            .unwrap_or(1);
+        let (mut ids, mut att, mut types) = (vec![], vec![], vec![]);
+        let mut flat = vec![];
+        for (b, &r) in rows.iter().enumerate() {
+            let e = pairs[r].0;
+            let mut row = e.ids.clone();
+            for &i in &chosen[r] {
+                row[i] = mask;
+                flat.push((b * seq + i) as i64);
+            }
+            let pad = seq - row.len();
+            att.extend(std::iter::repeat_n(1i64, row.len()).chain(std::iter::repeat_n(0, pad)));
+            types.extend(
+                e.type_ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            ids.extend(row.into_iter().chain(std::iter::repeat_n(self.pad_id, pad)));
+        }
+        let dev = mlm.device();
+        let shape = [rows.len() as i64, seq as i64];
+        let batch = Batch {
+            input_ids: Tensor::from_slice(&ids).view(shape).to_device(dev),
+            attention_mask: Tensor::from_slice(&att).view(shape).to_device(dev),
+            token_type_ids: Tensor::from_slice(&types).view(shape).to_device(dev),
+        };
+        let logits = mlm.logits(&batch);
+        let vocab = logits.size()[2];
+        let logits = logits
+            .view([-1, vocab])
+            .index_select(0, &Tensor::from_slice(&flat).to_device(dev))
+            .to_device(Device::Cpu);
+        // Only whole words may come in, and never the word itself.
+        let allowed: Vec<f32> = (0..vocab)
+            .map(|v| {
+                if self.is_whole(v) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let originals: Vec<i64> = rows
+            .iter()
+            .flat_map(|&r| chosen[r].iter().map(move |&i| pairs[r].0.ids[i]))
+            .collect();
+        let scores = (logits + Tensor::from_slice(&allowed).unsqueeze(0)).scatter_value(
+            1,
+            &Tensor::from_slice(&originals).unsqueeze(1),
+            f64::NEG_INFINITY,
+        );
+        let words = (0..vocab).filter(|&v| self.is_whole(v)).count() as i64;
+        let k = (self.cfg.neighbours as i64).min(words - 1).max(1);
+        let (_, top) = scores.topk(k, 1, true, true);
+        let top = Vec::<i64>::try_from(top.reshape([-1])).expect("top-k ids");
+        let mut n = 0;
+        for &r in &rows {
+            for &i in &chosen[r] {
+                out[r].ids[i] = top[n * k as usize + rngs[r].below(k as usize)];
+                n += 1;
             }
         }
         out

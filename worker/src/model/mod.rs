@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod config;
 pub mod export;
+pub mod mlm;
 pub mod student;
 pub mod weights;
 

@@ -167,10 +167,17 @@ pub fn load_into(
         }
     });
     // A checkpoint tensor is unexpected only if it matches no variable and is
-    // not a head the model chose not to build (e.g. a pooler).
+    // not a head the model chose not to build: a pooler, a classifier, or
+    // the pre-training heads (`cls.`: masked-LM and next-sentence) that
+    // BERT checkpoints such as bert-base-uncased carry, which transformers
+    // also drops when it loads them for a task.
     let known: std::collections::HashSet<&String> = names.iter().collect();
     for n in canon.keys() {
-        if !known.contains(n) && !n.starts_with("pooler.") && !n.starts_with("classifier.") {
+        if !known.contains(n)
+            && !n.starts_with("pooler.")
+            && !n.starts_with("classifier.")
+            && !n.starts_with("cls.")
+        {
             report.unexpected.push(n.clone());
         }
     }
