@@ -258,11 +258,7 @@ impl Augmenter {
                 }
             }
             AugmentMethod::Neighbours => {
-                for i in 0..ids.len() {
-                    let next_piece = ids.get(i + 1).is_some_and(|&n| self.is_continuation(n));
-                    if !content(i) || !self.is_whole(ids[i]) || next_piece {
-                        continue;
-                    }
+                for i in self.word_positions(&e.ids) {
                     if rng.unit() < p {
                         if let Some(near) = self.neighbours.get(&e.ids[i]).filter(|n| !n.is_empty())
                         {
