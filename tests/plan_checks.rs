@@ -75,6 +75,27 @@ fn plan_lists_every_problem_at_once() {
     assert!(ok, "{out}");
     assert!(out.contains("\"augmented\": 60"), "{out}");
     assert!(out.contains("\"steps\": 9"), "{out}");
+    // `per_batch`: the copies ride along in every batch, and the epochs
+    // count the 30 texts alone: 3 steps again.
+    let per_batch = dir.join("per-batch.toml");
+    std::fs::write(
+        &per_batch,
+        std::fs::read_to_string(&augmented).unwrap() + "per_batch = 16\n",
+    )
+    .unwrap();
+    let (ok, out) = plan(&per_batch);
+    assert!(ok, "{out}");
+    assert!(out.contains("\"augmented\": 60"), "{out}");
+    assert!(out.contains("\"steps\": 3"), "{out}");
+    let zero = dir.join("per-batch-zero.toml");
+    std::fs::write(
+        &zero,
+        std::fs::read_to_string(&augmented).unwrap() + "per_batch = 0\n",
+    )
+    .unwrap();
+    let (ok, out) = plan(&zero);
+    assert!(!ok, "{out}");
+    assert!(out.contains("data.augment.per_batch"), "{out}");
 
     // Four problems at once.
     let mut train = std::fs::read_to_string(dir.join("train.jsonl")).unwrap();

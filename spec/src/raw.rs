@@ -65,6 +65,7 @@ pub struct RawAugment {
     pub neighbours: Option<i64>,
     pub seed: Option<i64>,
     pub min_confidence: Option<f64>,
+    pub per_batch: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

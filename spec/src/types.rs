@@ -132,6 +132,14 @@ pub struct Augment {
     /// probability reaches this (classification); `None`: keep all.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_confidence: Option<f64>,
+    /// `None`: the kept copies follow the training texts in the epoch order
+    /// (a batch holds texts and copies alike, and an epoch counts both).
+    /// `Some(k)`: every micro-batch holds `training.batch_size` training
+    /// texts in their own order plus `k` copies drawn in theirs, so the
+    /// student sees the texts as often as without augmentation, at the
+    /// same number of steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_batch: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -332,6 +332,9 @@ fn augment(c: &mut Check, task: Task, a: RawAugment) -> Augment {
             .seed
             .map(|s| c.int("data.augment.seed", Some(s), 0u64, 0, i64::MAX)),
         min_confidence,
+        per_batch: a
+            .per_batch
+            .map(|k| c.int("data.augment.per_batch", Some(k), 1u32, 1, 4096)),
     }
 }
 

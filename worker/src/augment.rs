@@ -550,6 +550,7 @@ mod tests {
             neighbours: 2,
             seed: None,
             min_confidence: None,
+            per_batch: None,
         }
     }
 

@@ -148,6 +148,16 @@ fn train_config(spec: &JobSpec, n_train: usize, layer_map: Vec<i64>) -> TrainCon
     }
 }
 
+/// The rows a job's epochs count: all `n_all` rows of the training order,
+/// or under `[data.augment] per_batch` those before the `n_augmented`
+/// copies (which then ride along in every batch instead).
+pub fn order_rows(spec: &JobSpec, n_all: usize, n_augmented: usize) -> usize {
+    match spec.data.augment.as_ref().and_then(|a| a.per_batch) {
+        Some(_) => n_all - n_augmented.min(n_all),
+        None => n_all,
+    }
+}
+
 fn log_step(stage: &'static str, total: u64) -> impl FnMut(&StepLog) {
     let mut p = crate::progress::StepProgress::new(stage, total);
     move |l: &StepLog| p.step(l)
@@ -831,6 +841,8 @@ pub fn distill_student_in(
     }
     let offline = teacher_output.is_some();
     let width = teacher.config().hidden_size;
+    // The rows before the augmented copies (the filter below drops copies only).
+    let originals = examples.len() - p.augmented.len().min(examples.len());
     let data = augment_filter(
         spec,
         p,
@@ -842,11 +854,30 @@ pub fn distill_student_in(
         },
         out,
     )?;
-    let cfg = train_config(spec, data.examples.len(), plan.layer_map.clone());
+    let side = spec
+        .data
+        .augment
+        .as_ref()
+        .and_then(|a| a.per_batch)
+        .map(|k| crate::distill::train::SideRows {
+            from: originals,
+            per_micro: k as usize,
+        });
+    let rows = side.map_or(data.examples.len(), |s| s.from);
+    let cfg = train_config(spec, rows, plan.layer_map.clone());
     let total = cfg.total_steps;
     eprintln!(
-        "distill: {total} steps, teacher signal {}",
-        if offline { "offline" } else { "online" }
+        "distill: {total} steps, teacher signal {}{}",
+        if offline { "offline" } else { "online" },
+        match side {
+            Some(s) if data.examples.len() > s.from => format!(
+                ", {} augmented rows added to every batch of {} (from {} kept copies)",
+                s.per_micro,
+                spec.training.batch_size,
+                data.examples.len() - s.from
+            ),
+            _ => String::new(),
+        }
     );
     let (leader, last_group);
     {
@@ -861,6 +892,7 @@ pub fn distill_student_in(
         )?;
         tr.stop_on(hooks.stop.clone());
         tr.set_fingerprint(Some(fingerprint(spec)));
+        tr.set_side(side);
         if group.is_none() {
             tr.resume()?;
         }
@@ -923,7 +955,8 @@ pub fn baseline(
     // The distilled student's budget (steps over the whole training
     // order), spent on the labelled rows alone: unlabelled and augmented
     // rows carry no task loss and would only leave batch slots empty.
-    let mut cfg = train_config(spec, examples.len(), plan.layer_map.clone());
+    let rows = order_rows(spec, examples.len(), p.augmented.len());
+    let mut cfg = train_config(spec, rows, plan.layer_map.clone());
     cfg.weights = task_only();
     let total = cfg.total_steps;
     let (examples, labels): (Vec<_>, Vec<_>) = examples

@@ -148,7 +148,9 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
     if n_order > n_train {
         counts.insert("augmented".into(), (n_order - n_train).into());
     }
-    let steps = crate::pipeline::total_steps(spec, n_order);
+    // Under `per_batch` the copies ride along in every batch instead.
+    let rows = crate::pipeline::order_rows(spec, n_order, n_order - n_train);
+    let steps = crate::pipeline::total_steps(spec, rows);
     let schemes = crate::quant::Scheme::from_spec(&spec.quantization);
     // An explicit int4 needs a group size that divides every quantized
     // layer's inputs (hidden and intermediate sizes); "auto" skips it.

@@ -51,6 +51,7 @@ fn cfg(p: f64, k: u32, seed: Option<u64>) -> Augment {
         neighbours: k,
         seed,
         min_confidence: None,
+        per_batch: None,
     }
 }
 

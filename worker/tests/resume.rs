@@ -9,7 +9,7 @@ use common::*;
 use distill_worker::autocast::{autocast, is_enabled, Reduced};
 use distill_worker::distill::loss::IGNORE_LABEL;
 use distill_worker::distill::schedule::{Decay, TermWeight};
-use distill_worker::distill::train::{StepLog, TrainConfig, TrainData, Trainer};
+use distill_worker::distill::train::{SideRows, StepLog, TrainConfig, TrainData, Trainer};
 use distill_worker::model::student::{derive_config, init_from_teacher, StudentShape};
 use distill_worker::model::{Task, TaskModel};
 use distill_worker::tokenize::TextTokenizer;
@@ -116,9 +116,25 @@ fn run_with(
     stop: Option<u64>,
     resume: bool,
 ) -> (Vec<(String, tch::Tensor)>, Vec<StepLog>) {
+    run_side(config, None, 30, model_dir, ckpt, stop, resume)
+}
+
+/// [`run_with`] with side rows (`[data.augment] per_batch`), on the first
+/// `rows` of the 30 examples.
+fn run_side(
+    config: TrainConfig,
+    side: Option<SideRows>,
+    rows: usize,
+    model_dir: &Path,
+    ckpt: &Path,
+    stop: Option<u64>,
+    resume: bool,
+) -> (Vec<(String, tch::Tensor)>, Vec<StepLog>) {
     let teacher = TaskModel::load(model_dir, Task::Classification, None, Device::Cpu).unwrap();
     let tok = TextTokenizer::load(model_dir, teacher.config(), 16).unwrap();
-    let d = data(&tok);
+    let mut d = data(&tok);
+    d.examples.truncate(rows);
+    d.labels.truncate(rows);
     // A fresh student with a different random state: resume must overwrite all of it.
     tch::manual_seed(if resume { 999 } else { 1 });
     let mut s = student(&teacher);
@@ -131,6 +147,7 @@ fn run_with(
         ckpt.to_path_buf(),
     )
     .unwrap();
+    tr.set_side(side);
     if resume {
         assert!(tr.resume().unwrap(), "a checkpoint was published");
         assert_eq!(tr.step, 4);
@@ -179,6 +196,52 @@ fn resume_is_bitwise_exact() {
         moved |= !a.equal(b);
     }
     assert!(moved, "training changed the weights");
+}
+
+/// `[data.augment] per_batch`: rows 20.. of the 30 (the copies) leave the
+/// epoch order and 3 of them ride along in every micro-batch. Training is
+/// still a function of the step (N steps + resume + M steps = N+M, bitwise),
+/// and the side rows are really trained on: the weights differ from a run
+/// on rows 0..20 alone (whose epoch order is the same).
+#[test]
+fn side_rows_resume_bitwise_and_are_trained_on() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = make_teacher(tmp.path());
+    let side = Some(SideRows {
+        from: 20,
+        per_micro: 3,
+    });
+    let go = |side, rows, dir: &str, stop, resume| {
+        run_side(
+            config(),
+            side,
+            rows,
+            &model_dir,
+            &tmp.path().join(dir),
+            stop,
+            resume,
+        )
+        .0
+    };
+    let straight = go(side, 30, "a", None, false);
+    let _ = go(side, 30, "b", Some(4), false);
+    let resumed = go(side, 30, "b", None, true);
+    for ((n, a), (_, b)) in straight.iter().zip(&resumed) {
+        assert!(
+            a.equal(b),
+            "{n} differs after resume with side rows (max abs {})",
+            max_abs_diff(a, b)
+        );
+    }
+    // The same main stream without the side rows.
+    let plain = go(None, 20, "c", None, false);
+    let differs = straight
+        .iter()
+        .zip(&plain)
+        .filter(|((_, a), (_, b))| !a.equal(b))
+        .count();
+    assert!(differs > 0, "the side rows changed no weight");
 }
 
 /// A corrupt (NaN) offline teacher signal: every step is skipped; after

@@ -53,6 +53,50 @@ pub struct TrainConfig {
     pub precision: Option<Reduced>,
 }
 
+/// Rows `[from, n)` of the training data drawn as a second stream: every
+/// micro-batch takes `batch_size` rows of `[0, from)` in their epoch order
+/// and `per_micro` of `[from, n)` in theirs (its own shuffle, seeded from
+/// the same seed), so a step's rows are still a function of the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SideRows {
+    pub from: usize,
+    pub per_micro: usize,
+}
+
+/// What seeds the side stream's shuffles apart from the main one's.
+const SIDE_SEED: u64 = 0x5349_4445_524f_5753;
+
+/// The side rows of micro-batch `micro` of step `step` (`accum`
+/// micro-batches a step) over `n_all` rows: `side.per_micro` consecutive
+/// positions of the side stream, whose epoch `e` is the rows
+/// `[side.from, n_all)` in the order `epoch_order(.., seed ^ SIDE_SEED, e)`.
+/// Empty when there are no side rows.
+pub fn side_rows(
+    seed: u64,
+    side: SideRows,
+    n_all: usize,
+    step: u64,
+    accum: usize,
+    micro: usize,
+) -> Vec<usize> {
+    let m = n_all.saturating_sub(side.from) as u64;
+    if m == 0 {
+        return vec![];
+    }
+    let per = side.per_micro as u64;
+    let first = (step * accum as u64 + micro as u64) * per;
+    let mut order: Option<(u64, Vec<usize>)> = None;
+    (first..first + per)
+        .map(|pos| {
+            let epoch = pos / m;
+            if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+                order = Some((epoch, epoch_order(m as usize, seed ^ SIDE_SEED, epoch)));
+            }
+            side.from + order.as_ref().unwrap().1[(pos % m) as usize]
+        })
+        .collect()
+}
+
 /// Tokenized examples with label ids (`loss::IGNORE_LABEL` = unlabelled).
 pub struct TrainData {
     pub examples: Vec<Encoded>,
@@ -92,6 +136,8 @@ pub struct Trainer<'a> {
     fingerprint: Option<String>,
     tok: &'a TextTokenizer,
     order_cache: Option<(u64, Vec<usize>)>,
+    /// `[data.augment] per_batch` (see [`Trainer::set_side`]).
+    side: Option<SideRows>,
     /// Output-level teacher signal is precomputed (see `TrainData::teacher_output`).
     offline: bool,
     /// When set, training checkpoints and stops at the next step boundary
@@ -328,6 +374,7 @@ impl<'a> Trainer<'a> {
             fingerprint: None,
             tok,
             order_cache: None,
+            side: None,
             offline,
             stop: None,
             reducer: None,
@@ -837,7 +884,12 @@ impl<'a> Trainer<'a> {
         mut on_step: impl FnMut(&StepLog),
     ) -> Result<()> {
         let until = until.min(self.cfg.total_steps);
-        let n = data.examples.len();
+        let n_all = data.examples.len();
+        // With a side stream the epoch order runs over the rows before it.
+        let (n, side) = match self.side {
+            Some(s) if s.from < n_all && s.per_micro > 0 => (s.from, Some(s)),
+            _ => (n_all, None),
+        };
         if n == 0 {
             return Err(Error::Invalid("no training examples".into()));
         }
@@ -896,9 +948,19 @@ impl<'a> Trainer<'a> {
             let mut expected: Vec<bool> = vec![];
             for micro in 0..self.cfg.grad_accum {
                 let base = step * per_step + (micro * self.cfg.batch_size) as u64;
-                let all: Vec<usize> = (0..self.cfg.batch_size as u64)
+                let mut all: Vec<usize> = (0..self.cfg.batch_size as u64)
                     .map(|j| self.sample(base + j, n))
                     .collect();
+                if let Some(sr) = side {
+                    all.extend(side_rows(
+                        self.cfg.seed,
+                        sr,
+                        n_all,
+                        step,
+                        self.cfg.grad_accum,
+                        micro,
+                    ));
+                }
                 let ga = self.cfg.grad_accum as f64;
                 // One process takes the whole micro-batch and divides by the
                 // accumulation exactly as before data-parallel existed
@@ -1041,6 +1103,15 @@ impl<'a> Trainer<'a> {
     /// configuration's fingerprint, and refuses to resume from one marked
     /// with another: a directory reused by a job of another configuration
     /// would otherwise resume its weights silently.
+    /// `[data.augment] per_batch`: the rows from `SideRows::from` on (the
+    /// augmented copies) leave the epoch order, and every micro-batch adds
+    /// `per_micro` of them to its `batch_size` rows. `None` (the default):
+    /// one order over all rows. Not part of [`TrainConfig`], whose fields
+    /// key the fine-tuned teacher cache.
+    pub fn set_side(&mut self, side: Option<SideRows>) {
+        self.side = side;
+    }
+
     pub fn set_fingerprint(&mut self, f: Option<String>) {
         self.fingerprint = f;
     }
@@ -1169,9 +1240,51 @@ pub fn accuracy(
 
 #[cfg(test)]
 mod tests {
-    use super::split_by_length;
+    use super::{side_rows, split_by_length, SideRows};
 
     /// Lengths from a fixed pseudo-random stream (no RNG crate needed).
+    /// The side stream: `per_micro` rows of `[from, n)` a micro-batch, the
+    /// positions consecutive across micro-batches and steps, every side row
+    /// once per side epoch, each epoch in another order, and the same rows
+    /// for the same step whenever asked (what resume relies on).
+    #[test]
+    fn side_rows_cover_each_copy_once_an_epoch_as_a_function_of_the_step() {
+        let side = SideRows {
+            from: 10,
+            per_micro: 3,
+        };
+        let (n, accum) = (22, 2); // 12 side rows: two steps of 2 × 3 an epoch
+        let rows = |step| {
+            let mut r = side_rows(7, side, n, step, accum, 0);
+            r.extend(side_rows(7, side, n, step, accum, 1));
+            r
+        };
+        let epoch = |e: u64| {
+            let mut r = rows(2 * e);
+            r.extend(rows(2 * e + 1));
+            r
+        };
+        for e in 0..3 {
+            let mut r = epoch(e);
+            assert!(r.iter().all(|&i| (10..22).contains(&i)), "{r:?}");
+            r.sort();
+            assert_eq!(r, (10..22).collect::<Vec<_>>(), "epoch {e}");
+        }
+        assert_ne!(epoch(0), epoch(1), "each side epoch is shuffled anew");
+        assert_eq!(rows(5), rows(5));
+        assert_eq!(side_rows(7, side, n, 0, accum, 0).len(), 3);
+        assert_ne!(rows(0), {
+            let mut r = side_rows(8, side, n, 0, accum, 0);
+            r.extend(side_rows(8, side, n, 0, accum, 1));
+            r
+        });
+        // An epoch boundary inside a micro-batch: 5 side rows, 3 a micro-batch.
+        let small = side_rows(7, side, 15, 0, 1, 1);
+        assert!(small.iter().all(|&i| (10..15).contains(&i)), "{small:?}");
+        // No side rows at all: nothing to add.
+        assert!(side_rows(7, side, 10, 0, 1, 0).is_empty());
+    }
+
     fn lengths(n: usize, seed: u64) -> Vec<usize> {
         let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         (0..n)
