@@ -65,35 +65,24 @@ fn plan_lists_every_problem_at_once() {
     // augmented copies of each the epoch is 90 examples: 9 steps.
     assert!(out.contains("\"steps\": 3"), "{out}");
     assert!(!out.contains("augmented"), "{out}");
-    let augmented = dir.join("augmented.toml");
-    std::fs::write(
-        &augmented,
-        std::fs::read_to_string(&good).unwrap() + "[data.augment]\nmethod = \"mask\"\nfactor = 2\n",
-    )
-    .unwrap();
-    let (ok, out) = plan(&augmented);
+    // The good spec with `extra` appended, planned.
+    let variant = |name: &str, extra: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, std::fs::read_to_string(&good).unwrap() + extra).unwrap();
+        plan(&path)
+    };
+    let augment = "[data.augment]\nmethod = \"mask\"\nfactor = 2\n";
+    let (ok, out) = variant("augmented.toml", augment);
     assert!(ok, "{out}");
     assert!(out.contains("\"augmented\": 60"), "{out}");
     assert!(out.contains("\"steps\": 9"), "{out}");
     // `per_batch`: the copies ride along in every batch, and the epochs
     // count the 30 texts alone: 3 steps again.
-    let per_batch = dir.join("per-batch.toml");
-    std::fs::write(
-        &per_batch,
-        std::fs::read_to_string(&augmented).unwrap() + "per_batch = 16\n",
-    )
-    .unwrap();
-    let (ok, out) = plan(&per_batch);
+    let (ok, out) = variant("per-batch.toml", &format!("{augment}per_batch = 16\n"));
     assert!(ok, "{out}");
     assert!(out.contains("\"augmented\": 60"), "{out}");
     assert!(out.contains("\"steps\": 3"), "{out}");
-    let zero = dir.join("per-batch-zero.toml");
-    std::fs::write(
-        &zero,
-        std::fs::read_to_string(&augmented).unwrap() + "per_batch = 0\n",
-    )
-    .unwrap();
-    let (ok, out) = plan(&zero);
+    let (ok, out) = variant("per-batch-zero.toml", &format!("{augment}per_batch = 0\n"));
     assert!(!ok, "{out}");
     assert!(out.contains("data.augment.per_batch"), "{out}");
 
