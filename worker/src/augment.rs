@@ -38,7 +38,6 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::mlm::MaskedLm;
-use crate::model::Batch;
 use crate::tokenize::{Encoded, TextTokenizer};
 use crate::{Error, Result};
 
@@ -355,32 +354,21 @@ impl Augmenter {
             .map(|&r| pairs[r].0.ids.len())
             .max()
             .unwrap_or(1);
-        let (mut ids, mut att, mut types) = (vec![], vec![], vec![]);
+        // Each chosen row with its chosen words masked; `flat` indexes the
+        // masked positions in the padded batch.
+        let mut masked = Vec::with_capacity(rows.len());
         let mut flat = vec![];
         for (b, &r) in rows.iter().enumerate() {
-            let e = pairs[r].0;
-            let mut row = e.ids.clone();
+            let mut row = pairs[r].0.clone();
             for &i in &chosen[r] {
-                row[i] = mask;
+                row.ids[i] = mask;
                 flat.push((b * seq + i) as i64);
             }
-            let pad = seq - row.len();
-            att.extend(std::iter::repeat_n(1i64, row.len()).chain(std::iter::repeat_n(0, pad)));
-            types.extend(
-                e.type_ids
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
-            ids.extend(row.into_iter().chain(std::iter::repeat_n(self.pad_id, pad)));
+            masked.push(row);
         }
         let dev = mlm.device();
-        let shape = [rows.len() as i64, seq as i64];
-        let batch = Batch {
-            input_ids: Tensor::from_slice(&ids).view(shape).to_device(dev),
-            attention_mask: Tensor::from_slice(&att).view(shape).to_device(dev),
-            token_type_ids: Tensor::from_slice(&types).view(shape).to_device(dev),
-        };
+        let refs: Vec<&Encoded> = masked.iter().collect();
+        let batch = crate::tokenize::pad_batch(&refs, seq, self.pad_id, dev);
         let logits = mlm.logits(&batch);
         let vocab = logits.size()[2];
         let logits = logits

@@ -135,22 +135,28 @@ impl TextTokenizer {
                 .unwrap_or(1)
                 .max(1),
         };
-        let n = examples.len();
-        let mut ids = vec![self.pad_id; n * len];
-        let mut mask = vec![0i64; n * len];
-        let mut types = vec![0i64; n * len];
-        for (r, e) in examples.iter().enumerate() {
-            let k = e.ids.len().min(len);
-            ids[r * len..r * len + k].copy_from_slice(&e.ids[..k]);
-            types[r * len..r * len + k].copy_from_slice(&e.type_ids[..k]);
-            mask[r * len..r * len + k].iter_mut().for_each(|m| *m = 1);
-        }
-        let shape = [n as i64, len as i64];
-        Batch {
-            input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-            attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
-            token_type_ids: Tensor::from_slice(&types).view(shape).to_device(device),
-        }
+        pad_batch(examples, len, self.pad_id, device)
+    }
+}
+
+/// `examples` cut or padded (with `pad_id`, attention mask 0, type 0) to
+/// `len` tokens each, as one batch on `device`.
+pub fn pad_batch(examples: &[&Encoded], len: usize, pad_id: i64, device: Device) -> Batch {
+    let n = examples.len();
+    let mut ids = vec![pad_id; n * len];
+    let mut mask = vec![0i64; n * len];
+    let mut types = vec![0i64; n * len];
+    for (r, e) in examples.iter().enumerate() {
+        let k = e.ids.len().min(len);
+        ids[r * len..r * len + k].copy_from_slice(&e.ids[..k]);
+        types[r * len..r * len + k].copy_from_slice(&e.type_ids[..k]);
+        mask[r * len..r * len + k].iter_mut().for_each(|m| *m = 1);
+    }
+    let shape = [n as i64, len as i64];
+    Batch {
+        input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
+        attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+        token_type_ids: Tensor::from_slice(&types).view(shape).to_device(device),
     }
 }
 
