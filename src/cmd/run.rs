@@ -58,6 +58,18 @@ pub struct RunArgs {
     /// scripts/seeds.sh uses runs/.teachers.
     #[arg(long, env = "DISTILL_TEACHER_CACHE")]
     pub teacher_cache: Option<PathBuf>,
+    /// What a failed quality check does once the job has finished (the
+    /// student near chance: see report.json `quality`): `fail` exits with
+    /// status 3, `warn` prints the failure and exits 0 (smoke runs whose
+    /// student is not meant to learn). Outputs are written either way.
+    #[arg(long, value_enum, default_value_t = OnFailedQuality::Fail)]
+    pub on_failed_quality: OnFailedQuality,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnFailedQuality {
+    Fail,
+    Warn,
 }
 
 fn load(spec: &PathBuf) -> anyhow::Result<distill_spec::JobSpec> {
@@ -127,6 +139,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         report.student_dir.display(),
         out.join("report.json").display()
     );
+    if let Some(q) = report.quality.as_ref().filter(|q| !q.passed) {
+        eprintln!(
+            "run: QUALITY CHECK FAILED (the job finished, its outputs are written, but the student is not usable):"
+        );
+        for f in &q.failures {
+            eprintln!("run:   {f}");
+        }
+        if a.on_failed_quality == OnFailedQuality::Fail {
+            std::process::exit(distill_worker::quality::EXIT_FAILED_QUALITY);
+        }
+    }
     Ok(())
 }
 
@@ -359,6 +382,9 @@ pub struct PlanArgs {
 pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let spec = load(&a.spec)?;
     let plan = distill_worker::plan::plan(&spec)?;
+    for w in &plan.warnings {
+        eprintln!("plan: warning: {w}");
+    }
     println!("{}", serde_json::to_string_pretty(&plan)?);
     Ok(())
 }

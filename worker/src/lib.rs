@@ -28,6 +28,7 @@ pub mod model;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod quality;
 pub mod quant;
 pub mod report;
 pub mod rng;

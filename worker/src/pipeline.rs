@@ -1210,6 +1210,26 @@ pub fn evaluate(
         "evaluation and quantization".into(),
         t_eval.elapsed().as_secs_f64(),
     ));
+    let quality = crate::quality::check(
+        if p.task == Task::Classification {
+            &p.test.labels
+        } else {
+            &[]
+        },
+        p.labels.len(),
+        &sm,
+        baseline.as_ref(),
+    );
+    if quality.passed {
+        tracing::info!(chance = quality.chance, "quality check passed");
+    } else {
+        for f in &quality.failures {
+            tracing::error!("QUALITY CHECK FAILED: {f}");
+        }
+    }
+    for w in &quality.warnings {
+        tracing::warn!("quality: {w}");
+    }
     let mut report = Report {
         version: crate::report::REPORT_VERSION,
         task: format!("{:?}", spec.task),
@@ -1219,6 +1239,7 @@ pub fn evaluate(
             "mean cosine to teacher".into()
         },
         retention: sm.metric / tm.metric,
+        quality: Some(quality),
         teacher: tm,
         student: sm,
         baseline,

@@ -18,6 +18,35 @@ pub struct Plan {
     pub steps: u64,
     /// The quantization candidates for the hardware target.
     pub quantization: Vec<String>,
+    /// What a user should know before spending compute (nothing here stops
+    /// the job): e.g. a compression beyond what `docs/quality.md` measured.
+    pub warnings: Vec<String>,
+}
+
+/// The student sizes (kept fraction of the teacher's parameters) that the
+/// quality studies of `docs/quality.md` measured, with where.
+pub const STUDIED_KEPT: &[(f64, &str)] = &[
+    (0.766, "the L3-H384 sentiment quick start"),
+    (
+        0.101,
+        "compression_ratio = 0.9 on the sentiment quick start (section \"Compression\")",
+    ),
+];
+
+/// A warning when a student keeping `kept` of its teacher's parameters is
+/// smaller than any size `docs/quality.md` measured.
+pub fn compression_warning(kept: f64) -> Option<String> {
+    let (least, where_) = STUDIED_KEPT
+        .iter()
+        .copied()
+        .fold((f64::INFINITY, ""), |a, b| if b.0 < a.0 { b } else { a });
+    (kept < least - 0.01).then(|| {
+        format!(
+            "the student keeps {:.1}% of the teacher's parameters; the smallest student measured in docs/quality.md keeps {:.1}% ({where_}). Below that, distillation's gain is unmeasured: run with --baseline and read the report's quality check",
+            100.0 * kept,
+            100.0 * least
+        )
+    })
 }
 
 /// `Some(v)`, or `None` with the error added to `problems`.
@@ -181,6 +210,11 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
             problems.join("\n  - ")
         )));
     };
+    let kept = s.encoder_params() as f64 / cfg.encoder_params() as f64;
+    let warnings: Vec<String> = compression_warning(kept).into_iter().collect();
+    for w in &warnings {
+        tracing::warn!("plan: {w}");
+    }
     Ok(Plan {
         teacher: serde_json::json!({"path": dir, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
             "params": cfg.encoder_params(), "vocab": cfg.vocab_size, "tokenizer_vocab": tok.vocab_size()}),
@@ -190,5 +224,19 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
         data: counts.into(),
         steps,
         quantization: schemes.iter().map(|s| s.name().to_string()).collect(),
+        warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_student_smaller_than_any_study_is_warned_about() {
+        assert!(compression_warning(0.77).is_none());
+        assert!(compression_warning(0.10).is_none());
+        let w = compression_warning(0.05).expect("5 % is beyond the studies");
+        assert!(w.contains("5.0%") && w.contains("10.1%"), "{w}");
+    }
 }

@@ -123,6 +123,10 @@ pub struct Report {
     pub chosen_at_batch: Option<u32>,
     /// student metric / teacher metric.
     pub retention: f64,
+    /// The quality guard's verdict (`crate::quality`); absent in reports
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<crate::quality::QualityCheck>,
     /// Bad examples skipped under `data.on_bad_example = "skip"`, as
     /// `file: line N: reason`.
     pub skipped_examples: Vec<String>,
@@ -398,7 +402,12 @@ pub fn render(r: &Report) -> String {
     head.push_str("examples/s | MB on disk | params | verdict |\n|---|---|---|");
     head.push_str(&"---|".repeat(batches.len() + 4));
     head.push('\n');
-    let mut s = head;
+    let mut s = r
+        .quality
+        .as_ref()
+        .map(|q| format!("{}\n", crate::quality::render(q)))
+        .unwrap_or_default();
+    s.push_str(&head);
     let mut row = |name: &str, m: &ModelReport, verdict: &str| {
         let metric = match m.macro_f1 {
             Some(f) => format!("{:.4} (F1 {:.4})", m.metric, f),

@@ -512,3 +512,69 @@ fn a_rank_without_a_gradient_still_pairs_equal_all_reduces() {
         "rank 1's bias moved with rank 0's gradient"
     );
 }
+
+/// Issue 41: under "auto" weights the trainer measures each term's own
+/// gradient norm at probe steps (`schedule::PROBE_EVERY`) and caps the
+/// feature terms' force at the strongest output term's. Alone, every term
+/// gets measured and the cap holds at the end; on two ranks the norms are
+/// summed over the group, so both ranks keep the same balancer and stay in
+/// lockstep (bitwise equal weights).
+#[test]
+fn auto_weights_measure_gradients_and_cap_the_feature_terms_alike_on_every_rank() {
+    use distill_worker::distill::schedule::{Balancer, Term, AUTO_MAX, PROBE_EVERY};
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = make_teacher(tmp.path());
+    let mut cfg = config_with(1, true);
+    cfg.weights = [TermWeight::Auto; 5];
+    cfg.weights[Term::Embedding as usize] = TermWeight::Fixed(0.0);
+    cfg.total_steps = 2 * PROBE_EVERY + 1;
+    let train = |ckpt: PathBuf, group: Option<Group>| {
+        let (teacher, tok, mut s) = setup(&model_dir, false);
+        let d = data(&tok);
+        let mut tr = Trainer::new(&mut s, Some(&teacher), None, &tok, cfg.clone(), ckpt).unwrap();
+        if let Some(g) = group {
+            tr.data_parallel(g).unwrap();
+        }
+        tr.train(&d, None, |_| {}).unwrap();
+        let b = tr.balancer.clone();
+        drop(tr);
+        let w: Vec<(String, Vec<f32>)> = s
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, Vec::<f32>::try_from(t.reshape([-1])).unwrap()))
+            .collect();
+        (b, w)
+    };
+    let (alone, _) = train(tmp.path().join("alone"), None);
+    let force = |b: &Balancer, t: Term| b.multiplier(t, &cfg.weights) * b.grad[t as usize].unwrap();
+    for t in [Term::Task, Term::Kd, Term::Attention, Term::Hidden] {
+        assert!(
+            alone.grad[t as usize].is_some_and(|g| g > 0.0),
+            "{t:?} measured: {alone:?}"
+        );
+        assert!(alone.multiplier(t, &cfg.weights) <= AUTO_MAX, "{alone:?}");
+    }
+    let strongest = force(&alone, Term::Task).max(force(&alone, Term::Kd));
+    for t in [Term::Attention, Term::Hidden] {
+        assert!(
+            force(&alone, t) <= strongest * (1.0 + 1e-9),
+            "{t:?}: {alone:?}"
+        );
+    }
+
+    let port = free_port();
+    let out: Vec<(Balancer, Vec<(String, Vec<f32>)>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2u32)
+            .map(|rank| {
+                let (ckpt, train) = (tmp.path().join(format!("auto-rank{rank}")), &train);
+                s.spawn(move || train(ckpt, Some(join_pair(port, "auto/gen-1/", rank))))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(out[0].0, out[1].0, "both ranks hold the same balancer");
+    assert!(out[0].0.grad[Term::Attention as usize].is_some());
+    for ((n, a), (_, b)) in out[0].1.iter().zip(&out[1].1) {
+        assert!(a == b, "{n}: ranks differ");
+    }
+}

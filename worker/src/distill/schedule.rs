@@ -10,11 +10,33 @@
 //!                           = lr · (S − s) / (S − W)            linear decay, or
 //!                           = lr · ½(1 + cos(π (s − W)/(S − W))) cosine decay
 //! weight of term k          = w_k · phase_k(p)                  for a fixed weight w_k
-//!                           = phase_k(p) / max(ema_k, 1e−8)     for "auto"
+//!                           = a_k · phase_k(p)                  for "auto", where
+//!   output term k (task, KD, embedding):
+//!     a_k = min(1 / ema_k, A_MAX)
+//!   feature term k (attention, hidden):
+//!     a_k = min(1 / ema_k, A_MAX, F_k)          F_k = max_j (a_j · g_j) / g_k
+//!     (j over the active output terms, a_j their multiplier: w_j when fixed;
+//!      F_k applies once both sides' gradients have been measured)
 //! ```
-//! "auto" makes each term contribute about `phase_k(p)` to the loss whatever
-//! its natural scale: `ema_k` is an exponential moving average (β = 0.9) of
-//! the term's measured value, updated after every step.
+//! `ema_k` is an exponential moving average (β = 0.9) of the term's measured
+//! value, updated after every step; `g_k` one of the L2 norm of the term's
+//! own gradient with respect to the student's parameters, `‖∇θ L_k‖`,
+//! measured every [`PROBE_EVERY`] steps (β = [`GRAD_BETA`]). A_MAX =
+//! [`AUTO_MAX`].
+//!
+//! Why the gradient cap: dividing a term by its value makes it contribute
+//! about `phase_k` to the loss, but its *gradient* becomes `∇L_k / L_k`. For a
+//! mean-squared error with residual `e`, that is about `2 ∇e / |e|`: the
+//! closer the student already is, the harder the term pulls. At
+//! `compression_ratio = 0.9` (a 6 × 64 student of a 6 × 384 teacher) the
+//! attention MSE is ≈ 6e−4, its "auto" weight ≈ 1 600, and its gradient
+//! outweighed the task's by orders of magnitude; after clipping to the
+//! global norm the task and KD terms no longer moved the student (task CE
+//! stayed at ln 2 for the whole run: issue 41, docs/quality.md "Compression").
+//! With `F_k` a feature term can pull at most as hard as the strongest
+//! output term, so the task and KD terms always move the student; where the
+//! feature terms were already weaker (the L3-H384 quick start) the cap does
+//! not bind and the weights are the loss-normalised ones as before.
 
 use serde::{Deserialize, Serialize};
 
@@ -91,23 +113,71 @@ pub fn learning_rate(step: u64, total: u64, warmup: u64, peak: f64, decay: Decay
     }
 }
 
-/// Measured loss magnitudes for "auto" weights.
+/// Measured loss magnitudes and gradient norms for "auto" weights.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Balancer {
     /// EMA of each term's value, by `Term as usize`; `None` until first seen.
     pub ema: [Option<f64>; 5],
+    /// EMA of the L2 norm of each term's own gradient (unweighted), by
+    /// `Term as usize`; `None` until first measured. Absent in checkpoints
+    /// written before it existed (read as never measured).
+    #[serde(default)]
+    pub grad: [Option<f64>; 5],
 }
 
 pub const BALANCER_BETA: f64 = 0.9;
+/// Smoothing of the measured gradient norms (one measurement per probe).
+pub const GRAD_BETA: f64 = 0.5;
+/// Gradient norms are measured at steps that are multiples of this.
+pub const PROBE_EVERY: u64 = 10;
+/// No "auto" multiplier exceeds this, whatever a term measures.
+pub const AUTO_MAX: f64 = 1000.0;
 
 impl Balancer {
-    /// The weight to use for `term` at `step`.
-    pub fn weight(&self, term: Term, w: TermWeight, step: u64, total: u64) -> f64 {
-        let ph = phase(term, step, total);
-        match w {
-            TermWeight::Fixed(v) => v * ph,
-            TermWeight::Auto => ph / self.ema[term as usize].unwrap_or(1.0).max(1e-8),
+    /// The weight to use for `term` at `step`; `weights` are every term's
+    /// configured weights (the feature terms' cap looks at the output terms).
+    pub fn weight(&self, term: Term, weights: &[TermWeight; 5], step: u64, total: u64) -> f64 {
+        phase(term, step, total) * self.multiplier(term, weights)
+    }
+
+    /// `a_k` of the module doc (`w_k` for a fixed weight).
+    pub fn multiplier(&self, term: Term, weights: &[TermWeight; 5]) -> f64 {
+        let i = term as usize;
+        match weights[i] {
+            TermWeight::Fixed(v) => v,
+            TermWeight::Auto => {
+                let a = self.loss_multiplier(term);
+                if !term.is_feature() {
+                    return a;
+                }
+                match self.feature_cap(term, weights) {
+                    Some(cap) => a.min(cap),
+                    None => a,
+                }
+            }
         }
+    }
+
+    fn loss_multiplier(&self, term: Term) -> f64 {
+        (1.0 / self.ema[term as usize].unwrap_or(1.0).max(1e-12)).min(AUTO_MAX)
+    }
+
+    /// `F_k`: the largest output-term gradient force over this term's own
+    /// gradient norm; `None` until both have been measured.
+    fn feature_cap(&self, term: Term, weights: &[TermWeight; 5]) -> Option<f64> {
+        let g = self.grad[term as usize].filter(|g| *g > 0.0)?;
+        let force = [Term::Task, Term::Kd, Term::Embedding]
+            .into_iter()
+            .filter_map(|o| {
+                let go = self.grad[o as usize]?;
+                let a = match weights[o as usize] {
+                    TermWeight::Fixed(v) => v,
+                    TermWeight::Auto => self.loss_multiplier(o),
+                };
+                Some(a * go)
+            })
+            .fold(None, |m: Option<f64>, f| Some(m.map_or(f, |m| m.max(f))))?;
+        Some(force / g)
     }
 
     /// Record the measured (unweighted) value of a term after a step.
@@ -121,6 +191,25 @@ impl Balancer {
             Some(old) => BALANCER_BETA * old + (1.0 - BALANCER_BETA) * value,
         });
     }
+
+    /// Record the norm of a term's own gradient, measured at a probe step.
+    /// Zero (a batch without labelled rows has no task gradient) and
+    /// non-finite norms are not measurements.
+    pub fn observe_grad(&mut self, term: Term, norm: f64) {
+        if !norm.is_finite() || norm <= 0.0 {
+            return;
+        }
+        let e = &mut self.grad[term as usize];
+        *e = Some(match *e {
+            None => norm,
+            Some(old) => GRAD_BETA * old + (1.0 - GRAD_BETA) * norm,
+        });
+    }
+}
+
+/// Whether `step` measures the terms' gradient norms.
+pub fn is_probe_step(step: u64) -> bool {
+    step % PROBE_EVERY == 0
 }
 
 #[cfg(test)]
@@ -136,6 +225,10 @@ mod tests {
             let (a, b) = ($a, $b);
             assert!(close(a, b), "{} = {a}, expected {b}", stringify!($a));
         }};
+    }
+
+    fn all(w: TermWeight) -> [TermWeight; 5] {
+        [w; 5]
     }
 
     #[test]
@@ -211,21 +304,26 @@ mod tests {
         let mut b = Balancer::default();
         b.observe(Term::Hidden, 1000.0);
         b.observe(Term::Task, 1000.0);
+        b.observe_grad(Term::Hidden, 1e6);
+        b.observe_grad(Term::Task, 1e-6);
         assert_close!(
-            b.weight(Term::Hidden, TermWeight::Fixed(0.3), 25, 100),
+            b.weight(Term::Hidden, &all(TermWeight::Fixed(0.3)), 25, 100),
             0.3 * 0.75
         );
         assert_close!(
-            b.weight(Term::Task, TermWeight::Fixed(0.3), 25, 100),
+            b.weight(Term::Task, &all(TermWeight::Fixed(0.3)), 25, 100),
             0.3 * 0.625
         );
-        assert_close!(b.weight(Term::Kd, TermWeight::Fixed(2.0), 100, 100), 2.0);
         assert_close!(
-            b.weight(Term::Attention, TermWeight::Fixed(2.0), 100, 100),
+            b.weight(Term::Kd, &all(TermWeight::Fixed(2.0)), 100, 100),
+            2.0
+        );
+        assert_close!(
+            b.weight(Term::Attention, &all(TermWeight::Fixed(2.0)), 100, 100),
             0.0
         );
         assert_close!(
-            b.weight(Term::Embedding, TermWeight::Fixed(0.0), 0, 100),
+            b.weight(Term::Embedding, &all(TermWeight::Fixed(0.0)), 0, 100),
             0.0
         );
     }
@@ -234,8 +332,8 @@ mod tests {
     fn auto_weights_divide_the_phase_by_the_ema() {
         let mut b = Balancer::default();
         // Before any measurement the weight is the phase alone.
-        assert_close!(b.weight(Term::Kd, TermWeight::Auto, 0, 100), 0.5);
-        assert_close!(b.weight(Term::Hidden, TermWeight::Auto, 0, 100), 1.0);
+        assert_close!(b.weight(Term::Kd, &all(TermWeight::Auto), 0, 100), 0.5);
+        assert_close!(b.weight(Term::Hidden, &all(TermWeight::Auto), 0, 100), 1.0);
 
         b.observe(Term::Kd, 2.0);
         assert_eq!(
@@ -253,14 +351,23 @@ mod tests {
             b.observe(Term::Kd, bad);
         }
         assert_close!(b.ema[Term::Kd as usize].unwrap(), ema);
-        assert_close!(b.weight(Term::Kd, TermWeight::Auto, 0, 100), 0.5 / ema);
-        assert_close!(b.weight(Term::Kd, TermWeight::Auto, 50, 100), 0.75 / ema);
+        assert_close!(
+            b.weight(Term::Kd, &all(TermWeight::Auto), 0, 100),
+            0.5 / ema
+        );
+        assert_close!(
+            b.weight(Term::Kd, &all(TermWeight::Auto), 50, 100),
+            0.75 / ema
+        );
         // Other terms are untouched.
         assert_eq!(b.ema.iter().filter(|e| e.is_some()).count(), 1);
 
-        // A term measured at zero gets a large but finite weight.
+        // A term measured at zero gets a bounded weight.
         b.observe(Term::Attention, 0.0);
-        assert_close!(b.weight(Term::Attention, TermWeight::Auto, 0, 100), 1e8);
+        assert_close!(
+            b.weight(Term::Attention, &all(TermWeight::Auto), 0, 100),
+            AUTO_MAX
+        );
     }
 
     #[test]
@@ -270,12 +377,105 @@ mod tests {
             b.observe(Term::Task, 50.0 + (i % 3) as f64);
             b.observe(Term::Hidden, 0.002);
         }
-        let task = b.weight(Term::Task, TermWeight::Auto, 100, 100) * 51.0;
+        let task = b.weight(Term::Task, &all(TermWeight::Auto), 100, 100) * 51.0;
         assert!((task - 1.0).abs() < 0.01, "{task}");
         assert_close!(
-            b.weight(Term::Hidden, TermWeight::Auto, 0, 100) * 0.002,
+            b.weight(Term::Hidden, &all(TermWeight::Auto), 0, 100) * 0.002,
             1.0
         );
+    }
+
+    /// Issue 41: a term that starts near zero (the attention MSE of a
+    /// narrow student, ≈ 6e−4, or KD of a student copied from its teacher,
+    /// ≈ 1e−6) must not be multiplied by thousands. With `AUTO_MAX` removed
+    /// from `loss_multiplier` this fails (weights 1e6 and 1e12).
+    #[test]
+    fn auto_weights_stay_bounded_when_a_term_starts_near_zero() {
+        let auto = all(TermWeight::Auto);
+        for tiny in [1e-6, 1e-12, 0.0] {
+            let mut b = Balancer::default();
+            b.observe(Term::Kd, tiny);
+            b.observe(Term::Attention, tiny);
+            for step in [0, 50, 99] {
+                for term in [Term::Kd, Term::Attention] {
+                    let w = b.weight(term, &auto, step, 100);
+                    assert!(w.is_finite() && w <= AUTO_MAX, "{term:?} at {tiny}: {w}");
+                }
+            }
+            assert_close!(b.multiplier(Term::Kd, &auto), AUTO_MAX);
+        }
+        // Above the bound's reach the loss normalisation is unchanged.
+        let mut b = Balancer::default();
+        b.observe(Term::Attention, 0.01);
+        assert_close!(b.multiplier(Term::Attention, &auto), 100.0);
+    }
+
+    /// The feature terms' gradient force is capped by the strongest output
+    /// term's: `a_k · g_k ≤ max_j a_j · g_j`. With the cap removed the
+    /// attention term, measured at 6e−4 with a gradient as large as the
+    /// task's, would pull 1 000 times harder than the task (the collapse).
+    #[test]
+    fn a_feature_term_never_pulls_harder_than_the_output_terms() {
+        let auto = all(TermWeight::Auto);
+        let mut b = Balancer::default();
+        b.observe(Term::Task, 0.69);
+        b.observe(Term::Kd, 2.0);
+        b.observe(Term::Attention, 6e-4);
+        b.observe(Term::Hidden, 0.44);
+        // Before any gradient is measured: loss normalisation, bounded
+        // (1 / 6e-4 ≈ 1 667 is over the bound).
+        assert_close!(b.multiplier(Term::Attention, &auto), AUTO_MAX);
+        assert_close!(b.multiplier(Term::Hidden, &auto), 1.0 / 0.44);
+        b.observe_grad(Term::Task, 0.5);
+        b.observe_grad(Term::Kd, 0.2);
+        b.observe_grad(Term::Attention, 0.3);
+        b.observe_grad(Term::Hidden, 10.0);
+        let force = |b: &Balancer, t: Term| b.multiplier(t, &auto) * b.grad[t as usize].unwrap();
+        let strongest = force(&b, Term::Task).max(force(&b, Term::Kd));
+        assert_close!(strongest, 0.5 / 0.69);
+        for t in [Term::Attention, Term::Hidden] {
+            assert!(
+                force(&b, t) <= strongest * (1.0 + 1e-12),
+                "{t:?}: {}",
+                force(&b, t)
+            );
+        }
+        // Attention is capped (its bounded loss multiplier would give 1 000 · 0.3 = 300).
+        assert_close!(force(&b, Term::Attention), strongest);
+        // Hidden's loss multiplier (1/0.44 · 10 = 22.7) is also above: capped.
+        assert_close!(force(&b, Term::Hidden), strongest);
+        // A weak feature term keeps its loss-normalised weight.
+        b.grad[Term::Hidden as usize] = Some(1e-4);
+        assert!(force(&b, Term::Hidden) < strongest);
+        assert_close!(b.multiplier(Term::Hidden, &auto), 1.0 / 0.44);
+        // The output terms are never capped by the features.
+        assert_close!(b.multiplier(Term::Task, &auto), 1.0 / 0.69);
+        assert_close!(b.multiplier(Term::Kd, &auto), 1.0 / 2.0);
+        // A fixed task weight is the force's multiplier as is.
+        let mut w = auto;
+        w[Term::Task as usize] = TermWeight::Fixed(3.0);
+        w[Term::Kd as usize] = TermWeight::Fixed(0.0);
+        assert_close!(
+            b.multiplier(Term::Attention, &w) * 0.3,
+            3.0 * b.grad[Term::Task as usize].unwrap()
+        );
+    }
+
+    #[test]
+    fn gradient_norms_are_smoothed_and_zero_is_no_measurement() {
+        let mut b = Balancer::default();
+        b.observe_grad(Term::Task, 0.0);
+        assert_eq!(b.grad[Term::Task as usize], None);
+        b.observe_grad(Term::Task, 2.0);
+        b.observe_grad(Term::Task, f64::NAN);
+        b.observe_grad(Term::Task, 0.0);
+        b.observe_grad(Term::Task, 4.0);
+        assert_close!(b.grad[Term::Task as usize].unwrap(), 3.0);
+        assert!(is_probe_step(0) && is_probe_step(PROBE_EVERY) && !is_probe_step(1));
+        // Checkpoints written before the gradient norms existed still load.
+        let old: Balancer = serde_json::from_str("{\"ema\":[0.5,null,null,null,null]}").unwrap();
+        assert_eq!(old.grad, [None; 5]);
+        assert_eq!(old.ema[0], Some(0.5));
     }
 
     #[test]

@@ -13,10 +13,12 @@
 //! A non-finite loss or gradient skips the step; `max_bad_steps` in a row
 //! roll back to the last checkpoint with a logged reason.
 
-use super::adamw::{accumulate, clip_grad_norm, gradients, AdamW};
+use super::adamw::{accumulate, clip_grad_norm, grad_norm, gradients, AdamW};
 use super::checkpoint::{self, CheckpointMeta};
 use super::loss;
-use super::schedule::{learning_rate, temperature, Balancer, Decay, Term, TermWeight, TERMS};
+use super::schedule::{
+    is_probe_step, learning_rate, temperature, Balancer, Decay, Term, TermWeight, TERMS,
+};
 use crate::autocast::{self, Reduced};
 use crate::collective::{Group, Reducer};
 use crate::infer::{infer, InferOptions};
@@ -610,6 +612,7 @@ impl<'a> Trainer<'a> {
         grads: &mut [Tensor],
         loss: &mut f64,
         terms: &mut [Option<f64>; 5],
+        grad_norms: &mut [Option<f64>; 5],
         rows: &Tensor,
         expected: &[bool],
     ) -> Result<()> {
@@ -658,6 +661,11 @@ impl<'a> Trainer<'a> {
         }
         let mut scalars = vec![*loss as f32];
         scalars.extend(terms.iter().map(|t| t.unwrap_or(0.0) as f32));
+        // Gradient norms: each rank's norm of its share-weighted term, summed
+        // (an upper bound on the global batch's norm; the same on every rank,
+        // so every rank's balancer stays identical). Flagged by a count.
+        scalars.extend(grad_norms.iter().map(|g| g.unwrap_or(0.0) as f32));
+        scalars.extend(grad_norms.iter().map(|g| g.is_some() as u8 as f32));
         if let Some((_, defined)) = &hooked {
             scalars.extend(defined.iter().map(|&d| d as u8 as f32));
         }
@@ -684,8 +692,12 @@ impl<'a> Trainer<'a> {
                 *t = Some(*v as f64);
             }
         }
+        for (k, g) in grad_norms.iter_mut().enumerate() {
+            *g = (sums[11 + k] > 0.0).then_some(sums[6 + k] as f64);
+        }
+        const FIXED: usize = 16;
         let n_hooked = hooked.as_ref().map_or(0, |(_, d)| d.len());
-        let tail_flags = &sums[6 + n_hooked..];
+        let tail_flags = &sums[FIXED + n_hooked..];
         let mut off = 0;
         for (k, &i) in self.tail.iter().enumerate() {
             let len = part_len(i);
@@ -717,7 +729,7 @@ impl<'a> Trainer<'a> {
             for (k, &i) in hooked.iter().enumerate() {
                 let p = &self.params[i].1;
                 let len = p.numel() as i64;
-                grads[i] = if sums[6 + k] > 0.0 {
+                grads[i] = if sums[FIXED + k] > 0.0 {
                     reduced
                         .narrow(0, at, len)
                         .view(p.size().as_slice())
@@ -761,17 +773,28 @@ impl<'a> Trainer<'a> {
         self.order_cache.as_ref().unwrap().1[(stream_pos % n as u64) as usize]
     }
 
-    /// The weighted loss of one micro-batch and each term's unweighted value.
+    /// Whether this run measures the terms' gradient norms at probe steps:
+    /// only the "auto" feature terms' cap uses them.
+    fn probes(&self) -> bool {
+        [Term::Attention, Term::Hidden]
+            .into_iter()
+            .any(|t| self.active(t) && self.cfg.weights[t as usize] == TermWeight::Auto)
+    }
+
+    /// The weighted loss of one micro-batch, each term's unweighted value,
+    /// and with `probe` the L2 norm of each term's own gradient (one extra
+    /// backward pass per active term, through the same graph).
     ///
     /// With `shares` (a rank of a group), each term is multiplied by this
-    /// rank's share of it (see [`term_shares`]), values included.
+    /// rank's share of it (see [`term_shares`]), values and norms included.
     fn micro_loss(
         &self,
         idx: &[usize],
         data: &TrainData,
         temp: f64,
         shares: Option<&[f64; 5]>,
-    ) -> Result<(Tensor, [Option<f64>; 5])> {
+        probe: bool,
+    ) -> Result<(Tensor, [Option<f64>; 5], [Option<f64>; 5])> {
         let refs: Vec<&Encoded> = idx.iter().map(|&i| &data.examples[i]).collect();
         let device = self.student.device();
         let batch = self.tok.batch(&refs, Padding::Dynamic, device);
@@ -843,23 +866,40 @@ impl<'a> Trainer<'a> {
                 terms[3] = Some(loss::hidden_mse(&sh, &th, &batch.attention_mask));
             }
         }
+        let mut norms = [None; 5];
+        if probe {
+            let live: Vec<&Tensor> = self
+                .params
+                .iter()
+                .map(|(_, p)| p)
+                .filter(|p| p.requires_grad())
+                .collect();
+            for term in TERMS {
+                let Some(v) = &terms[term as usize] else {
+                    continue;
+                };
+                if !v.requires_grad() {
+                    continue; // e.g. the task term of a batch without labels
+                }
+                let share = shares.map_or(1.0, |s| s[term as usize]);
+                let g = Tensor::run_backward(&[v], &live, true, false);
+                norms[term as usize] = Some(grad_norm(&g) * share);
+            }
+        }
         let mut total = Tensor::zeros([], (Kind::Float, device));
         let mut values = [None; 5];
         for term in TERMS {
             if let Some(v) = &terms[term as usize] {
-                let w = self.balancer.weight(
-                    term,
-                    self.cfg.weights[term as usize],
-                    self.step,
-                    self.cfg.total_steps,
-                );
+                let w =
+                    self.balancer
+                        .weight(term, &self.cfg.weights, self.step, self.cfg.total_steps);
                 // (× 1.0 alone: bitwise as before.)
                 let share = shares.map_or(1.0, |s| s[term as usize]);
                 values[term as usize] = Some(v.double_value(&[]) * share);
                 total = total + v * (w * share);
             }
         }
-        Ok((total, values))
+        Ok((total, values, norms))
     }
 
     /// Train until `total_steps`, resuming from `self.step`. `on_step` sees
@@ -941,6 +981,10 @@ impl<'a> Trainer<'a> {
             let mut grads: Vec<Tensor> = self.params.iter().map(|_| Tensor::new()).collect();
             let mut loss_sum = 0.0;
             let mut term_sum = [None::<f64>; 5];
+            // Each term's own gradient norm, measured on the first
+            // micro-batch of a probe step (see `schedule`).
+            let probes = self.probes();
+            let mut grad_norms = [None::<f64>; 5];
             let (rank, world) = self.rank_world();
             let mut global = vec![];
             // Per hooked parameter: whether the reducer must have had a
@@ -976,7 +1020,12 @@ impl<'a> Trainer<'a> {
                     let shares = term_shares(&parts[rank], &all, data);
                     (parts.swap_remove(rank), Some(shares))
                 };
-                let (l, values) = self.micro_loss(&idx, data, temp, shares.as_ref())?;
+                let probe = micro == 0 && probes && is_probe_step(step);
+                let (l, values, norms) =
+                    self.micro_loss(&idx, data, temp, shares.as_ref(), probe)?;
+                if probe {
+                    grad_norms = norms;
+                }
                 let scale = |x: f64| x / ga;
                 let scaled = l.shallow_clone() / ga;
                 // The last micro-batch's backward sums the hooked gradients
@@ -1012,7 +1061,14 @@ impl<'a> Trainer<'a> {
             }
             if self.dp.is_some() {
                 let rows = self.touched_rows(&global, data);
-                self.all_reduce(&mut grads, &mut loss_sum, &mut term_sum, &rows, &expected)?;
+                self.all_reduce(
+                    &mut grads,
+                    &mut loss_sum,
+                    &mut term_sum,
+                    &mut grad_norms,
+                    &rows,
+                    &expected,
+                )?;
             }
             let norm = clip_grad_norm(&mut grads, self.cfg.grad_clip);
             let skipped = !loss_sum.is_finite() || !norm.is_finite();
@@ -1058,6 +1114,24 @@ impl<'a> Trainer<'a> {
                 if let Some(v) = term_sum[term as usize] {
                     self.balancer.observe(term, v);
                 }
+                if let Some(g) = grad_norms[term as usize] {
+                    self.balancer.observe_grad(term, g);
+                }
+            }
+            if probes && is_probe_step(step) {
+                let w = |t: Term| self.balancer.multiplier(t, &self.cfg.weights);
+                tracing::debug!(
+                    step,
+                    grad_task = ?grad_norms[0],
+                    grad_kd = ?grad_norms[1],
+                    grad_attention = ?grad_norms[2],
+                    grad_hidden = ?grad_norms[3],
+                    a_task = w(Term::Task),
+                    a_kd = w(Term::Kd),
+                    a_attention = w(Term::Attention),
+                    a_hidden = w(Term::Hidden),
+                    "balancer: per-term gradient norms and multipliers"
+                );
             }
             self.step += 1;
             let at_end = self.step == until;
