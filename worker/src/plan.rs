@@ -211,9 +211,22 @@ pub fn plan(spec: &JobSpec) -> Result<Plan> {
         )));
     };
     let kept = s.encoder_params() as f64 / cfg.encoder_params() as f64;
-    let warnings: Vec<String> = compression_warning(kept).into_iter().collect();
-    for w in &warnings {
-        tracing::warn!("plan: {w}");
+    let mut warnings: Vec<String> = compression_warning(kept).into_iter().collect();
+    let auto_features: Vec<&str> = [
+        ("attention", &spec.distill.attention),
+        ("hidden", &spec.distill.hidden),
+    ]
+    .into_iter()
+    .filter(|(_, w)| matches!(w, distill_spec::Weight::Auto))
+    .map(|(n, _)| n)
+    .collect();
+    if s.hidden_size < cfg.hidden_size && !auto_features.is_empty() {
+        warnings.push(format!(
+            "distill.{}: \"auto\" is off for a student narrower than its teacher (hidden {} < {}): at that width these terms drove the student to chance in docs/quality.md (\"Compression\"); set a number to keep them",
+            auto_features.join(", distill."),
+            s.hidden_size,
+            cfg.hidden_size
+        ));
     }
     Ok(Plan {
         teacher: serde_json::json!({"path": dir, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,

@@ -207,6 +207,39 @@ impl Balancer {
     }
 }
 
+/// "auto" feature terms (attention, hidden) are turned off for a student
+/// narrower than its teacher: `weights` with those set to `Fixed(0.0)`, and
+/// the terms turned off. Explicit numbers are kept as given.
+///
+/// Why: at a width reduction the feature terms compare representations that
+/// no longer correspond — the attention term averages the teacher's heads
+/// against the student's fewer heads, the hidden term maps the student's
+/// width onto the teacher's through a fresh projection — and under AdamW,
+/// which normalises every parameter's step by its own gradient, a term with a
+/// small total gradient still sets the direction of the parameters it
+/// dominates (attention moves Q and K at the full learning rate). Measured
+/// at `compression_ratio = 0.9` (6 × 64 student of a 6 × 384 teacher,
+/// sentiment, seed 1): with the gradient cap on, attention alone or hidden
+/// alone beside task + KD left the student answering one class (dev
+/// 0.5656 from step 100 to 400) while task + KD alone reached 0.66 by step
+/// 200 (docs/quality.md, "Compression").
+pub fn auto_features_for_width(
+    mut weights: [TermWeight; 5],
+    student_hidden: i64,
+    teacher_hidden: i64,
+) -> ([TermWeight; 5], Vec<Term>) {
+    let mut off = vec![];
+    if student_hidden < teacher_hidden {
+        for t in [Term::Attention, Term::Hidden] {
+            if weights[t as usize] == TermWeight::Auto {
+                weights[t as usize] = TermWeight::Fixed(0.0);
+                off.push(t);
+            }
+        }
+    }
+    (weights, off)
+}
+
 /// Whether `step` measures the terms' gradient norms.
 pub fn is_probe_step(step: u64) -> bool {
     step % PROBE_EVERY == 0
@@ -459,6 +492,25 @@ mod tests {
             b.multiplier(Term::Attention, &w) * 0.3,
             3.0 * b.grad[Term::Task as usize].unwrap()
         );
+    }
+
+    #[test]
+    fn auto_feature_terms_are_off_for_a_narrower_student_only() {
+        let auto = all(TermWeight::Auto);
+        let (w, off) = auto_features_for_width(auto, 64, 384);
+        assert_eq!(off, [Term::Attention, Term::Hidden]);
+        assert_eq!(w[Term::Attention as usize], TermWeight::Fixed(0.0));
+        assert_eq!(w[Term::Hidden as usize], TermWeight::Fixed(0.0));
+        assert_eq!(w[Term::Task as usize], TermWeight::Auto);
+        assert_eq!(w[Term::Kd as usize], TermWeight::Auto);
+        // Same width: unchanged.
+        assert_eq!(auto_features_for_width(auto, 384, 384), (auto, vec![]));
+        // An explicit number is the user's choice, at any width.
+        let mut explicit = auto;
+        explicit[Term::Hidden as usize] = TermWeight::Fixed(0.5);
+        let (w, off) = auto_features_for_width(explicit, 64, 384);
+        assert_eq!(off, [Term::Attention]);
+        assert_eq!(w[Term::Hidden as usize], TermWeight::Fixed(0.5));
     }
 
     #[test]

@@ -17,7 +17,8 @@ use super::adamw::{accumulate, clip_grad_norm, grad_norm, gradients, AdamW};
 use super::checkpoint::{self, CheckpointMeta};
 use super::loss;
 use super::schedule::{
-    is_probe_step, learning_rate, temperature, Balancer, Decay, Term, TermWeight, TERMS,
+    auto_features_for_width, is_probe_step, learning_rate, temperature, Balancer, Decay, Term,
+    TermWeight, TERMS,
 };
 use crate::autocast::{self, Reduced};
 use crate::collective::{Group, Reducer};
@@ -286,7 +287,7 @@ impl<'a> Trainer<'a> {
         teacher: Option<&'a TaskModel>,
         offline_width: Option<i64>,
         tok: &'a TextTokenizer,
-        cfg: TrainConfig,
+        mut cfg: TrainConfig,
         checkpoint_dir: PathBuf,
     ) -> Result<Self> {
         if cfg.batch_size == 0 || cfg.grad_accum == 0 {
@@ -324,6 +325,18 @@ impl<'a> Trainer<'a> {
             .map(|t| t.config().hidden_size)
             .or(offline_width)
             .unwrap_or(hs);
+        if let Some(t) = teacher {
+            let (weights, off) = auto_features_for_width(cfg.weights, hs, t.config().hidden_size);
+            if !off.is_empty() {
+                tracing::info!(
+                    student_hidden = hs,
+                    teacher_hidden = t.config().hidden_size,
+                    terms = ?off.iter().map(|t| t.name()).collect::<Vec<_>>(),
+                    "\"auto\" feature terms off: the student is narrower than the teacher (set a number to keep them)"
+                );
+            }
+            cfg.weights = weights;
+        }
         let on = |t: Term| cfg.weights[t as usize] != TermWeight::Fixed(0.0);
         // Each projection from a generator of its own, seeded by the job
         // seed and its name (libtorch's default linear init): never from
