@@ -321,6 +321,9 @@ async fn a_coordinator_killed_mid_labelling_finishes_once_and_a_resubmission_reu
         .arg("--output")
         .arg(&local)
         .args(["--threads", "1"])
+        // Its tiny student may stay at chance: this compares the reports,
+        // the quality check is tests/quality_guard.rs's.
+        .args(["--on-failed-quality", "warn"])
         .output()
         .unwrap();
     assert!(

@@ -57,6 +57,9 @@ fn distill_run(spec: &Path, out: &Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_distill"))
         .args([
             "run",
+            // A tiny random teacher: its student may stay at one class.
+            "--on-failed-quality",
+            "warn",
             spec.to_str().unwrap(),
             "--output",
             out.to_str().unwrap(),
@@ -210,6 +213,9 @@ fn run_fine_tunes_labels_offline_and_trains_the_baseline_through_the_coordinator
         Command::new(env!("CARGO_BIN_EXE_distill"))
             .args([
                 "run",
+                // A tiny random teacher: its student may stay at one class.
+                "--on-failed-quality",
+                "warn",
                 job.to_str().unwrap(),
                 "--output",
                 out.to_str().unwrap(),
@@ -258,6 +264,9 @@ fn run_fine_tunes_labels_offline_and_trains_the_baseline_through_the_coordinator
         let holder = Command::new(env!("CARGO_BIN_EXE_distill"))
             .args([
                 "run",
+                // A tiny random teacher: its student may stay at one class.
+                "--on-failed-quality",
+                "warn",
                 job.to_str().unwrap(),
                 "--output",
                 out.to_str().unwrap(),

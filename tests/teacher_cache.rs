@@ -12,7 +12,13 @@ use std::process::Command;
 /// `distill run`, returning its stderr.
 fn run(spec: &Path, out: &Path, cache: impl AsRef<std::ffi::OsStr>) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args(["--log-format", "plain", "run"])
+        .args([
+            "--log-format",
+            "plain",
+            "run",
+            "--on-failed-quality",
+            "warn",
+        ])
         .arg(spec)
         .arg("--output")
         .arg(out)

@@ -528,8 +528,30 @@ fn auto_weights_measure_gradients_and_cap_the_feature_terms_alike_on_every_rank(
     cfg.weights = [TermWeight::Auto; 5];
     cfg.weights[Term::Embedding as usize] = TermWeight::Fixed(0.0);
     cfg.total_steps = 2 * PROBE_EVERY + 1;
+    // A student of the teacher's width (32): "auto" feature terms are off
+    // for a narrower one.
     let train = |ckpt: PathBuf, group: Option<Group>| {
-        let (teacher, tok, mut s) = setup(&model_dir, false);
+        let (teacher, tok, _) = setup(&model_dir, false);
+        let mut sc = derive_config(
+            teacher.config(),
+            &StudentShape::Explicit {
+                layers: 1,
+                hidden: 32,
+                heads: 4,
+                intermediate: 64,
+            },
+        )
+        .unwrap();
+        sc.hidden_dropout_prob = 0.0;
+        sc.attention_probs_dropout_prob = 0.0;
+        let mut s = TaskModel::new(
+            &sc,
+            Task::Classification,
+            teacher.labels.clone(),
+            Device::Cpu,
+        )
+        .unwrap();
+        init_from_teacher(&mut s, &teacher, &[1]).unwrap();
         let d = data(&tok);
         let mut tr = Trainer::new(&mut s, Some(&teacher), None, &tok, cfg.clone(), ckpt).unwrap();
         if let Some(g) = group {
