@@ -538,11 +538,19 @@ mod tests {
         for i in 0..500 {
             x = (x * 3.987_654_321 + 0.1).fract() * 10f64.powi(i % 7 - 3);
             b.observe(TERMS[i as usize % 4], x);
+            // The gradient norms too (a resumed run must weigh alike).
+            b.observe_grad(TERMS[(i as usize + 1) % 4], x);
         }
         assert_eq!(b.ema[Term::Embedding as usize], None);
+        assert!(b.grad[Term::Hidden as usize].is_some());
         let json = serde_json::to_string(&b).unwrap();
         let back: Balancer = serde_json::from_str(&json).unwrap();
-        for (a, z) in b.ema.iter().zip(&back.ema) {
+        for (a, z) in b
+            .ema
+            .iter()
+            .zip(&back.ema)
+            .chain(b.grad.iter().zip(&back.grad))
+        {
             assert_eq!(a.map(f64::to_bits), z.map(f64::to_bits), "{json}");
         }
         assert_eq!(back, b);
