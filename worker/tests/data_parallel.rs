@@ -84,15 +84,24 @@ fn data(tok: &TextTokenizer) -> TrainData {
 /// The teacher, its tokenizer and a fresh student (the same init
 /// everywhere).
 fn setup(model_dir: &Path, dropout: bool) -> (TaskModel, TextTokenizer, TaskModel) {
+    setup_shaped(model_dir, dropout, (16, 2, 32))
+}
+
+/// [`setup`] with a student of `(hidden, heads, intermediate)`, one layer.
+fn setup_shaped(
+    model_dir: &Path,
+    dropout: bool,
+    (hidden, heads, intermediate): (i64, i64, i64),
+) -> (TaskModel, TextTokenizer, TaskModel) {
     let teacher = TaskModel::load(model_dir, Task::Classification, None, Device::Cpu).unwrap();
     let tok = TextTokenizer::load(model_dir, teacher.config(), 16).unwrap();
     let mut cfg = derive_config(
         teacher.config(),
         &StudentShape::Explicit {
             layers: 1,
-            hidden: 16,
-            heads: 2,
-            intermediate: 32,
+            hidden,
+            heads,
+            intermediate,
         },
     )
     .unwrap();
@@ -531,27 +540,7 @@ fn auto_weights_measure_gradients_and_cap_the_feature_terms_alike_on_every_rank(
     // A student of the teacher's width (32): "auto" feature terms are off
     // for a narrower one.
     let train = |ckpt: PathBuf, group: Option<Group>| {
-        let (teacher, tok, _) = setup(&model_dir, false);
-        let mut sc = derive_config(
-            teacher.config(),
-            &StudentShape::Explicit {
-                layers: 1,
-                hidden: 32,
-                heads: 4,
-                intermediate: 64,
-            },
-        )
-        .unwrap();
-        sc.hidden_dropout_prob = 0.0;
-        sc.attention_probs_dropout_prob = 0.0;
-        let mut s = TaskModel::new(
-            &sc,
-            Task::Classification,
-            teacher.labels.clone(),
-            Device::Cpu,
-        )
-        .unwrap();
-        init_from_teacher(&mut s, &teacher, &[1]).unwrap();
+        let (teacher, tok, mut s) = setup_shaped(&model_dir, false, (32, 4, 64));
         let d = data(&tok);
         let mut tr = Trainer::new(&mut s, Some(&teacher), None, &tok, cfg.clone(), ckpt).unwrap();
         if let Some(g) = group {

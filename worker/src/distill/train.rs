@@ -700,15 +700,20 @@ impl<'a> Trainer<'a> {
         )
         .map_err(|e| Error::Collective(e.to_string()))?;
         *loss = sums[0] as f64;
-        for (t, v) in terms.iter_mut().zip(&sums[1..6]) {
+        // The scalars' layout: loss, 5 terms, 5 norms, 5 norm flags, then
+        // the per-parameter flags.
+        const TERMS_AT: usize = 1;
+        const NORMS_AT: usize = TERMS_AT + 5;
+        const NORM_FLAGS_AT: usize = NORMS_AT + 5;
+        const FIXED: usize = NORM_FLAGS_AT + 5;
+        for (t, v) in terms.iter_mut().zip(&sums[TERMS_AT..TERMS_AT + 5]) {
             if t.is_some() {
                 *t = Some(*v as f64);
             }
         }
         for (k, g) in grad_norms.iter_mut().enumerate() {
-            *g = (sums[11 + k] > 0.0).then_some(sums[6 + k] as f64);
+            *g = (sums[NORM_FLAGS_AT + k] > 0.0).then_some(sums[NORMS_AT + k] as f64);
         }
-        const FIXED: usize = 16;
         let n_hooked = hooked.as_ref().map_or(0, |(_, d)| d.len());
         let tail_flags = &sums[FIXED + n_hooked..];
         let mut off = 0;
