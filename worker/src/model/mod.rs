@@ -3,7 +3,9 @@
 
 pub mod bert;
 pub mod config;
+pub mod decoder;
 pub mod export;
+pub mod gguf;
 pub mod mlm;
 pub mod student;
 pub mod weights;

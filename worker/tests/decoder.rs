@@ -1,0 +1,204 @@
+//! Decoder language models against transformers (the reference users
+//! trust): tiny random Llama, Qwen2 (attention bias), Mistral, a
+//! grouped-query Llama with `llama3` rotary scaling and one with `linear`
+//! scaling give the same logits within 1e-5 (fp32) over a ragged batch,
+//! from configs in both rotary spellings; greedy generation with the KV
+//! cache over a batch of prompts of different lengths gives transformers'
+//! tokens; sampling is a function of the seed alone.
+
+mod common;
+
+use common::*;
+use distill_worker::model::decoder::generate::{generate, GenerateOptions, Sampling};
+use distill_worker::model::decoder::{DecoderConfig, DecoderModel, RopeScaling};
+use distill_worker::model::weights::read_tensors;
+use std::path::Path;
+use std::process::Command;
+use tch::{Device, Kind, Tensor};
+
+const TOL: f64 = 1e-5;
+
+pub fn decoder_reference(args: &[&str]) {
+    let script = workspace().join("scripts/parity/decoder_reference.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .expect("spawn python");
+    assert!(
+        out.status.success(),
+        "decoder_reference.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn make(dir: &Path, kind: &str, old_rope: bool) {
+    let d = dir.to_str().unwrap();
+    let mut args = vec!["make-random", d, "--kind", kind];
+    if old_rope {
+        args.push("--old-rope");
+    }
+    decoder_reference(&args);
+}
+
+fn check_logits(dir: &Path, what: &str) {
+    let model = DecoderModel::load(dir, Device::Cpu, None).unwrap();
+    let r = read_tensors(&[dir.join("reference.safetensors")]).unwrap();
+    let (ids, mask) = (&r["input_ids"], &r["attention_mask"]);
+    let logits = tch::no_grad(|| model.forward_masked(ids, mask));
+    let m = mask.unsqueeze(-1).to_kind(Kind::Float);
+    let d = max_abs_diff(&(&logits * &m), &(&r["logits"] * &m));
+    assert!(d < TOL, "{what}: logits differ from transformers by {d}");
+    // The reference is not trivially small.
+    let scale = (&r["logits"] * &m).abs().max().double_value(&[]);
+    assert!(scale > 0.05, "{what}: reference logits suspiciously small ({scale})");
+}
+
+#[test]
+fn logits_match_transformers_for_each_family_and_rope_spelling() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (kind, old) in [
+        ("llama", false),
+        ("qwen2", false),
+        ("qwen2", true),
+        ("gqa-llama3", false),
+        ("gqa-llama3", true),
+        ("linear", false),
+        ("mistral", false),
+    ] {
+        let dir = tmp.path().join(format!("{kind}-{old}"));
+        make(&dir, kind, old);
+        let cfg = DecoderConfig::from_dir(&dir).unwrap();
+        match kind {
+            "gqa-llama3" => {
+                assert!(matches!(cfg.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+                assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads), (4, 2));
+                assert!(cfg.tie_word_embeddings);
+            }
+            "linear" => assert_eq!(cfg.rope_scaling, RopeScaling::Linear { factor: 4.0 }),
+            "qwen2" => assert!(cfg.qkv_bias && !cfg.o_bias),
+            _ => assert_eq!(cfg.rope_scaling, RopeScaling::None),
+        }
+        check_logits(&dir, &format!("{kind} (old rope spelling: {old})"));
+    }
+}
+
+#[test]
+fn greedy_generation_with_the_cache_matches_transformers_over_a_ragged_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    for kind in ["gqa-llama3", "qwen2"] {
+        let dir = tmp.path().join(kind);
+        make(&dir, kind, false);
+        let prompts: Vec<Vec<i64>> = vec![
+            vec![5, 17, 33, 4, 90, 12, 7],
+            vec![8],
+            vec![44, 45, 46],
+            vec![60, 3, 3, 3, 71, 72, 9, 10, 11, 12],
+            vec![20, 21],
+        ];
+        let pj = dir.join("prompts.json");
+        std::fs::write(&pj, serde_json::to_string(&prompts).unwrap()).unwrap();
+        let oj = dir.join("greedy.json");
+        decoder_reference(&[
+            "generate",
+            dir.to_str().unwrap(),
+            pj.to_str().unwrap(),
+            oj.to_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+        ]);
+        let want: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&oj).unwrap()).unwrap();
+        let model = DecoderModel::load(&dir, Device::Cpu, None).unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            eos_token_ids: vec![2],
+            batch_size: 8,
+            ..Default::default()
+        };
+        let got = generate(&model, None, &prompts, &opts, &mut |_, _| {}).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(&g.ids, w, "{kind}: prompt {i}: distill {:?} vs transformers {w:?}", g.ids);
+        }
+        // Batch of one (no padding at all) agrees with the padded batch.
+        let single = GenerateOptions { batch_size: 1, ..opts };
+        let one = generate(&model, None, &prompts, &single, &mut |_, _| {}).unwrap();
+        for (a, b) in one.iter().zip(&got) {
+            assert_eq!(a.ids, b.ids);
+        }
+    }
+}
+
+#[test]
+fn sampling_depends_on_the_seed_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    make(&dir, "llama", false);
+    let model = DecoderModel::load(&dir, Device::Cpu, None).unwrap();
+    let prompts: Vec<Vec<i64>> = (0..6).map(|i| (0..(i + 2)).map(|j| 3 + (i * 7 + j * 5) % 90).collect()).collect();
+    let run = |seed: u64, batch: usize| {
+        let opts = GenerateOptions {
+            max_new_tokens: 10,
+            sampling: Some(Sampling { temperature: 1.5, top_p: 0.95, top_k: 50, seed }),
+            batch_size: batch,
+            logprobs_top_k: Some(4),
+            ..Default::default()
+        };
+        generate(&model, None, &prompts, &opts, &mut |_, _| {}).unwrap()
+    };
+    let a = run(7, 6);
+    let b = run(7, 1);
+    let c = run(8, 6);
+    let ids = |v: &[distill_worker::model::decoder::generate::Generated]| v.iter().map(|g| g.ids.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&a), ids(&b), "same seed, different batch size: different tokens");
+    assert_ne!(ids(&a), ids(&c), "a different seed gave the same 60 sampled tokens");
+    // Log-probabilities: k per token, sorted, the sampled token's at most the best.
+    for g in &a {
+        let lp = g.logprobs.as_ref().unwrap();
+        assert_eq!(lp.len(), g.ids.len());
+        for t in lp {
+            assert_eq!(t.top.len(), 4);
+            assert!(t.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            assert!(t.logprob <= t.top[0].1 + 1e-6 && t.logprob < 0.0);
+        }
+    }
+}
+
+#[test]
+fn bad_configs_are_refused_by_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let base = serde_json::json!({
+        "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+    });
+    let cases = [
+        (serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), "rope_scaling.rope_type"),
+        (serde_json::json!({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}), "rope_parameters.rope_type"),
+        (serde_json::json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}), "rope_parameters.low_freq_factor"),
+        (serde_json::json!({"num_key_value_heads": 3}), "num_key_value_heads"),
+        (serde_json::json!({"hidden_act": "gelu"}), "hidden_act"),
+        (serde_json::json!({"model_type": "gpt2"}), "model_type"),
+        (serde_json::json!({"hidden_size": "big"}), "hidden_size"),
+    ];
+    for (patch, field) in cases {
+        let mut c = base.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        let e = DecoderConfig::from_dir(dir).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains(field), "{patch}: error {e:?} does not name {field}");
+    }
+    // A missing and a mis-shaped tensor are named.
+    let good = tmp.path().join("good");
+    make(&good, "llama", false);
+    let mut t = read_tensors(&[good.join("model.safetensors")]).unwrap();
+    t.remove("model.layers.1.mlp.up_proj.weight");
+    t.insert("model.norm.weight".into(), Tensor::ones([7], (Kind::Float, Device::Cpu)));
+    let named: Vec<(String, Tensor)> = t.into_iter().collect();
+    distill_worker::model::weights::write_safetensors(&good.join("model.safetensors"), &named).unwrap();
+    let e = DecoderModel::load(&good, Device::Cpu, None).err().unwrap().to_string();
+    assert!(e.contains("layers.1.mlp.up_proj.weight") && e.contains("norm.weight"), "{e}");
+}
