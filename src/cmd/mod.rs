@@ -2,6 +2,7 @@ pub mod client;
 pub mod coordinator;
 pub mod doctor;
 pub mod infer;
+pub mod lm;
 pub mod quantize;
 pub mod run;
 pub mod student;

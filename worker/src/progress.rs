@@ -167,3 +167,74 @@ impl StepProgress {
 pub fn rfc3339_ms(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
+
+/// Progress of a count of items (prompts generated, shards labelled): a bar
+/// on a terminal, otherwise a timestamped line at most every 10 s and at the
+/// end, in the process's format.
+pub struct CountProgress {
+    stage: &'static str,
+    unit: &'static str,
+    total: u64,
+    format: LogFormat,
+    bar: Option<ProgressBar>,
+    last_line: std::sync::Mutex<Option<Instant>>,
+}
+
+impl CountProgress {
+    pub fn new(stage: &'static str, total: u64, unit: &'static str) -> Self {
+        let format = match format() {
+            LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Auto,
+            LogFormat::Auto => LogFormat::Plain,
+            f => f,
+        };
+        let bar = (format == LogFormat::Auto).then(|| {
+            let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            b.set_style(
+                ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(stage);
+            b
+        });
+        CountProgress {
+            stage,
+            unit,
+            total,
+            format,
+            bar,
+            last_line: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `done` of the total, with a free-form note (rates, say).
+    pub fn set(&self, done: u64, note: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+            bar.set_message(note.to_string());
+            return;
+        }
+        let now = Instant::now();
+        let mut last = self.last_line.lock().unwrap();
+        if done < self.total && last.is_some_and(|t| now - t < Duration::from_secs(10)) {
+            return;
+        }
+        *last = Some(now);
+        let time = humantime::format_rfc3339_millis(SystemTime::now());
+        if self.format == LogFormat::Json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"time": time.to_string(), "stage": self.stage, "done": done,
+                    "total": self.total, "unit": self.unit, "note": note})
+            );
+        } else {
+            eprintln!("{time} {}: {done}/{} {} {note}", self.stage, self.total, self.unit);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}

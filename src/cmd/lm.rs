@@ -1,0 +1,218 @@
+//! Language-model commands: `distill convert` (GGUF → Hugging Face
+//! directory) and `distill generate` (batched generation over a JSONL file
+//! of prompts or chat messages).
+
+use anyhow::Context;
+use distill_worker::model::decoder::chat::ChatTemplate;
+use distill_worker::model::decoder::generate::{generate, GenerateOptions, Sampling};
+use distill_worker::model::decoder::{DecoderModel, GenerationDefaults};
+use serde_json::Value;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// A GGUF file (llama.cpp's format): Llama or Qwen2 architecture, tensors
+    /// in F32, F16, BF16, Q8_0, Q4_0 or Q4_1 (dequantized to fp32).
+    pub gguf: PathBuf,
+    /// The Hugging Face directory to write: config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json (chat template),
+    /// generation_config.json.
+    pub output: PathBuf,
+}
+
+pub fn convert(a: ConvertArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let cfg = distill_worker::model::gguf::convert(&a.gguf, &a.output)?;
+    eprintln!(
+        "converted {} → {} in {:.1}s ({} layers, hidden {}, vocab {})",
+        a.gguf.display(),
+        a.output.display(),
+        t0.elapsed().as_secs_f64(),
+        cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        cfg["vocab_size"]
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// A decoder model: a Hugging Face directory (Llama, Qwen2, Mistral) or
+    /// a .gguf file (converted into a temporary directory first).
+    pub model: PathBuf,
+    /// JSONL, one object per line with `prompt` (text, tokenized as is) or
+    /// `messages` (a chat: [{"role", "content"}], rendered with the model's
+    /// chat template and its generation prompt).
+    pub prompts: PathBuf,
+    /// Output JSONL: each input line's fields plus `text` (the new text),
+    /// `ids` (the new token ids), `finish` (eos, stop or length) and, with
+    /// --logprobs, `logprobs`. Same order as the input; written atomically.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sample at this temperature (default: greedy decoding).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens up to this mass (with --temperature).
+    #[arg(long, default_value_t = 1.0, requires = "temperature")]
+    pub top_p: f64,
+    /// Keep only the k most likely tokens when sampling (0: all).
+    #[arg(long, default_value_t = 0, requires = "temperature")]
+    pub top_k: usize,
+    /// Seed of the sampling: the same seed gives the same tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop once the text contains this string (repeatable); the text is cut before it.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Also write, per generated token, its log-probability and the K most likely tokens'.
+    #[arg(long, value_name = "K")]
+    pub logprobs: Option<usize>,
+    /// Prompts per batch (prompts are sorted by length, so a batch pads little).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weights precision: `auto` (the config's torch_dtype), fp32, bf16 or fp16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// CPU threads for libtorch (at least 1; default: libtorch's choice).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub threads: Option<i32>,
+}
+
+/// A model directory for `path`: itself, or a GGUF converted into `tmp`.
+pub fn model_dir(path: &Path, tmp: &mut Option<tempfile::TempDir>) -> anyhow::Result<PathBuf> {
+    if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
+        let dir = tempfile::tempdir().context("creating a temporary directory for the conversion")?;
+        eprintln!("converting {} (distill convert keeps the result)", path.display());
+        distill_worker::model::gguf::convert(path, dir.path())?;
+        let p = dir.path().to_path_buf();
+        *tmp = Some(dir);
+        return Ok(p);
+    }
+    Ok(path.to_path_buf())
+}
+
+pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t);
+    }
+    anyhow::ensure!(a.batch_size > 0, "--batch-size must be positive");
+    anyhow::ensure!(a.max_new_tokens > 0, "--max-new-tokens must be positive");
+    let device = distill_worker::device::parse_device(&a.device)?;
+    let kind = match a.dtype.as_str() {
+        "auto" => None,
+        "fp32" => Some(tch::Kind::Float),
+        "bf16" => Some(tch::Kind::BFloat16),
+        "fp16" => Some(tch::Kind::Half),
+        other => anyhow::bail!("--dtype {other}: expected auto, fp32, bf16 or fp16"),
+    };
+    let mut tmp = None;
+    let dir = model_dir(&a.model, &mut tmp)?;
+    let model = DecoderModel::load(&dir, device, kind)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let template = ChatTemplate::from_dir(&dir)?;
+    // Read every prompt first: a bad line fails before any work.
+    let file = std::fs::File::open(&a.prompts).with_context(|| format!("{}", a.prompts.display()))?;
+    let mut rows = vec![];
+    let mut prompts = vec![];
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let at = format!("{}:{}", a.prompts.display(), n + 1);
+        let line = line.with_context(|| at.clone())?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("{at}: not a JSON object"))?;
+        let ids = match (v.get("prompt"), v.get("messages")) {
+            (Some(Value::String(p)), None) => encode(&tokenizer, p, true, &at)?,
+            (None, Some(m @ Value::Array(_))) => {
+                let t = template.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!("{at}: field messages: the model has no chat template (tokenizer_config.json chat_template)")
+                })?;
+                let text = t.render(m, true).with_context(|| at.clone())?;
+                encode(&tokenizer, &text, false, &at)?
+            }
+            (Some(_), Some(_)) => anyhow::bail!("{at}: give prompt or messages, not both"),
+            (Some(_), None) => anyhow::bail!("{at}: field prompt: expected a string"),
+            (None, Some(_)) => anyhow::bail!("{at}: field messages: expected a list of {{role, content}}"),
+            (None, None) => anyhow::bail!("{at}: no prompt or messages field"),
+        };
+        anyhow::ensure!(!ids.is_empty(), "{at}: the prompt has no tokens");
+        rows.push(v);
+        prompts.push(ids);
+    }
+    anyhow::ensure!(!prompts.is_empty(), "{}: no prompts", a.prompts.display());
+    let mut eos = model.config.eos_token_ids.clone();
+    eos.extend(GenerationDefaults::from_dir(&dir)?.eos_token_ids);
+    eos.sort();
+    eos.dedup();
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling: a.temperature.map(|t| Sampling {
+            temperature: t,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            seed: a.seed,
+        }),
+        eos_token_ids: eos,
+        stop: a.stop.clone(),
+        batch_size: a.batch_size,
+        logprobs_top_k: a.logprobs,
+    };
+    let prompt_tokens: usize = prompts.iter().map(|p| p.len()).sum();
+    eprintln!(
+        "generating for {} prompts ({} prompt tokens) with {} ({:.1}M parameters, {:?}), {}",
+        prompts.len(),
+        prompt_tokens,
+        a.model.display(),
+        model.num_params() as f64 / 1e6,
+        model.kind(),
+        if opts.sampling.is_some() { "sampling" } else { "greedy" }
+    );
+    let t0 = Instant::now();
+    let total = prompts.len();
+    let bar = distill_worker::progress::CountProgress::new("generate", total as u64, "prompts");
+    let results = generate(&model, Some(&tokenizer), &prompts, &opts, &mut |done, tokens| {
+        let s = t0.elapsed().as_secs_f64();
+        bar.set(done as u64, &format!("{tokens} tokens, {:.1} tokens/s", tokens as f64 / s));
+    })?;
+    bar.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    let new_tokens: usize = results.iter().map(|g| g.ids.len()).sum();
+    let mut out = Vec::new();
+    for (mut row, g) in rows.into_iter().zip(results) {
+        let obj = row.as_object_mut().unwrap();
+        obj.insert("text".into(), g.text.into());
+        obj.insert("ids".into(), serde_json::to_value(&g.ids)?);
+        obj.insert("finish".into(), serde_json::to_value(g.finish)?);
+        if let Some(lp) = g.logprobs {
+            obj.insert("logprobs".into(), serde_json::to_value(lp)?);
+        }
+        serde_json::to_writer(&mut out, &row)?;
+        out.write_all(b"\n")?;
+    }
+    distill_worker::fsutil::write_atomic(&a.output, &out)?;
+    eprintln!(
+        "wrote {} rows to {}: {} new tokens in {:.1}s ({:.1} tokens/s)",
+        total,
+        a.output.display(),
+        new_tokens,
+        secs,
+        new_tokens as f64 / secs
+    );
+    Ok(())
+}
+
+fn encode(tok: &tokenizers::Tokenizer, text: &str, special: bool, at: &str) -> anyhow::Result<Vec<i64>> {
+    let enc = tok
+        .encode(text, special)
+        .map_err(|e| anyhow::anyhow!("{at}: tokenizing: {e}"))?;
+    Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+}
