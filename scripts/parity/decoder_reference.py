@@ -101,8 +101,12 @@ def greedy(m, prompts, n, eos):
 
 
 def generate(a):
-    from transformers import AutoModelForCausalLM
+    import os
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     m = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    if os.path.exists(os.path.join(a.model, "tokenizer.json")):
+        tok = AutoTokenizer.from_pretrained(a.model)
+        assert tok("hello world")["input_ids"], "the exported tokenizer encodes nothing"
     prompts = json.load(open(a.prompts))
     json.dump(greedy(m, prompts, a.max_new_tokens, m.generation_config.eos_token_id), open(a.out, "w"))
 

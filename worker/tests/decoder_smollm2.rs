@@ -123,3 +123,51 @@ fn smollm2_converted_matches_transformers_gguf_loading() {
     }
     assert!(total > 8 * 8, "transformers generated only {total} tokens in all");
 }
+
+/// Students derived from SmolLM2 at compression 0.25 and 0.75 (teacher
+/// slices), exported, load in transformers (`AutoModelForCausalLM`,
+/// `AutoTokenizer`) and generate the same greedy tokens as distill.
+#[test]
+fn derived_students_export_to_transformers() {
+    use distill_worker::model::decoder::student::{derive_config, export, init_from_teacher, layer_map, DecoderShape, LayerChoice};
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher_dir = tmp.path().join("teacher");
+    gguf::convert(&gguf_path(), &teacher_dir).unwrap();
+    let teacher = DecoderModel::load(&teacher_dir, Device::Cpu, None).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(teacher_dir.join("tokenizer.json")).unwrap();
+    let template = ChatTemplate::from_dir(&teacher_dir).unwrap().unwrap();
+    let prompts: Vec<Vec<i64>> = ["What is the capital of France?", "Name three colours.", "Hello!", "Explain rain in one sentence."]
+        .iter()
+        .map(|q| {
+            let text = template.render(&serde_json::json!([{"role": "user", "content": q}]), true).unwrap();
+            tok.encode(text.as_str(), false).unwrap().get_ids().iter().map(|&x| x as i64).collect()
+        })
+        .collect();
+    let pj = tmp.path().join("prompts.json");
+    std::fs::write(&pj, serde_json::to_string(&prompts).unwrap()).unwrap();
+    for (ratio, choice) in [(0.25, LayerChoice::Uniform), (0.75, LayerChoice::FirstAndLast)] {
+        let cfg = derive_config(&teacher.config, &DecoderShape::CompressionRatio(ratio)).unwrap();
+        let kept = cfg.params() as f64 / teacher.config.params() as f64;
+        assert!((kept - (1.0 - ratio)).abs() < 0.05, "ratio {ratio}: kept {kept}");
+        let map = layer_map(&choice, teacher.config.num_hidden_layers, cfg.num_hidden_layers).unwrap();
+        let mut student = DecoderModel::new(&cfg, Device::Cpu).unwrap();
+        init_from_teacher(&mut student, &teacher, &map).unwrap();
+        let out = tmp.path().join(format!("student-{ratio}"));
+        export(&student, &teacher_dir, &out).unwrap();
+        let oj = tmp.path().join(format!("greedy-{ratio}.json"));
+        reference(&["generate", out.to_str().unwrap(), pj.to_str().unwrap(), oj.to_str().unwrap(), "--max-new-tokens", "16"]);
+        let want: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&oj).unwrap()).unwrap();
+        let reloaded = DecoderModel::load(&out, Device::Cpu, None).unwrap();
+        assert_eq!(reloaded.num_params(), cfg.params());
+        let opts = GenerateOptions {
+            max_new_tokens: 16,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            batch_size: 4,
+            ..Default::default()
+        };
+        let got = generate(&reloaded, Some(&tok), &prompts, &opts, &mut |_, _| {}).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(&g.ids, w, "ratio {ratio}, prompt {i}: distill vs transformers");
+        }
+    }
+}

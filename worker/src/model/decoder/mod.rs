@@ -19,6 +19,7 @@
 pub mod chat;
 pub mod config;
 pub mod generate;
+pub mod student;
 
 pub use config::{DecoderConfig, Family, GenerationDefaults, RopeScaling};
 
