@@ -24,6 +24,7 @@ pub mod student;
 pub use config::{DecoderConfig, Family, GenerationDefaults, RopeScaling};
 
 use super::weights;
+use crate::quant::{QLinear, Scheme};
 use crate::{Error, Result};
 use std::path::Path;
 use tch::nn::{self, Init};
@@ -32,16 +33,33 @@ use tch::{Device, Kind, Tensor};
 struct Lin {
     w: Tensor,
     b: Option<Tensor>,
+    /// The quantized layer, when the model was quantized (`w` is then empty).
+    q: Option<QLinear>,
 }
 
 impl Lin {
     fn new(p: nn::Path, input: i64, output: i64, bias: bool) -> Self {
         let w = p.var("weight", &[output, input], Init::Randn { mean: 0.0, stdev: 0.02 });
         let b = bias.then(|| p.var("bias", &[output], Init::Const(0.0)));
-        Lin { w, b }
+        Lin { w, b, q: None }
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.w, self.b.as_ref())
+        match &self.q {
+            Some(q) => q.forward(x),
+            None => x.linear(&self.w, self.b.as_ref()),
+        }
+    }
+    fn quantize(&mut self, scheme: Scheme) -> Result<()> {
+        let out = self.w.size()[0];
+        let bias = match &self.b {
+            Some(b) => b.shallow_clone(),
+            None => Tensor::zeros([out], (Kind::Float, self.w.device())),
+        };
+        self.q = Some(QLinear::new(&self.w, &bias, scheme, self.w.device())?);
+        // The float weight is not needed any more: free it.
+        let empty = Tensor::zeros([0], (self.w.kind(), self.w.device()));
+        tch::no_grad(|| self.w.set_data(&empty));
+        Ok(())
     }
 }
 
@@ -116,6 +134,8 @@ pub struct DecoderModel {
     norm: Tensor,
     lm_head: Option<Tensor>,
     inv_freq: Tensor,
+    /// The quantization applied, if any.
+    pub quant: Option<Scheme>,
 }
 
 impl DecoderModel {
@@ -164,6 +184,7 @@ impl DecoderModel {
             norm,
             lm_head,
             inv_freq,
+            quant: None,
         })
     }
 
@@ -201,6 +222,82 @@ impl DecoderModel {
 
     pub fn set_kind(&mut self, kind: Kind) {
         self.vs.set_kind(kind);
+    }
+
+    /// Quantize for inference: `fp16`/`bf16` cast every weight; the integer
+    /// schemes replace every linear layer of every block (attention and
+    /// MLP projections) by its quantized kernel (`crate::quant`) and free
+    /// the float weight. The embedding (the output projection too, when
+    /// tied) and the norms stay as they are. A quantized decoder is for
+    /// inference and measurement; it is not exported.
+    pub fn quantize(&mut self, scheme: Scheme) -> Result<()> {
+        match scheme {
+            Scheme::Fp16 => self.vs.set_kind(Kind::Half),
+            Scheme::Bf16 => self.vs.set_kind(Kind::BFloat16),
+            _ => {
+                self.vs.freeze();
+                for l in self.layers.iter_mut() {
+                    for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down] {
+                        lin.quantize(scheme)?;
+                    }
+                }
+            }
+        }
+        self.quant = Some(scheme);
+        Ok(())
+    }
+
+    /// Weights in bytes as held in memory (quantized layers at their packed size).
+    pub fn weight_bytes(&self) -> i64 {
+        self.vs
+            .variables()
+            .values()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as i64)
+            .sum::<i64>()
+            + self
+                .layers
+                .iter()
+                .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+                .filter_map(|lin| lin.q.as_ref())
+                .map(|q| match q {
+                    QLinear::Int4 { .. } => q.weight_numel() / 2,
+                    _ => q.weight_numel(),
+                })
+                .sum::<i64>()
+    }
+
+    /// Perplexity over `texts` (token ids each; the first token is only
+    /// context): `exp` of the mean negative log-likelihood of every next
+    /// token, batched `batch` texts at a time (right padding).
+    pub fn perplexity(&self, texts: &[Vec<i64>], batch: usize) -> f64 {
+        let (mut nll, mut count) = (0f64, 0f64);
+        tch::no_grad(|| {
+            for chunk in texts.chunks(batch.max(1)) {
+                let n = chunk.iter().map(|t| t.len()).max().unwrap_or(0) as i64;
+                if n < 2 {
+                    continue;
+                }
+                let mut ids = vec![0i64; chunk.len() * n as usize];
+                let mut mask = vec![0i64; chunk.len() * n as usize];
+                for (r, t) in chunk.iter().enumerate() {
+                    for (j, &x) in t.iter().enumerate() {
+                        ids[r * n as usize + j] = x;
+                        mask[r * n as usize + j] = 1;
+                    }
+                }
+                let b = chunk.len() as i64;
+                let ids = Tensor::from_slice(&ids).view([b, n]).to_device(self.device());
+                let mask = Tensor::from_slice(&mask).view([b, n]).to_device(self.device());
+                let logits = self.forward_masked(&ids, &mask).to_kind(Kind::Float);
+                let lp = logits.narrow(1, 0, n - 1).log_softmax(-1, Kind::Float);
+                let target = ids.narrow(1, 1, n - 1);
+                let tok = lp.gather(2, &target.unsqueeze(-1), false).squeeze_dim(-1);
+                let m = mask.narrow(1, 1, n - 1).to_kind(Kind::Float);
+                nll -= (tok * &m).sum(Kind::Double).double_value(&[]);
+                count += m.sum(Kind::Double).double_value(&[]);
+            }
+        });
+        (nll / count.max(1.0)).exp()
     }
 
     pub fn num_params(&self) -> i64 {
