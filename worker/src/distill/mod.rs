@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod checkpoint;
+pub mod lm_loss;
 pub mod loss;
 pub mod schedule;
 pub mod train;
