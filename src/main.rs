@@ -48,6 +48,10 @@ enum Command {
     /// Generate text with a decoder language model for every prompt (or chat)
     /// of a JSONL file: batched, KV-cached, greedy or seeded sampling.
     Generate(cmd::lm::GenerateArgs),
+    /// Train a decoder student on its teacher's signal (`distill generate
+    /// --logprobs K` output): forward/reverse KL or JSD over the teacher's
+    /// top-k on response tokens, or sequence-level KD; one machine.
+    LmDistill(cmd::lm::LmDistillArgs),
     /// Derive a student from a teacher (preset or compression ratio), initialise
     /// it from the teacher's weights and export it as a Hugging Face directory.
     Student(cmd::student::Args),
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
         Command::Infer(a) => cmd::infer::run(a),
         Command::Convert(a) => cmd::lm::convert(a),
         Command::Generate(a) => cmd::lm::run_generate(a),
+        Command::LmDistill(a) => cmd::lm::lm_distill(a),
         Command::Student(a) => cmd::student::run(a),
         Command::Plan(a) => cmd::run::plan(a),
         Command::Quantize(a) => cmd::quantize::quantize(a),

@@ -5,6 +5,8 @@ Usage: lm_loss_reference.py IN OUT
 
 IN (safetensors): student [n, V], ids [n, k], logp [n, k], targets [n],
 temperature and beta as 0-d tensors. OUT: one float64 scalar per loss.
+Written with probabilities and boolean selection (not log-sum-exp and
+scatter as the Rust side), one row at a time.
 """
 import sys
 
@@ -21,15 +23,18 @@ beta = float(x["beta"])
 n = s.shape[0]
 
 out = {}
-# Forward KL: teacher top-k renormalised at T; student over the full vocab.
+# The k + 1 buckets (top-k and the tail) of both, tempered as categoricals.
 fkl, rkl, jsd = [], [], []
 for i in range(n):
-    p = torch.softmax(logp[i] / t, dim=0)
-    q_full = torch.softmax(s[i] / t, dim=0)
-    q_at = q_full[ids[i]]
-    fkl.append((p * (p.log() - q_at.log())).sum())
-    # On the top-k support, both renormalised.
-    qk = torch.softmax(s[i, ids[i]] / t, dim=0)
+    tp = logp[i].exp()
+    tb = torch.cat([tp, (1 - tp.sum()).clamp(min=1e-30).reshape(1)])
+    q = torch.softmax(s[i], dim=0)
+    keep = torch.zeros_like(q, dtype=torch.bool)
+    keep[ids[i]] = True
+    sb = torch.cat([q[ids[i]], q[~keep].sum().clamp(min=1e-30).reshape(1)])
+    p = torch.softmax(tb.log() / t, dim=0)
+    qk = torch.softmax(sb.log() / t, dim=0)
+    fkl.append(F.kl_div(qk.log(), p, reduction="sum"))  # KL(p || qk)
     rkl.append(F.kl_div(p.log(), qk, reduction="sum"))  # KL(qk || p)
     m = beta * p + (1 - beta) * qk
     jsd.append(beta * (p * (p / m).log()).sum() + (1 - beta) * (qk * (qk / m).log()).sum())

@@ -130,20 +130,7 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
             continue;
         }
         let v: Value = serde_json::from_str(&line).with_context(|| format!("{at}: not a JSON object"))?;
-        let ids = match (v.get("prompt"), v.get("messages")) {
-            (Some(Value::String(p)), None) => encode(&tokenizer, p, true, &at)?,
-            (None, Some(m @ Value::Array(_))) => {
-                let t = template.as_ref().ok_or_else(|| {
-                    anyhow::anyhow!("{at}: field messages: the model has no chat template (tokenizer_config.json chat_template)")
-                })?;
-                let text = t.render(m, true).with_context(|| at.clone())?;
-                encode(&tokenizer, &text, false, &at)?
-            }
-            (Some(_), Some(_)) => anyhow::bail!("{at}: give prompt or messages, not both"),
-            (Some(_), None) => anyhow::bail!("{at}: field prompt: expected a string"),
-            (None, Some(_)) => anyhow::bail!("{at}: field messages: expected a list of {{role, content}}"),
-            (None, None) => anyhow::bail!("{at}: no prompt or messages field"),
-        };
+        let ids = prompt_ids(&v, &tokenizer, template.as_ref(), &at)?;
         anyhow::ensure!(!ids.is_empty(), "{at}: the prompt has no tokens");
         rows.push(v);
         prompts.push(ids);
@@ -210,9 +197,223 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The token ids of a JSONL row's `prompt` (tokenized as is) or
+/// `messages` (the chat template with its generation prompt).
+fn prompt_ids(
+    v: &Value,
+    tokenizer: &tokenizers::Tokenizer,
+    template: Option<&ChatTemplate>,
+    at: &str,
+) -> anyhow::Result<Vec<i64>> {
+    Ok(match (v.get("prompt"), v.get("messages")) {
+        (Some(Value::String(p)), None) => encode(tokenizer, p, true, at)?,
+        (None, Some(m @ Value::Array(_))) => {
+            let t = template.ok_or_else(|| {
+                anyhow::anyhow!("{at}: field messages: the model has no chat template (tokenizer_config.json chat_template)")
+            })?;
+            let text = t.render(m, true).with_context(|| at.to_string())?;
+            encode(tokenizer, &text, false, at)?
+        }
+        (Some(_), Some(_)) => anyhow::bail!("{at}: give prompt or messages, not both"),
+        (Some(_), None) => anyhow::bail!("{at}: field prompt: expected a string"),
+        (None, Some(_)) => anyhow::bail!("{at}: field messages: expected a list of {{role, content}}"),
+        (None, None) => anyhow::bail!("{at}: no prompt or messages field"),
+    })
+}
+
 fn encode(tok: &tokenizers::Tokenizer, text: &str, special: bool, at: &str) -> anyhow::Result<Vec<i64>> {
     let enc = tok
         .encode(text, special)
         .map_err(|e| anyhow::anyhow!("{at}: tokenizing: {e}"))?;
     Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+}
+
+#[derive(clap::Args)]
+pub struct LmDistillArgs {
+    /// The student to train: a decoder directory, e.g. from `distill student
+    /// --teacher TEACHER --compression-ratio 0.5` (initialised from the teacher).
+    #[arg(long)]
+    pub student: PathBuf,
+    /// The teacher's signal: JSONL written by `distill generate TEACHER
+    /// PROMPTS --logprobs K` (each line's prompt or messages, the teacher's
+    /// response `ids` and its top-k `logprobs`). The student must share the
+    /// teacher's tokenizer.
+    #[arg(long)]
+    pub signal: PathBuf,
+    /// Held-out signal in the same format: the student's loss and
+    /// perplexity on the teacher's responses, before and after training.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Where to write the trained student (a Hugging Face directory) and
+    /// `lm_distill.json` (settings, the curve, before/after figures).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// forward_kl (teacher's top-k, tail as zero mass), reverse_kl, jsd
+    /// (generalised Jensen-Shannon, --beta), or sequence_ce (the teacher's
+    /// tokens as labels: sequence-level KD).
+    #[arg(long, default_value = "forward_kl")]
+    pub loss: String,
+    /// Weight on the teacher in jsd.
+    #[arg(long, default_value_t = 0.5)]
+    pub beta: f64,
+    /// Add this times the cross-entropy on the teacher's tokens to a KD loss.
+    #[arg(long, default_value_t = 0.0)]
+    pub ce_weight: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 200)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// CPU threads for libtorch (at least 1; default: libtorch's choice).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub threads: Option<i32>,
+}
+
+/// The training sequences of a signal file.
+fn read_signal(
+    path: &Path,
+    tokenizer: &tokenizers::Tokenizer,
+    template: Option<&ChatTemplate>,
+) -> anyhow::Result<Vec<distill_worker::distill::lm_train::LmExample>> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut out = vec![];
+    let mut k_seen = None;
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let at = format!("{}:{}", path.display(), n + 1);
+        let line = line.with_context(|| at.clone())?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("{at}: not a JSON object"))?;
+        let prompt = prompt_ids(&v, tokenizer, template, &at)?;
+        let resp: Vec<i64> = serde_json::from_value(v.get("ids").cloned().unwrap_or(Value::Null))
+            .map_err(|_| anyhow::anyhow!("{at}: field ids: expected the response's token ids (distill generate output)"))?;
+        if resp.is_empty() {
+            continue; // nothing to learn from an empty response
+        }
+        let (mut tids, mut tlp) = (vec![], vec![]);
+        match v.get("logprobs") {
+            Some(Value::Array(lps)) => {
+                anyhow::ensure!(lps.len() == resp.len(), "{at}: field logprobs: {} entries for {} response tokens", lps.len(), resp.len());
+                for (j, lp) in lps.iter().enumerate() {
+                    let top = lp.get("top").and_then(|t| t.as_array()).ok_or_else(|| {
+                        anyhow::anyhow!("{at}: field logprobs[{j}].top: missing")
+                    })?;
+                    anyhow::ensure!(k_seen.is_none_or(|k| k == top.len()), "{at}: field logprobs[{j}].top: {} entries, earlier lines have {}", top.len(), k_seen.unwrap_or(0));
+                    k_seen = Some(top.len());
+                    for pair in top {
+                        let (id, l) = (pair.get(0).and_then(|x| x.as_i64()), pair.get(1).and_then(|x| x.as_f64()));
+                        match (id, l) {
+                            (Some(id), Some(l)) => {
+                                tids.push(id);
+                                tlp.push(l as f32);
+                            }
+                            _ => anyhow::bail!("{at}: field logprobs[{j}].top: expected [id, logprob] pairs"),
+                        }
+                    }
+                }
+            }
+            None | Some(Value::Null) => {}
+            Some(_) => anyhow::bail!("{at}: field logprobs: expected a list"),
+        }
+        let mut ids = prompt.clone();
+        ids.extend_from_slice(&resp);
+        out.push(distill_worker::distill::lm_train::LmExample { ids, prompt_len: prompt.len(), topk_ids: tids, topk_logp: tlp });
+    }
+    anyhow::ensure!(!out.is_empty(), "{}: no sequences with a response", path.display());
+    Ok(out)
+}
+
+pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
+    use distill_worker::distill::lm_train::{eval_loss, train, LmLoss, LmTrainConfig};
+    if let Some(t) = a.threads {
+        tch::set_num_threads(t);
+    }
+    tch::manual_seed(a.seed as i64);
+    let mut loss: LmLoss = a.loss.parse()?;
+    if let LmLoss::Jsd { beta } = &mut loss {
+        anyhow::ensure!((0.0..=1.0).contains(&a.beta), "--beta must be in [0, 1]");
+        *beta = a.beta;
+    }
+    anyhow::ensure!(a.temperature > 0.0, "--temperature must be positive");
+    anyhow::ensure!(a.batch_size > 0 && a.steps > 0, "--steps and --batch-size must be positive");
+    let mut model = DecoderModel::load(&a.student, tch::Device::Cpu, Some(tch::Kind::Float))?;
+    let tok_path = a.student.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let template = ChatTemplate::from_dir(&a.student)?;
+    let train_set = read_signal(&a.signal, &tokenizer, template.as_ref())?;
+    let eval_set = match &a.eval {
+        Some(p) => Some(read_signal(p, &tokenizer, template.as_ref())?),
+        None => None,
+    };
+    let cfg = LmTrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        learning_rate: a.learning_rate,
+        warmup_ratio: a.warmup_ratio,
+        weight_decay: a.weight_decay,
+        grad_clip: a.grad_clip,
+        temperature: a.temperature,
+        loss,
+        ce_weight: a.ce_weight,
+        seed: a.seed,
+    };
+    // Held-out figures: the loss being trained and the perplexity of the
+    // teacher's responses under the student (cross-entropy on its tokens).
+    let ce_cfg = LmTrainConfig { loss: LmLoss::SequenceCe, ..cfg.clone() };
+    let measure = |m: &DecoderModel| -> anyhow::Result<Option<Value>> {
+        let Some(es) = &eval_set else { return Ok(None) };
+        let ce = eval_loss(m, es, &ce_cfg)?;
+        let kd = if loss == LmLoss::SequenceCe || es[0].topk_ids.is_empty() { None } else { Some(eval_loss(m, es, &cfg)?) };
+        Ok(Some(serde_json::json!({"loss": kd, "response_ce": ce, "response_perplexity": ce.exp()})))
+    };
+    let before = measure(&model)?;
+    eprintln!(
+        "lm-distill: {} sequences ({} response tokens), {} steps of {}, student {:.1}M parameters; held-out before: {}",
+        train_set.len(),
+        train_set.iter().map(|e| e.response_len()).sum::<usize>(),
+        a.steps,
+        a.loss,
+        model.num_params() as f64 / 1e6,
+        before.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "(no --eval)".into())
+    );
+    let bar = distill_worker::progress::CountProgress::new("lm-distill", a.steps, "steps");
+    let mut curve = vec![];
+    let t0 = Instant::now();
+    train(&mut model, &train_set, &cfg, &mut |s| {
+        bar.set(s.step + 1, &format!("loss {:.4} lr {:.2e} grad {:.2} ({:.2} steps/s)", s.loss, s.lr, s.grad_norm, (s.step + 1) as f64 / t0.elapsed().as_secs_f64()));
+        curve.push(s.clone());
+    })?;
+    bar.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    let after = measure(&model)?;
+    let teacher_dir = a.student.clone();
+    distill_worker::model::decoder::student::export(&model, &teacher_dir, &a.output)?;
+    let report = serde_json::json!({
+        "student": a.student, "signal": a.signal, "eval": a.eval,
+        "loss": a.loss, "beta": a.beta, "ce_weight": a.ce_weight, "temperature": a.temperature,
+        "steps": a.steps, "batch_size": a.batch_size, "learning_rate": a.learning_rate, "seed": a.seed,
+        "train_sequences": train_set.len(), "seconds": secs,
+        "held_out_before": before, "held_out_after": after, "curve": curve,
+    });
+    distill_worker::fsutil::write_atomic(&a.output.join("lm_distill.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+    eprintln!(
+        "lm-distill: {} steps in {:.0}s; held-out after: {}; wrote {}",
+        a.steps,
+        secs,
+        after.map(|v| v.to_string()).unwrap_or_else(|| "(no --eval)".into()),
+        a.output.display()
+    );
+    Ok(())
 }

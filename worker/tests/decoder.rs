@@ -202,3 +202,75 @@ fn bad_configs_are_refused_by_field() {
     let e = DecoderModel::load(&good, Device::Cpu, None).err().unwrap().to_string();
     assert!(e.contains("layers.1.mlp.up_proj.weight") && e.contains("norm.weight"), "{e}");
 }
+
+/// Distillation of a decoder on its teacher's signal: a tiny random teacher
+/// generates responses with its top-8 log-probabilities; a student (half
+/// the layers, from the teacher's slices) trained with forward KL on them
+/// moves toward the teacher on held-out prompts — its KD loss and the
+/// cross-entropy of the teacher's tokens both fall — while the same student
+/// untrained stays where it was.
+#[test]
+fn lm_distillation_moves_the_student_toward_the_teacher() {
+    use distill_worker::distill::lm_train::{eval_loss, train, LmExample, LmLoss, LmTrainConfig};
+    use distill_worker::model::decoder::student::{derive_config, init_from_teacher, layer_map, DecoderShape, LayerChoice};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("t");
+    make(&dir, "gqa-llama3", false);
+    let teacher = DecoderModel::load(&dir, Device::Cpu, None).unwrap();
+    let prompts: Vec<Vec<i64>> = (0..48).map(|i| (0..(3 + i % 5)).map(|j| 3 + (i * 13 + j * 7) % 90).collect()).collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: Some(Sampling { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 3 }),
+        logprobs_top_k: Some(8),
+        batch_size: 16,
+        ..Default::default()
+    };
+    let gens = generate(&teacher, None, &prompts, &opts, &mut |_, _| {}).unwrap();
+    let examples: Vec<LmExample> = prompts
+        .iter()
+        .zip(&gens)
+        .map(|(p, g)| {
+            let lp = g.logprobs.as_ref().unwrap();
+            let mut ids = p.clone();
+            ids.extend_from_slice(&g.ids);
+            LmExample {
+                ids,
+                prompt_len: p.len(),
+                topk_ids: lp.iter().flat_map(|t| t.top.iter().map(|x| x.0)).collect(),
+                topk_logp: lp.iter().flat_map(|t| t.top.iter().map(|x| x.1)).collect(),
+            }
+        })
+        .collect();
+    let (train_set, held) = examples.split_at(40);
+    let cfg_s = derive_config(&teacher.config, &DecoderShape::Sized { layers: 1, hidden: 32 }).unwrap();
+    let map = layer_map(&LayerChoice::Uniform, 2, 1).unwrap();
+    let mut student = DecoderModel::new(&cfg_s, Device::Cpu).unwrap();
+    init_from_teacher(&mut student, &teacher, &map).unwrap();
+    let cfg = LmTrainConfig {
+        steps: 150,
+        batch_size: 8,
+        learning_rate: 3e-3,
+        warmup_ratio: 0.1,
+        weight_decay: 0.0,
+        grad_clip: 1.0,
+        temperature: 1.0,
+        loss: LmLoss::ForwardKl,
+        ce_weight: 0.0,
+        seed: 1,
+    };
+    let ce_cfg = LmTrainConfig { loss: LmLoss::SequenceCe, ..cfg.clone() };
+    let (kd0, ce0) = (eval_loss(&student, held, &cfg).unwrap(), eval_loss(&student, held, &ce_cfg).unwrap());
+    let teacher_ce = eval_loss(&teacher, held, &ce_cfg).unwrap();
+    let mut losses = vec![];
+    train(&mut student, train_set, &cfg, &mut |s| losses.push(s.loss)).unwrap();
+    assert_eq!(losses.len(), 150);
+    eprintln!("held-out KD {kd0} -> {kd1}, CE {ce0} -> {ce1} (teacher {teacher_ce})", kd1 = eval_loss(&student, held, &cfg).unwrap(), ce1 = eval_loss(&student, held, &ce_cfg).unwrap());
+    let (kd1, ce1) = (eval_loss(&student, held, &cfg).unwrap(), eval_loss(&student, held, &ce_cfg).unwrap());
+    assert!(kd1 < 0.7 * kd0, "held-out forward KL {kd0} -> {kd1}: not 30 % lower");
+    assert!(ce1 < ce0, "held-out CE of the teacher's tokens {ce0} -> {ce1}");
+    assert!(ce1 > teacher_ce * 0.9, "the student ({ce1}) beats its teacher ({teacher_ce}) on the teacher's own samples");
+    // A loss without the teacher's top-k is refused by name.
+    let bare: Vec<LmExample> = train_set.iter().map(|e| LmExample { topk_ids: vec![], topk_logp: vec![], ..e.clone() }).collect();
+    let err = train(&mut student, &bare, &LmTrainConfig { steps: 1, ..cfg.clone() }, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("--logprobs"), "{err}");
+}

@@ -8,66 +8,80 @@
 //! (what `generate`'s top-k log-probabilities and the teacher-signal stage
 //! store). Every loss is a mean over the `n` tokens.
 //!
-//! The teacher's distribution outside its top-k is unknown. Each loss says
-//! how it treats that tail:
-//! - [`forward_kl`]: the teacher's top-k renormalised at temperature `T`,
-//!   `p = softmax(logp / T)` over the k ids, the tail taken as zero teacher
-//!   mass; the student's log-probabilities at `T` over the **whole**
-//!   vocabulary, `log q = log_softmax(z / T)`, gathered at the k ids. Loss
-//!   `T² · Σ_k p (log p − log q)`. Since `q` is normalised over the whole
-//!   vocabulary, student mass in the tail raises the loss: it is pushed onto
-//!   the teacher's support. (At k = vocab this is the usual T²·KL.)
-//! - [`reverse_kl`] and [`generalized_jsd`] need the student's distribution
-//!   as a whole, which the teacher cannot be compared with outside its
-//!   top-k; both compare on the teacher's top-k support with both sides
-//!   renormalised there (`q̃ = softmax(z_k / T)`, `p̃` as above):
-//!   `RKL = T² · Σ_k q̃ (log q̃ − log p̃)`;
-//!   `JSD_β = T² · (β · KL(p̃ ‖ m) + (1 − β) · KL(q̃ ‖ m))` with
-//!   `m = β p̃ + (1 − β) q̃` (β = 0.5: the symmetric Jensen–Shannon
-//!   divergence; β → 0 approaches forward KL up to scale, as in TRL's GKD).
+//! The teacher's distribution outside its top-k is unknown, so every
+//! divergence compares the same coarsening of both distributions: `k + 1`
+//! buckets, the teacher's k tokens and one bucket for all the others (the
+//! tail). The teacher's tail mass is `1 − Σ_k exp(logp)`; the student's is
+//! its probability mass outside those k ids, from the whole vocabulary (a
+//! log-sum-exp over the other logits). At temperature `T` each bucketed
+//! distribution is tempered as a categorical, `softmax(log b / T)`. At
+//! `T = 1` the forward KL is exactly the KL of the coarsened distributions,
+//! a lower bound of the full KL that equals it when k covers the
+//! vocabulary. Why not drop the tail and renormalise the top-k (as some
+//! tools do): when the teacher is unsure (its top-k holds little mass) that
+//! pushes all of the student's mass onto the k tokens, sharper than the
+//! teacher; on a near-uniform tiny teacher it made the student's
+//! cross-entropy on the teacher's own samples worse while the truncated KL
+//! fell (the first version of `tests/decoder.rs`'s distillation test).
+//!
+//! - [`forward_kl`]: `T² · Σ p̂ (log p̂ − log q̂)` over the buckets.
+//! - [`reverse_kl`]: `T² · Σ q̂ (log q̂ − log p̂)`.
+//! - [`generalized_jsd`]: `T² · (β · KL(p̂ ‖ m) + (1 − β) · KL(q̂ ‖ m))`,
+//!   `m = β p̂ + (1 − β) q̂` (β = 0.5: the symmetric Jensen–Shannon
+//!   divergence; small β weighs the student side, as in TRL's GKD).
 //! - [`sequence_ce`]: cross-entropy on the tokens themselves (the teacher's
 //!   generations as hard labels: sequence-level KD; or reference responses).
 
 use tch::{Kind, Tensor};
 
-/// Teacher probabilities and log-probabilities renormalised over its
-/// top-k at temperature `t`.
-fn teacher_topk(logp: &Tensor, t: f64) -> (Tensor, Tensor) {
-    let lp = (logp.to_kind(Kind::Float) / t).log_softmax(-1, Kind::Float);
-    (lp.exp(), lp)
+/// log of the smallest bucket mass kept (an empty tail is 1e-30, not 0).
+const LOG_FLOOR: f64 = -69.0;
+
+/// The teacher's bucketed log-probabilities `[n, k + 1]` at temperature `t`.
+fn teacher_buckets(logp: &Tensor, t: f64) -> Tensor {
+    let lp = logp.to_kind(Kind::Float);
+    let tail = (lp.exp().sum_dim_intlist(-1, true, Kind::Float).neg() + 1.0)
+        .clamp_min(1e-30)
+        .log()
+        .clamp_min(LOG_FLOOR);
+    (Tensor::cat(&[lp, tail], -1) / t).log_softmax(-1, Kind::Float)
 }
 
-/// Forward KL(teacher ‖ student) at temperature `t` over the teacher's top-k.
+/// The student's bucketed log-probabilities `[n, k + 1]` at temperature `t`:
+/// its k gathered log-probabilities and its log mass outside them.
+fn student_buckets(student: &Tensor, ids: &Tensor, t: f64) -> Tensor {
+    let z = student.to_kind(Kind::Float);
+    let all = z.logsumexp([-1i64].as_slice(), true);
+    let top = z.gather(1, ids, false) - &all;
+    let rest = z.scatter_value(1, ids, f64::NEG_INFINITY).logsumexp([-1i64].as_slice(), true) - &all;
+    let tail = rest.clamp_min(LOG_FLOOR);
+    (Tensor::cat(&[top, tail], -1) / t).log_softmax(-1, Kind::Float)
+}
+
+/// Σ exp(a) (a − b) over the last dimension, mean over rows.
+fn kl(a: &Tensor, b: &Tensor) -> Tensor {
+    (a.exp() * (a - b)).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float)
+}
+
+/// Forward KL(teacher ‖ student) at temperature `t` over the top-k and tail.
 pub fn forward_kl(student: &Tensor, ids: &Tensor, logp: &Tensor, t: f64) -> Tensor {
-    let (p, lp) = teacher_topk(logp, t);
-    let lq = (student.to_kind(Kind::Float) / t)
-        .log_softmax(-1, Kind::Float)
-        .gather(1, ids, false);
-    let per = (&p * (lp - lq)).sum_dim_intlist(-1, false, Kind::Float);
-    per.mean(Kind::Float) * (t * t)
+    kl(&teacher_buckets(logp, t), &student_buckets(student, ids, t)) * (t * t)
 }
 
-/// Reverse KL(student ‖ teacher) at temperature `t`, both renormalised on
-/// the teacher's top-k.
+/// Reverse KL(student ‖ teacher) at temperature `t` over the top-k and tail.
 pub fn reverse_kl(student: &Tensor, ids: &Tensor, logp: &Tensor, t: f64) -> Tensor {
-    let (_, lp) = teacher_topk(logp, t);
-    let lq = (student.to_kind(Kind::Float).gather(1, ids, false) / t).log_softmax(-1, Kind::Float);
-    let per = (lq.exp() * (&lq - lp)).sum_dim_intlist(-1, false, Kind::Float);
-    per.mean(Kind::Float) * (t * t)
+    kl(&student_buckets(student, ids, t), &teacher_buckets(logp, t)) * (t * t)
 }
 
 /// Generalised Jensen–Shannon divergence with weight `beta` on the teacher,
-/// at temperature `t`, both renormalised on the teacher's top-k.
+/// at temperature `t`, over the top-k and tail.
 pub fn generalized_jsd(student: &Tensor, ids: &Tensor, logp: &Tensor, beta: f64, t: f64) -> Tensor {
     assert!((0.0..=1.0).contains(&beta), "beta must be in [0, 1]");
-    let (p, lp) = teacher_topk(logp, t);
-    let lq = (student.to_kind(Kind::Float).gather(1, ids, false) / t).log_softmax(-1, Kind::Float);
-    let q = lq.exp();
-    let m = &p * beta + &q * (1.0 - beta);
+    let lp = teacher_buckets(logp, t);
+    let lq = student_buckets(student, ids, t);
+    let m = lp.exp() * beta + lq.exp() * (1.0 - beta);
     let lm = m.clamp_min(1e-30).log();
-    let kl_p = (&p * (&lp - &lm)).sum_dim_intlist(-1, false, Kind::Float);
-    let kl_q = (&q * (&lq - &lm)).sum_dim_intlist(-1, false, Kind::Float);
-    (kl_p * beta + kl_q * (1.0 - beta)).mean(Kind::Float) * (t * t)
+    (kl(&lp, &lm) * beta + kl(&lq, &lm) * (1.0 - beta)) * (t * t)
 }
 
 /// Cross-entropy of the student on `targets` (`[n]` token ids).

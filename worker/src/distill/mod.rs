@@ -4,6 +4,7 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod lm_loss;
+pub mod lm_train;
 pub mod loss;
 pub mod schedule;
 pub mod train;
