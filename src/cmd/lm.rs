@@ -375,8 +375,11 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
     let measure = |m: &DecoderModel| -> anyhow::Result<Option<Value>> {
         let Some(es) = &eval_set else { return Ok(None) };
         let ce = eval_loss(m, es, &ce_cfg)?;
-        let kd = if loss == LmLoss::SequenceCe || es[0].topk_ids.is_empty() { None } else { Some(eval_loss(m, es, &cfg)?) };
-        Ok(Some(serde_json::json!({"loss": kd, "response_ce": ce, "response_perplexity": ce.exp()})))
+        // Forward KL (T = 1, top-k + tail) whatever the training loss, so
+        // students trained with different losses compare on one figure.
+        let fkl_cfg = LmTrainConfig { loss: LmLoss::ForwardKl, temperature: 1.0, ce_weight: 0.0, ..cfg.clone() };
+        let fkl = if es[0].topk_ids.is_empty() { None } else { Some(eval_loss(m, es, &fkl_cfg)?) };
+        Ok(Some(serde_json::json!({"forward_kl": fkl, "response_ce": ce, "response_perplexity": ce.exp()})))
     };
     let before = measure(&model)?;
     eprintln!(
