@@ -16,6 +16,15 @@
 #   4 cluster:  coordinator + two workers on the GPU, data-parallel over
 #               gloo (NCCL needs one GPU per rank); one worker is killed
 #               mid-run and the other finishes the job.
+#   5 decoder:  a SmolLM2-shaped Llama (random weights, made here with
+#               transformers; SmolLM2's tokenizer from the fixture): CUDA
+#               generation, fp32 and bf16, against transformers' generate()
+#               on the same GPU (tokens/s at batch 1 and 16, prefill; the
+#               fp32 greedy ids must match up to the first EOS), then
+#               `distill generate --device cuda --logprobs 8` as a teacher
+#               signal and `distill lm-distill --device cuda --precision
+#               bf16` (a bf16 KD step) on a half-size student: the loss
+#               must fall.
 # Usage: DEVICE=cuda:0 bash scripts/gpu/check.sh [PARTS...]   (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,7 +38,7 @@ py=${PYTHON:-/opt/torch/.venv/bin/python3}
 site=$("$py" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
 LD_LIBRARY_PATH="$site/torch/lib:$(ls -d "$site"/nvidia/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
-parts=${*:-cuda nccl kd_step cluster}
+parts=${*:-cuda nccl kd_step cluster decoder}
 say() { echo "$*" | tee -a "$out/summary.txt"; }
 port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -152,6 +161,51 @@ TOML
   cp $w/worker-1.log $out/cluster-worker-1.log; cp $w/coordinator.log $out/cluster-coordinator.log
   kill $cpid "${pids[@]}" 2>/dev/null; wait 2>/dev/null
   [ "${1:-}" = succeeded ] && [ $killed = 1 ]
+}
+
+part_decoder() {
+  local d=/tmp/distill-smollm2 ok=0
+  "$py" - "$g/fixture/smollm2" "$d" <<'PY' || return 1
+import json, shutil, sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+src, dst = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+cfg = LlamaConfig(**json.load(open(f"{src}/config.json")))
+LlamaForCausalLM(cfg).save_pretrained(dst, safe_serialization=True)
+for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    shutil.copy(f"{src}/{f}", f"{dst}/{f}")
+PY
+  for dt in fp32 bf16; do
+    DISTILL_DTYPE=$dt DISTILL_DEVICE=$device DISTILL_IDS=$out/decoder-ids-distill-$dt.json timeout 300 "$g/generate_bench" $d "$g/fixture/smollm2-prompts.json" 32 8 || ok=1
+    DISTILL_DTYPE=$dt DISTILL_DEVICE=$device DISTILL_IDS=$out/decoder-ids-torch-$dt.json timeout 300 "$py" "$g/generate_torch.py" $d "$g/fixture/smollm2-prompts.json" 32 8 2>/dev/null || ok=1
+  done
+  "$py" - "$out/decoder-ids-distill-fp32.json" "$out/decoder-ids-torch-fp32.json" <<'PY' || ok=1
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+def cut(r):
+    return r[: r.index(2) + 1] if 2 in r else r
+same = sum(cut(x) == cut(y) for x, y in zip(a, b))
+print(f"greedy fp32 on cuda: {same}/{len(a)} prompts give transformers' ids (up to the first EOS)")
+sys.exit(0 if same == len(a) else 1)
+PY
+  local w=/tmp/distill-lm && rm -rf $w && mkdir -p $w
+  head -48 "$g/fixture/smollm2-chats.jsonl" > $w/train.jsonl
+  tail -16 "$g/fixture/smollm2-chats.jsonl" > $w/eval.jsonl
+  for s in train eval; do
+    timeout 300 "$g/distill" --log-format plain generate $d $w/$s.jsonl --output $w/$s-signal.jsonl \
+      --device "$device" --max-new-tokens 32 --temperature 1.0 --seed 1 --logprobs 8 || ok=1
+  done
+  timeout 120 "$g/distill" student --teacher $d --output $w/student --compression-ratio 0.5 || ok=1
+  timeout 600 "$g/distill" --log-format plain lm-distill --student $w/student --signal $w/train-signal.jsonl \
+    --eval $w/eval-signal.jsonl --output $w/out --device "$device" --precision bf16 --steps 60 --batch-size 8 --learning-rate 3e-4 || ok=1
+  "$py" - $w/out/lm_distill.json <<'PY' || ok=1
+import json, sys
+r = json.load(open(sys.argv[1]))
+b, a = r["held_out_before"], r["held_out_after"]
+print(f"bf16 lm-distill on cuda: {r['steps']} steps in {r['seconds']:.1f}s; held-out forward KL {b['forward_kl']:.4f} -> {a['forward_kl']:.4f}, CE {b['response_ce']:.4f} -> {a['response_ce']:.4f}")
+sys.exit(0 if a["forward_kl"] < b["forward_kl"] else 1)
+PY
+  return $ok
 }
 
 : > "$out/summary.txt"

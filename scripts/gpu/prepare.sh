@@ -12,9 +12,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 bash scripts/gpu/build.sh
 DISTILL_CUDA_INCLUDE="$(bash scripts/gpu/headers.sh)"
 export DISTILL_CUDA_INCLUDE
-cargo build --release -q -p distill-worker --features nccl,bench --example allreduce --example kd_step
+cargo build --release -q -p distill-worker --features nccl,bench --example allreduce --example kd_step --example generate_bench
 g=target/gpu
-cp target/release/examples/allreduce target/release/examples/kd_step "$g/"
+cp target/release/examples/allreduce target/release/examples/kd_step target/release/examples/generate_bench "$g/"
 rm -rf "$g/fixture" && mkdir -p "$g/fixture/minilm"
 .venv/bin/python scripts/parity/reference.py make-random "$g/fixture/teacher" --seed 3 \
   --layers 2 --hidden 32 --heads 4 --intermediate 64 --vocab 60 --labels 2 >/dev/null
@@ -33,5 +33,25 @@ PY
 m=.cache/data/models/all-MiniLM-L6-v2
 cp $m/config.json $m/tokenizer.json $m/tokenizer_config.json $m/vocab.txt $m/special_tokens_map.json "$g/fixture/minilm/"
 head -64 .cache/data/rotten_tomatoes/train.jsonl > "$g/fixture/reviews.jsonl"
-cp scripts/bench/kd_step_torch.py scripts/bench/allreduce_torch.py "$g/"
+cp scripts/bench/kd_step_torch.py scripts/bench/allreduce_torch.py scripts/bench/generate_torch.py "$g/"
+# The decoder check: SmolLM2's config, tokenizer and chat template (its
+# 538 MB of weights would not travel; check.sh makes random ones of that
+# shape), 64 chat prompts as ids and as JSONL.
+s=.cache/data/models/smollm2-hf
+[ -e "$s/config.json" ] || target/release/distill convert .cache/data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$s"
+mkdir -p "$g/fixture/smollm2"
+cp $s/config.json $s/tokenizer.json $s/tokenizer_config.json $s/generation_config.json "$g/fixture/smollm2/"
+.venv/bin/python - "$s" "$g/fixture" <<'PY'
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+rows = [json.loads(l)["text"] for l in open(".cache/data/rotten_tomatoes/train.jsonl")][:64]
+chats = [[{"role": "user", "content": f"Is this review positive or negative?\n\n{t}"}] for t in rows]
+with open(f"{sys.argv[2]}/smollm2-chats.jsonl", "w") as f:
+    for c in chats:
+        f.write(json.dumps({"messages": c}) + "\n")
+ids = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats[:16]]
+ids = [list(x["input_ids"]) if hasattr(x, "keys") else list(x) for x in ids]
+json.dump(ids, open(f"{sys.argv[2]}/smollm2-prompts.json", "w"))
+PY
 du -sh "$g"

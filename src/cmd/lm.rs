@@ -275,6 +275,12 @@ pub struct LmDistillArgs {
     pub grad_clip: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// `fp32`, or `bf16`: forward passes under autocast, fp32 weights.
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
     /// CPU threads for libtorch (at least 1; default: libtorch's choice).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub threads: Option<i32>,
@@ -348,7 +354,13 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(a.temperature > 0.0, "--temperature must be positive");
     anyhow::ensure!(a.batch_size > 0 && a.steps > 0, "--steps and --batch-size must be positive");
-    let mut model = DecoderModel::load(&a.student, tch::Device::Cpu, Some(tch::Kind::Float))?;
+    let device = distill_worker::device::parse_device(&a.device)?;
+    let precision = match a.precision.as_str() {
+        "fp32" => None,
+        "bf16" => Some(distill_worker::autocast::Reduced::Bf16),
+        other => anyhow::bail!("--precision {other}: expected fp32 or bf16"),
+    };
+    let mut model = DecoderModel::load(&a.student, device, Some(tch::Kind::Float))?;
     let tok_path = a.student.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
     let template = ChatTemplate::from_dir(&a.student)?;
@@ -368,6 +380,7 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
         loss,
         ce_weight: a.ce_weight,
         seed: a.seed,
+        precision,
     };
     // Held-out figures: the loss being trained and the perplexity of the
     // teacher's responses under the student (cross-entropy on its tokens).
@@ -407,6 +420,7 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
         "student": a.student, "signal": a.signal, "eval": a.eval,
         "loss": a.loss, "beta": a.beta, "ce_weight": a.ce_weight, "temperature": a.temperature,
         "steps": a.steps, "batch_size": a.batch_size, "learning_rate": a.learning_rate, "seed": a.seed,
+        "device": a.device, "precision": a.precision,
         "train_sequences": train_set.len(), "seconds": secs,
         "held_out_before": before, "held_out_after": after, "curve": curve,
     });

@@ -4,6 +4,8 @@
 //! fixed number of new tokens (no EOS stop), greedy, fp32 (DISTILL_DTYPE=bf16:
 //! bf16 weights). One JSON line.
 //!   generate_bench MODEL_DIR PROMPTS_JSON NEW_TOKENS THREADS
+//! DISTILL_DEVICE=cuda:0 runs on a GPU. With DISTILL_IDS=FILE it also writes
+//! the greedy ids of the batch-16 run there (for a parity check).
 
 use distill_worker::model::decoder::generate::{generate, GenerateOptions};
 use distill_worker::model::decoder::{DecoderModel, KvCache, Logits};
@@ -17,20 +19,23 @@ fn main() -> anyhow::Result<()> {
     let new: usize = args[3].parse()?;
     let threads: i32 = args[4].parse()?;
     tch::set_num_threads(threads);
+    let device = distill_worker::device::parse_device(&std::env::var("DISTILL_DEVICE").unwrap_or_else(|_| "cpu".into()))?;
     let kind = match std::env::var("DISTILL_DTYPE").as_deref() {
         Ok("bf16") => tch::Kind::BFloat16,
         _ => tch::Kind::Float,
     };
-    let model = DecoderModel::load(&dir, Device::Cpu, Some(kind))?;
+    let model = DecoderModel::load(&dir, device, Some(kind))?;
     // Prefill: each of the first prompts alone (batch 1), median ms.
     let mut prefill = vec![];
     for p in prompts.iter().take(8) {
-        let ids = Tensor::from_slice(p).view([1, -1]);
-        let pos = Tensor::arange(p.len() as i64, (tch::Kind::Int64, Device::Cpu)).view([1, -1]);
+        let ids = Tensor::from_slice(p).view([1, -1]).to_device(device);
+        let pos = Tensor::arange(p.len() as i64, (tch::Kind::Int64, device)).view([1, -1]);
         let t0 = Instant::now();
         tch::no_grad(|| {
             let mut cache = KvCache::new(&model, 1, p.len() as i64 + 1);
-            model.forward(&ids, &pos, None, Some(&mut cache), Logits::Last, false)
+            let out = model.forward(&ids, &pos, None, Some(&mut cache), Logits::Last, false);
+            // Wait for the device: the time is the computation's.
+            out.logits.unwrap().sum(tch::Kind::Float).double_value(&[])
         });
         prefill.push(t0.elapsed().as_secs_f64());
     }
@@ -45,6 +50,12 @@ fn main() -> anyhow::Result<()> {
         let secs = t0.elapsed().as_secs_f64();
         let toks: usize = g.iter().map(|x| x.ids.len()).sum();
         out[format!("tokens_per_s_batch{batch}")] = (toks as f64 / secs).into();
+        if batch == 16 {
+            if let Ok(path) = std::env::var("DISTILL_IDS") {
+                let ids: Vec<&Vec<i64>> = g.iter().map(|x| &x.ids).collect();
+                std::fs::write(path, serde_json::to_string(&ids)?)?;
+            }
+        }
     }
     // Natural stopping at EOS, 16 prompts at once, up to 4x the new tokens:
     // the useful tokens (up to and including each row's EOS) per second.

@@ -39,6 +39,27 @@ pub fn format() -> LogFormat {
     FORMAT.get().copied().unwrap_or_default()
 }
 
+/// The process's format for stderr as it is (`Auto` only on a terminal),
+/// and on a terminal a bar for `stage` drawn with `template`.
+fn resolve(stage: &'static str, total: u64, template: &str) -> (LogFormat, Option<ProgressBar>) {
+    let format = match format() {
+        LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Auto,
+        LogFormat::Auto => LogFormat::Plain,
+        f => f,
+    };
+    let bar = (format == LogFormat::Auto).then(|| {
+        let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        b.set_style(
+            ProgressStyle::with_template(template)
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        b.set_prefix(stage);
+        b
+    });
+    (format, bar)
+}
+
 const TERMS: [&str; 5] = ["task", "kd", "attn", "hidden", "emb"];
 
 /// Reports the steps of one stage.
@@ -55,23 +76,11 @@ pub struct StepProgress {
 
 impl StepProgress {
     pub fn new(stage: &'static str, total: u64) -> Self {
-        let format = match format() {
-            LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Auto,
-            LogFormat::Auto => LogFormat::Plain,
-            f => f,
-        };
-        let bar = (format == LogFormat::Auto).then(|| {
-            let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>9} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
-            );
-            b.set_prefix(stage);
-            b
-        });
+        let (format, bar) = resolve(
+            stage,
+            total,
+            "{prefix:>9} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}",
+        );
         Self {
             stage,
             total,
@@ -182,21 +191,7 @@ pub struct CountProgress {
 
 impl CountProgress {
     pub fn new(stage: &'static str, total: u64, unit: &'static str) -> Self {
-        let format = match format() {
-            LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Auto,
-            LogFormat::Auto => LogFormat::Plain,
-            f => f,
-        };
-        let bar = (format == LogFormat::Auto).then(|| {
-            let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            b.set_style(
-                ProgressStyle::with_template("{prefix:>9} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
-                    .expect("a valid template")
-                    .progress_chars("=> "),
-            );
-            b.set_prefix(stage);
-            b
-        });
+        let (format, bar) = resolve(stage, total, "{prefix:>9} [{bar:30}] {pos}/{len} ETA {eta} {msg}");
         CountProgress {
             stage,
             unit,

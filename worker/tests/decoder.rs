@@ -13,25 +13,12 @@ use distill_worker::model::decoder::generate::{generate, GenerateOptions, Sampli
 use distill_worker::model::decoder::{DecoderConfig, DecoderModel, RopeScaling};
 use distill_worker::model::weights::read_tensors;
 use std::path::Path;
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-5;
 
-pub fn decoder_reference(args: &[&str]) {
-    let script = workspace().join("scripts/parity/decoder_reference.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .output()
-        .expect("spawn python");
-    assert!(
-        out.status.success(),
-        "decoder_reference.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn decoder_reference(args: &[&str]) {
+    parity_script("decoder_reference.py", args);
 }
 
 fn make(dir: &Path, kind: &str, old_rope: bool) {
@@ -257,6 +244,7 @@ fn lm_distillation_moves_the_student_toward_the_teacher() {
         loss: LmLoss::ForwardKl,
         ce_weight: 0.0,
         seed: 1,
+        precision: None,
     };
     let ce_cfg = LmTrainConfig { loss: LmLoss::SequenceCe, ..cfg.clone() };
     let (kd0, ce0) = (eval_loss(&student, held, &cfg).unwrap(), eval_loss(&student, held, &ce_cfg).unwrap());

@@ -14,7 +14,6 @@ use distill_worker::model::decoder::DecoderModel;
 use distill_worker::model::gguf;
 use distill_worker::model::weights::read_tensors;
 use std::path::PathBuf;
-use std::process::Command;
 use tch::Device;
 
 fn gguf_path() -> PathBuf {
@@ -24,15 +23,7 @@ fn gguf_path() -> PathBuf {
 }
 
 fn reference(args: &[&str]) {
-    let script = workspace().join("scripts/parity/decoder_reference.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .output()
-        .expect("spawn python");
-    assert!(out.status.success(), "decoder_reference.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    parity_script("decoder_reference.py", args);
 }
 
 fn texts(n: usize) -> Vec<String> {

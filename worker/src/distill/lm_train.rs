@@ -75,6 +75,9 @@ pub struct LmTrainConfig {
     /// distillation loss (0: none; ignored for `SequenceCe`).
     pub ce_weight: f64,
     pub seed: u64,
+    /// Forward passes under autocast (bf16 on CPUs with the instructions
+    /// for it and on GPUs); weights, gradients and the losses stay fp32.
+    pub precision: Option<crate::autocast::Reduced>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -146,7 +149,9 @@ pub fn make_batch(examples: &[&LmExample], device: tch::Device) -> Result<LmBatc
 
 /// The loss of `model` on `batch`.
 pub fn batch_loss(model: &DecoderModel, batch: &LmBatch, cfg: &LmTrainConfig) -> Result<(Tensor, usize)> {
-    let logits = model.forward_masked(&batch.ids, &batch.mask);
+    let logits = crate::autocast::maybe(model.device(), cfg.precision, || {
+        model.forward_masked(&batch.ids, &batch.mask)
+    })?;
     let (rows, targets) = lm_loss::response_rows(&logits, &batch.ids, &batch.response);
     let n = targets.size()[0] as usize;
     let ce = || lm_loss::sequence_ce(&rows, &targets);

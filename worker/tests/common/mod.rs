@@ -25,9 +25,15 @@ pub fn python() -> PathBuf {
 
 /// Run `scripts/parity/reference.py` with `args`; panic with its stderr on failure.
 pub fn reference(args: &[&str]) {
-    let script = workspace().join("scripts/parity/reference.py");
+    parity_script("reference.py", args);
+}
+
+/// Run `scripts/parity/<script>` with `args` (offline, quiet
+/// transformers); panic with its stderr on failure.
+pub fn parity_script(script: &str, args: &[&str]) {
+    let path = workspace().join("scripts/parity").join(script);
     let out = Command::new(python())
-        .arg(script)
+        .arg(path)
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
         .env("TRANSFORMERS_VERBOSITY", "error")
@@ -35,7 +41,7 @@ pub fn reference(args: &[&str]) {
         .expect("spawn python");
     assert!(
         out.status.success(),
-        "reference.py {args:?} failed:\n{}",
+        "{script} {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
