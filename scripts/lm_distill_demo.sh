@@ -15,6 +15,9 @@
 #      perplexity of the teacher's responses under the student, and the
 #      forward KL (T = 1, top-K + tail) to the teacher.
 #   scripts/lm_distill_demo.sh [N_TRAIN=160] [N_EVAL=40] [STEPS=100] [THREADS=2]
+# SEED=K (default 42) trains with that seed (order and nothing else: the
+# signal and the student are shared) into <loss>-seedK/; the summary
+# covers every seed found, with mean ± sd.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -43,18 +46,30 @@ for split in train eval; do
 done
 [ -e "$out/student/model.safetensors" ] || "$bin" student --teacher "$teacher" --output "$out/student" --compression-ratio 0.5 > "$out/student.json"
 cat "$out/student.json"
+seed=${SEED:-42}
 for loss in forward_kl sequence_ce; do
-  [ -e "$out/$loss/lm_distill.json" ] || "$bin" --log-format plain lm-distill --student "$out/student" --signal "$out/train-signal.jsonl" \
-      --eval "$out/eval-signal.jsonl" --output "$out/$loss" --loss "$loss" --steps "$steps" --threads "$threads"
+  dest=$out/$loss-seed$seed
+  [ -e "$dest/lm_distill.json" ] || "$bin" --log-format plain lm-distill --student "$out/student" --signal "$out/train-signal.jsonl" \
+      --eval "$out/eval-signal.jsonl" --output "$dest" --loss "$loss" --steps "$steps" --threads "$threads" --seed "$seed"
 done
 python3 - "$out" <<'PY'
-import json, sys
+import glob, json, statistics, sys
 out = sys.argv[1]
-print(f"\nheld-out teacher responses ({out}/eval-signal.jsonl):")
-print(f"  {'student':<34} {'CE before':>9} {'CE after':>9} {'ppl after':>9} {'FKL before':>10} {'FKL after':>9}")
+def ms(xs):
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
+print(f"\nheld-out teacher responses ({out}/eval-signal.jsonl), mean ± sd over seeds:")
+res = {}
 for loss in ["forward_kl", "sequence_ce"]:
-    r = json.load(open(f"{out}/{loss}/lm_distill.json"))
-    b, a = r["held_out_before"], r["held_out_after"]
-    kd = lambda x: f"{x['forward_kl']:9.4f}"
-    print(f"  {loss + ' (' + str(r['steps']) + ' steps)':<34} {b['response_ce']:9.4f} {a['response_ce']:9.4f} {a['response_perplexity']:9.2f} {kd(b)} {kd(a)}")
+    rs = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/{loss}-seed*/lm_distill.json"))]
+    if not rs:
+        continue
+    res[loss] = rs
+    b = rs[0]["held_out_before"]
+    print(f"  {loss}: {len(rs)} seeds ({', '.join(str(r['seed']) for r in rs)}), {rs[0]['steps']} steps; before: CE {b['response_ce']:.4f}, forward KL {b['forward_kl']:.4f}")
+    print(f"    after: CE {ms([r['held_out_after']['response_ce'] for r in rs])}  perplexity {ms([r['held_out_after']['response_perplexity'] for r in rs])}  forward KL {ms([r['held_out_after']['forward_kl'] for r in rs])}")
+if len(res) == 2:
+    by = {loss: {r["seed"]: r["held_out_after"]["response_ce"] for r in rs} for loss, rs in res.items()}
+    common = sorted(set(by["forward_kl"]) & set(by["sequence_ce"]))
+    d = [by["sequence_ce"][s] - by["forward_kl"][s] for s in common]
+    print(f"  CE of sequence_ce minus forward_kl, per seed: {', '.join(f'{x:+.4f}' for x in d)}; forward_kl lower on {sum(x > 0 for x in d)}/{len(d)} seeds")
 PY

@@ -37,7 +37,7 @@ for r in $(seq "$runs"); do
   target/release/examples/generate_bench "$dir" "$prompts" "$new" "$threads" | tee -a "$out"
   .venv/bin/python scripts/bench/generate_torch.py "$dir" "$prompts" "$new" "$threads" 2>/dev/null | tee -a "$out"
 done
-python3 - "$out" "$threads" "$new" <<'PY'
+python3 - "$out" "$threads" "$new" "${DISTILL_DTYPE:-fp32}" <<'PY'
 import json, statistics, sys
 r = {}
 for l in open(sys.argv[1]):
@@ -46,7 +46,7 @@ for l in open(sys.argv[1]):
         if k != "impl":
             r.setdefault(j["impl"], {}).setdefault(k, []).append(v)
 med = lambda i, k: statistics.median(r[i][k])
-print(f"\nSmolLM2-135M fp32, {sys.argv[2]} threads, {sys.argv[3]} new tokens (median of runs):")
+print(f"\nSmolLM2-135M {sys.argv[4]}, {sys.argv[2]} threads, {sys.argv[3]} new tokens (median of runs):")
 print(f"  prefill ms (batch 1, ~{med('distill','prompt_tokens_mean'):.0f} tokens): distill {med('distill','prefill_ms_batch1'):.1f}  transformers {med('pytorch','prefill_ms_batch1'):.1f}  ratio {med('pytorch','prefill_ms_batch1')/med('distill','prefill_ms_batch1'):.2f}x")
 for b in (1, 16):
     d, p = med("distill", f"tokens_per_s_batch{b}"), med("pytorch", f"tokens_per_s_batch{b}")

@@ -171,7 +171,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 src, dst = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 cfg = LlamaConfig(**json.load(open(f"{src}/config.json")))
-LlamaForCausalLM(cfg).save_pretrained(dst, safe_serialization=True)
+m = LlamaForCausalLM(cfg)
+# Random weights give a near-uniform next-token distribution (its top-8 holds
+# ~0.02 % of the mass: nothing to distil); a larger final norm makes it peaked.
+with torch.no_grad():
+    m.model.norm.weight.mul_(30.0)
+m.save_pretrained(dst, safe_serialization=True)
 for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
     shutil.copy(f"{src}/{f}", f"{dst}/{f}")
 PY
@@ -202,7 +207,7 @@ PY
 import json, sys
 r = json.load(open(sys.argv[1]))
 b, a = r["held_out_before"], r["held_out_after"]
-print(f"bf16 lm-distill on cuda: {r['steps']} steps in {r['seconds']:.1f}s; held-out forward KL {b['forward_kl']:.4f} -> {a['forward_kl']:.4f}, CE {b['response_ce']:.4f} -> {a['response_ce']:.4f}")
+print(f"bf16 lm-distill on {r['device']}: {r['steps']} steps in {r['seconds']:.1f}s; held-out forward KL {b['forward_kl']:.4f} -> {a['forward_kl']:.4f}, CE {b['response_ce']:.4f} -> {a['response_ce']:.4f}")
 sys.exit(0 if a["forward_kl"] < b["forward_kl"] else 1)
 PY
   return $ok
