@@ -41,7 +41,8 @@ fn convert_generate_and_refuse_a_bad_line() {
         .arg(&prompts)
         .arg("--output")
         .arg(&result)
-        .args(["--max-new-tokens", "6", "--logprobs", "3", "--threads", "2"])
+        .args(["--max-new-tokens", "6", "--logprobs", "3", "--threads", "2", "--signal-out"])
+        .arg(tmp.path().join("signal.safetensors"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -64,6 +65,10 @@ fn convert_generate_and_refuse_a_bad_line() {
         assert_eq!(r["logprobs"][0]["top"].as_array().unwrap().len(), 3);
     }
     assert!(rows[0]["text"].as_str().unwrap().contains("Paris"), "{}", rows[0]["text"]);
+    assert!(err.contains("bytes per response token"), "{err}");
+    let sig = distill_worker::distill::lm_train::read_signal(&tmp.path().join("signal.safetensors")).unwrap();
+    assert_eq!(sig.len(), 2);
+    assert_eq!(sig[0].ids[sig[0].prompt_len..].to_vec(), serde_json::from_value::<Vec<i64>>(rows[0]["ids"].clone()).unwrap());
 
     // A line without prompt or messages: refused by file and line, nothing written.
     std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n{\"question\": \"where is the prompt?\"}\n").unwrap();

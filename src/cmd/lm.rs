@@ -71,6 +71,11 @@ pub struct GenerateArgs {
     /// Also write, per generated token, its log-probability and the K most likely tokens'.
     #[arg(long, value_name = "K")]
     pub logprobs: Option<usize>,
+    /// Also write the teacher signal compactly (with --logprobs K): token
+    /// ids and top-K as int32 and fp16 in one safetensors file, for
+    /// `distill lm-distill --signal`.
+    #[arg(long, requires = "logprobs")]
+    pub signal_out: Option<PathBuf>,
     /// Prompts per batch (prompts are sorted by length, so a batch pads little).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
@@ -173,6 +178,33 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     bar.finish();
     let secs = t0.elapsed().as_secs_f64();
     let new_tokens: usize = results.iter().map(|g| g.ids.len()).sum();
+    if let Some(path) = &a.signal_out {
+        let examples: Vec<distill_worker::distill::lm_train::LmExample> = prompts
+            .iter()
+            .zip(&results)
+            .filter(|(_, g)| !g.ids.is_empty())
+            .map(|(p, g)| {
+                let lp = g.logprobs.as_ref().expect("--logprobs is required with --signal-out");
+                let mut ids = p.clone();
+                ids.extend_from_slice(&g.ids);
+                distill_worker::distill::lm_train::LmExample {
+                    ids,
+                    prompt_len: p.len(),
+                    topk_ids: lp.iter().flat_map(|t| t.top.iter().map(|x| x.0)).collect(),
+                    topk_logp: lp.iter().flat_map(|t| t.top.iter().map(|x| x.1)).collect(),
+                }
+            })
+            .collect();
+        distill_worker::distill::lm_train::write_signal(path, &examples)?;
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let resp: usize = examples.iter().map(|e| e.response_len()).sum();
+        eprintln!(
+            "wrote the teacher signal to {}: {} sequences, {:.0} bytes per response token",
+            path.display(),
+            examples.len(),
+            size as f64 / resp.max(1) as f64
+        );
+    }
     let mut out = Vec::new();
     for (mut row, g) in rows.into_iter().zip(results) {
         let obj = row.as_object_mut().unwrap();
@@ -236,7 +268,8 @@ pub struct LmDistillArgs {
     pub student: PathBuf,
     /// The teacher's signal: JSONL written by `distill generate TEACHER
     /// PROMPTS --logprobs K` (each line's prompt or messages, the teacher's
-    /// response `ids` and its top-k `logprobs`). The student must share the
+    /// response `ids` and its top-k `logprobs`), or the compact
+    /// `.safetensors` of its `--signal-out`. The student must share the
     /// teacher's tokenizer.
     #[arg(long)]
     pub signal: PathBuf,
@@ -292,6 +325,11 @@ fn read_signal(
     tokenizer: &tokenizers::Tokenizer,
     template: Option<&ChatTemplate>,
 ) -> anyhow::Result<Vec<distill_worker::distill::lm_train::LmExample>> {
+    if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+        let v = distill_worker::distill::lm_train::read_signal(path)?;
+        anyhow::ensure!(!v.is_empty(), "{}: no sequences", path.display());
+        return Ok(v);
+    }
     let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     let mut out = vec![];
     let mut k_seen = None;

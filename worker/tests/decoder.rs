@@ -257,6 +257,29 @@ fn lm_distillation_moves_the_student_toward_the_teacher() {
     assert!(kd1 < 0.7 * kd0, "held-out forward KL {kd0} -> {kd1}: not 30 % lower");
     assert!(ce1 < ce0, "held-out CE of the teacher's tokens {ce0} -> {ce1}");
     assert!(ce1 > teacher_ce * 0.9, "the student ({ce1}) beats its teacher ({teacher_ce}) on the teacher's own samples");
+    // The compact signal file: the same sequences back, log-probabilities
+    // within fp16's precision, the same held-out loss to 1e-3; a truncated
+    // file is refused naming it.
+    let path = tmp.path().join("signal.safetensors");
+    distill_worker::distill::lm_train::write_signal(&path, held).unwrap();
+    let back = distill_worker::distill::lm_train::read_signal(&path).unwrap();
+    assert_eq!(back.len(), held.len());
+    for (a, b) in back.iter().zip(held) {
+        assert_eq!((&a.ids, a.prompt_len, &a.topk_ids), (&b.ids, b.prompt_len, &b.topk_ids));
+        for (x, y) in a.topk_logp.iter().zip(&b.topk_logp) {
+            assert!((x - y).abs() <= 1e-3 * y.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+    let (l_back, l_orig) = (eval_loss(&student, &back, &cfg).unwrap(), eval_loss(&student, held, &cfg).unwrap());
+    assert!((l_back - l_orig).abs() < 1e-3, "loss on the compact signal {l_back} vs {l_orig}");
+    let resp: usize = held.iter().map(|e| e.response_len()).sum();
+    let size = std::fs::metadata(&path).unwrap().len() as usize;
+    assert!(size < resp * (8 * 6 + 4) + 2048 + held.iter().map(|e| e.ids.len() * 4).sum::<usize>(), "{size} bytes for {resp} tokens");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let e = distill_worker::distill::lm_train::read_signal(&path).unwrap_err().to_string();
+    assert!(e.contains("signal.safetensors"), "{e}");
+
     // A loss without the teacher's top-k is refused by name.
     let bare: Vec<LmExample> = train_set.iter().map(|e| LmExample { topk_ids: vec![], topk_logp: vec![], ..e.clone() }).collect();
     let err = train(&mut student, &bare, &LmTrainConfig { steps: 1, ..cfg.clone() }, &mut |_| {}).unwrap_err();

@@ -248,3 +248,93 @@ pub fn train(
     }
     Ok(())
 }
+
+/// The teacher signal in a compact file: one safetensors file with
+/// `tokens` (int32, every sequence's prompt then response, concatenated),
+/// `offsets` (int64 `[n + 1]`, where each sequence starts), `prompt_lens`
+/// (int64 `[n]`), and for the response tokens, in order, `topk_ids` (int32
+/// `[r, k]`) and `topk_logp` (fp16 `[r, k]`). A response token costs
+/// `k · 6 + 4` bytes (k = 32: 196 bytes; the JSON of `distill generate
+/// --logprobs` takes about 2 kB). fp16 keeps log-probabilities to about
+/// 3 significant digits (relative error ≤ 2⁻¹¹), well under what a KL
+/// between top-k buckets resolves.
+pub fn write_signal(path: &std::path::Path, examples: &[LmExample]) -> Result<()> {
+    let mut tokens = vec![];
+    let mut offsets = vec![0i64];
+    let mut prompt_lens = vec![];
+    let (mut tids, mut tlp) = (vec![], vec![]);
+    let mut k = None;
+    for e in examples {
+        tokens.extend(e.ids.iter().map(|&x| x as i32));
+        offsets.push(tokens.len() as i64);
+        prompt_lens.push(e.prompt_len as i64);
+        let kk = e.topk_ids.len() / e.response_len().max(1);
+        if e.topk_ids.is_empty() || kk * e.response_len() != e.topk_ids.len() || k.is_some_and(|k| k != kk) {
+            return Err(Error::Invalid(format!(
+                "{}: every sequence needs k top-k entries per response token, the same k throughout",
+                path.display()
+            )));
+        }
+        k = Some(kk);
+        tids.extend(e.topk_ids.iter().map(|&x| x as i32));
+        tlp.extend_from_slice(&e.topk_logp);
+    }
+    let k = k.unwrap_or(0) as i64;
+    let t = vec![
+        ("tokens".to_string(), Tensor::from_slice(&tokens)),
+        ("offsets".to_string(), Tensor::from_slice(&offsets)),
+        ("prompt_lens".to_string(), Tensor::from_slice(&prompt_lens)),
+        ("topk_ids".to_string(), Tensor::from_slice(&tids).view([-1, k])),
+        ("topk_logp".to_string(), Tensor::from_slice(&tlp).view([-1, k]).to_kind(tch::Kind::Half)),
+    ];
+    crate::model::weights::write_safetensors(path, &t)
+}
+
+/// Read a file [`write_signal`] wrote; every inconsistency is an error
+/// naming the file.
+pub fn read_signal(path: &std::path::Path) -> Result<Vec<LmExample>> {
+    let bad = |m: &str| Error::Data {
+        path: path.to_path_buf(),
+        message: m.to_string(),
+    };
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let t = crate::model::weights::tensors_from_bytes(path, &bytes)?;
+    let get = |n: &str| t.get(n).ok_or_else(|| bad(&format!("tensor {n}: missing (not a distill teacher-signal file?)")));
+    let tokens = Vec::<i64>::try_from(get("tokens")?.to_kind(tch::Kind::Int64))?;
+    let offsets = Vec::<i64>::try_from(get("offsets")?)?;
+    let prompt_lens = Vec::<i64>::try_from(get("prompt_lens")?)?;
+    let tids_t = get("topk_ids")?;
+    if tids_t.dim() != 2 {
+        return Err(bad("tensor topk_ids: expected [tokens, k]"));
+    }
+    let k = tids_t.size()[1] as usize;
+    let tids = Vec::<i64>::try_from(tids_t.to_kind(tch::Kind::Int64).reshape([-1]))?;
+    let tlp = Vec::<f32>::try_from(get("topk_logp")?.to_kind(tch::Kind::Float).reshape([-1]))?;
+    if offsets.len() != prompt_lens.len() + 1 || offsets.last().copied() != Some(tokens.len() as i64) || tlp.len() != tids.len() {
+        return Err(bad("offsets, prompt_lens, tokens and the top-k do not agree in length"));
+    }
+    let mut out = vec![];
+    let mut r = 0usize;
+    for (i, w) in offsets.windows(2).enumerate() {
+        let (a, b) = (w[0] as usize, w[1] as usize);
+        let p = prompt_lens[i] as usize;
+        if a > b || p == 0 || p >= b - a {
+            return Err(bad(&format!("sequence {i}: prompt {p} of {} tokens", b.saturating_sub(a))));
+        }
+        let n = (b - a - p) * k;
+        if r + n > tids.len() {
+            return Err(bad("fewer top-k rows than response tokens"));
+        }
+        out.push(LmExample {
+            ids: tokens[a..b].to_vec(),
+            prompt_len: p,
+            topk_ids: tids[r..r + n].to_vec(),
+            topk_logp: tlp[r..r + n].to_vec(),
+        });
+        r += n;
+    }
+    if r != tids.len() {
+        return Err(bad("more top-k rows than response tokens"));
+    }
+    Ok(out)
+}
