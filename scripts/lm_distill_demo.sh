@@ -52,6 +52,40 @@ for loss in forward_kl sequence_ce; do
   [ -e "$dest/lm_distill.json" ] || "$bin" --log-format plain lm-distill --student "$out/student" --signal "$out/train-signal.jsonl" \
       --eval "$out/eval-signal.jsonl" --output "$dest" --loss "$loss" --steps "$steps" --threads "$threads" --seed "$seed"
 done
+# 7. Downstream: each seed-42 student (and the untrained one) answers the
+#    held-out prompts (greedy); its verdict (the first of "positive" /
+#    "negative" in its answer) is compared with the teacher's and with the
+#    review's gold label.
+for m in student forward_kl-seed42 sequence_ce-seed42; do
+  [ -e "$out/$m/model.safetensors" ] || continue
+  [ -e "$out/answers-$m.jsonl" ] || "$bin" --log-format plain generate "$out/$m" "$out/eval-prompts.jsonl" \
+      --output "$out/answers-$m.jsonl" --max-new-tokens "$new" --threads "$threads"
+done
+python3 - "$out" "$neval" <<'PY'
+import json, sys
+out, n = sys.argv[1], int(sys.argv[2])
+gold = [json.loads(l)["label"] for l in list(open(".cache/data/rotten_tomatoes/dev.jsonl"))[:n]]
+gold = ["positive" if g == "fresh" else "negative" for g in gold]
+def verdicts(path):
+    v = []
+    for l in open(path):
+        t = json.loads(l)["text"].lower()
+        i, j = t.find("positive"), t.find("negative")
+        v.append(None if i < 0 and j < 0 else ("positive" if j < 0 or (0 <= i < j) else "negative"))
+    return v
+teacher = verdicts(f"{out}/eval-signal.jsonl")
+acc = lambda v: sum(a == g for a, g in zip(v, gold)) / len(gold)
+print(f"\ndownstream, {len(gold)} held-out reviews (verdict = first 'positive'/'negative' in the answer):")
+print(f"  {'model':<22} {'agrees with teacher':>20} {'accuracy vs gold':>17} {'no verdict':>10}")
+print(f"  {'teacher':<22} {'':>20} {acc(teacher):17.3f} {sum(x is None for x in teacher):10d}")
+import os
+for m in ["student", "forward_kl-seed42", "sequence_ce-seed42"]:
+    p = f"{out}/answers-{m}.jsonl"
+    if os.path.exists(p):
+        v = verdicts(p)
+        agree = sum(a == b and a is not None for a, b in zip(v, teacher)) / len(v)
+        print(f"  {m + (' (untrained)' if m == 'student' else ''):<22} {agree:20.3f} {acc(v):17.3f} {sum(x is None for x in v):10d}")
+PY
 python3 - "$out" <<'PY'
 import glob, json, statistics, sys
 out = sys.argv[1]
