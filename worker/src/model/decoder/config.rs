@@ -84,39 +84,27 @@ impl Fields<'_> {
         self.opt_int(field)?
             .ok_or_else(|| self.err(field, "missing"))
     }
-    fn opt_int(&self, field: &str) -> Result<Option<i64>> {
+    /// The field converted by `conv`, `None` when absent or null; a value
+    /// of another type is an error saying what was `expected`.
+    fn opt<T>(&self, field: &str, expected: &str, conv: impl Fn(&Value) -> Option<T>) -> Result<Option<T>> {
         match self.map.get(field) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_i64()
+            Some(v) => conv(v)
                 .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected an integer, found {v}"))),
+                .ok_or_else(|| self.err(field, format!("expected {expected}, found {v}"))),
         }
+    }
+    fn opt_int(&self, field: &str) -> Result<Option<i64>> {
+        self.opt(field, "an integer", Value::as_i64)
     }
     fn opt_float(&self, field: &str) -> Result<Option<f64>> {
-        match self.map.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
-        }
+        self.opt(field, "a number", Value::as_f64)
     }
     fn opt_bool(&self, field: &str) -> Result<Option<bool>> {
-        match self.map.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected true or false, found {v}"))),
-        }
+        self.opt(field, "true or false", Value::as_bool)
     }
     fn opt_str(&self, field: &str) -> Result<Option<String>> {
-        match self.map.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(self.err(field, format!("expected a string, found {v}"))),
-        }
+        self.opt(field, "a string", |v| v.as_str().map(str::to_string))
     }
 }
 
