@@ -96,3 +96,67 @@ fn convert_generate_and_refuse_a_bad_line() {
     assert!(v["memory_mb"]["weights"].as_f64().unwrap() > 100.0);
     assert!(student.join("model.safetensors").exists() && student.join("tokenizer.json").exists());
 }
+
+/// `distill generate` killed (SIGKILL) after its first group of prompts
+/// resumes from OUT.partial when the same command runs again, and writes
+/// exactly what an uninterrupted run writes; a partial file from other
+/// settings is refused, not mixed in.
+#[test]
+fn generate_resumes_after_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = common::root().join(".cache/data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = tmp.path().join("smol");
+    assert!(distill().arg("convert").arg(&gguf).arg(&model).status().unwrap().success());
+    let prompts = tmp.path().join("prompts.jsonl");
+    let lines: String = (0..12)
+        .map(|i| format!("{{\"n\": {i}, \"prompt\": \"Here is fact number {i} about the ocean:\"}}\n"))
+        .collect();
+    std::fs::write(&prompts, lines).unwrap();
+    let run = |out: &std::path::Path, new: &str| {
+        let mut c = distill();
+        c.args(["--log-format", "plain", "generate"])
+            .arg(&model)
+            .arg(&prompts)
+            .arg("--output")
+            .arg(out)
+            .args(["--batch-size", "1", "--max-new-tokens", new, "--threads", "2"]);
+        c
+    };
+    let full = tmp.path().join("full.jsonl");
+    let o = run(&full, "20").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let out = tmp.path().join("out.jsonl");
+    let partial = tmp.path().join("out.jsonl.partial");
+    let mut child = run(&out, "20").stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Wait for the first group's results to reach the disk, then kill.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let lines = std::fs::read_to_string(&partial).map(|t| t.lines().count()).unwrap_or(0);
+        if lines >= 2 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "generate ended before its first group was on disk");
+        assert!(std::time::Instant::now() < deadline, "no partial results after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists(), "killed after the first group, yet the output exists");
+    let saved = std::fs::read_to_string(&partial).unwrap().lines().count() - 1;
+    assert!((1..12).contains(&saved), "{saved} results saved");
+
+    // Other settings: refused, the partial file kept.
+    let o = run(&out, "7").output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another model, prompts or settings"));
+    assert!(partial.exists());
+
+    // The same command: resumes and writes what the uninterrupted run wrote.
+    let o = run(&out, "20").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains(&format!("{saved} of 12 prompts already generated")), "{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), std::fs::read_to_string(&full).unwrap());
+    assert!(!partial.exists(), "the partial file is removed once the output is written");
+}

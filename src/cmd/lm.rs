@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use distill_worker::model::decoder::chat::ChatTemplate;
-use distill_worker::model::decoder::generate::{generate, GenerateOptions, Sampling};
+use distill_worker::model::decoder::generate::{GenerateOptions, Sampling};
 use distill_worker::model::decoder::{DecoderModel, GenerationDefaults};
 use serde_json::Value;
 use std::io::{BufRead, Write};
@@ -49,6 +49,9 @@ pub struct GenerateArgs {
     /// Output JSONL: each input line's fields plus `text` (the new text),
     /// `ids` (the new token ids), `finish` (eos, stop or length) and, with
     /// --logprobs, `logprobs`. Same order as the input; written atomically.
+    /// Meanwhile results collect in OUT.partial: the same command after a
+    /// crash or Ctrl-C resumes from it (same tokens as one run: each
+    /// prompt's sampler is seeded by its line).
     #[arg(long)]
     pub output: PathBuf,
     #[arg(long, default_value_t = 128)]
@@ -170,12 +173,51 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     );
     let t0 = Instant::now();
     let total = prompts.len();
+    // Results go to OUT.partial as each group of batches finishes; a run
+    // stopped by a crash or Ctrl-C resumes from there when the same command
+    // is given again (same model, prompts and settings: a fingerprint in
+    // the file's first line says so).
+    let partial = PathBuf::from(format!("{}.partial", a.output.display()));
+    let fingerprint = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(model.config.to_json().to_string());
+        h.update(serde_json::to_string(&prompts)?);
+        h.update(format!("{opts:?} {:?}", model.kind()));
+        hex::encode(h.finalize())
+    };
+    let mut results: Vec<Option<distill_worker::model::decoder::generate::Generated>> = vec![None; total];
+    let resumed = read_partial(&partial, &fingerprint, &mut results)?;
+    if resumed > 0 {
+        eprintln!("resuming from {}: {resumed} of {total} prompts already generated", partial.display());
+    }
+    let mut file = open_partial(&partial, &fingerprint, resumed > 0)?;
+    let mut todo: Vec<usize> = (0..total).filter(|&i| results[i].is_none()).collect();
+    todo.sort_by_key(|&i| (prompts[i].len(), i));
     let bar = distill_worker::progress::CountProgress::new("generate", total as u64, "prompts");
-    let results = generate(&model, Some(&tokenizer), &prompts, &opts, &mut |done, tokens| {
-        let s = t0.elapsed().as_secs_f64();
-        bar.set(done as u64, &format!("{tokens} tokens, {:.1} tokens/s", tokens as f64 / s));
-    })?;
+    let (mut done, mut tokens) = (resumed, 0usize);
+    for group in todo.chunks(a.batch_size * 4) {
+        let ps: Vec<Vec<i64>> = group.iter().map(|&i| prompts[i].clone()).collect();
+        let (base_done, base_tokens) = (done, tokens);
+        let got = distill_worker::model::decoder::generate::generate_indexed(
+            &model, Some(&tokenizer), &ps, group, &opts,
+            &mut |d, t| {
+                let s = t0.elapsed().as_secs_f64();
+                bar.set((base_done + d) as u64, &format!("{} tokens, {:.1} tokens/s", base_tokens + t, (base_tokens + t) as f64 / s));
+            },
+        )?;
+        for (&i, g) in group.iter().zip(got) {
+            tokens += g.ids.len();
+            serde_json::to_writer(&mut file, &serde_json::json!({"index": i, "result": g}))?;
+            file.write_all(b"\n")?;
+            results[i] = Some(g);
+        }
+        file.flush()?;
+        file.get_ref().sync_data().with_context(|| partial.display().to_string())?;
+        done += group.len();
+    }
     bar.finish();
+    let results: Vec<_> = results.into_iter().map(|g| g.expect("every prompt generated")).collect();
     let secs = t0.elapsed().as_secs_f64();
     let new_tokens: usize = results.iter().map(|g| g.ids.len()).sum();
     if let Some(path) = &a.signal_out {
@@ -218,6 +260,8 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         out.write_all(b"\n")?;
     }
     distill_worker::fsutil::write_atomic(&a.output, &out)?;
+    drop(file);
+    std::fs::remove_file(&partial).with_context(|| partial.display().to_string())?;
     eprintln!(
         "wrote {} rows to {}: {} new tokens in {:.1}s ({:.1} tokens/s)",
         total,
@@ -227,6 +271,67 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         new_tokens as f64 / secs
     );
     Ok(())
+}
+
+/// Results of an earlier, stopped run of the same command from `path`
+/// (none when it does not exist); a file from other settings is refused. A
+/// last line cut short by the crash is dropped. Returns how many.
+fn read_partial(
+    path: &Path,
+    fingerprint: &str,
+    results: &mut [Option<distill_worker::model::decoder::generate::Generated>],
+) -> anyhow::Result<usize> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(0);
+    };
+    let mut lines = text.lines();
+    let header: Value = lines.next().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+    if header["fingerprint"].as_str() != Some(fingerprint) {
+        anyhow::bail!(
+            "{}: results of a stopped run with another model, prompts or settings; delete it to start afresh, or rerun that command to finish it",
+            path.display()
+        );
+    }
+    let lines: Vec<&str> = lines.collect();
+    let mut n = 0;
+    for (k, line) in lines.iter().enumerate() {
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if k + 1 == lines.len() => break, // cut short by the crash
+            Err(e) => anyhow::bail!("{}:{}: {e}", path.display(), k + 2),
+        };
+        let i = v["index"].as_u64().map(|i| i as usize).filter(|&i| i < results.len());
+        let g = serde_json::from_value(v["result"].clone()).ok();
+        match (i, g) {
+            (Some(i), Some(g)) => {
+                if results[i].replace(g).is_none() {
+                    n += 1;
+                }
+            }
+            _ => anyhow::bail!("{}:{}: not a result of this run", path.display(), k + 2),
+        }
+    }
+    Ok(n)
+}
+
+/// The partial-results file, opened for appending (a fresh one gets the
+/// fingerprint line; a resumed one loses a cut-short last line first).
+fn open_partial(path: &Path, fingerprint: &str, resume: bool) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+    let ctx = || path.display().to_string();
+    if resume {
+        // Rewrite the complete lines only, then append after them.
+        let text = std::fs::read_to_string(path).with_context(ctx)?;
+        let keep: String = text.split_inclusive('\n').filter(|l| l.ends_with('\n')).collect();
+        distill_worker::fsutil::write_atomic(path, keep.as_bytes())?;
+        let f = std::fs::OpenOptions::new().append(true).open(path).with_context(ctx)?;
+        return Ok(std::io::BufWriter::new(f));
+    }
+    let f = std::fs::File::create(path).with_context(ctx)?;
+    let mut w = std::io::BufWriter::new(f);
+    serde_json::to_writer(&mut w, &serde_json::json!({"distill_generate_partial": 1, "fingerprint": fingerprint}))?;
+    w.write_all(b"\n")?;
+    w.flush()?;
+    Ok(w)
 }
 
 /// The token ids of a JSONL row's `prompt` (tokenized as is) or

@@ -54,7 +54,7 @@ impl Default for GenerateOptions {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Finish {
     Eos,
@@ -62,7 +62,7 @@ pub enum Finish {
     Length,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TokenLogprobs {
     /// log p(generated token).
     pub logprob: f32,
@@ -70,7 +70,7 @@ pub struct TokenLogprobs {
     pub top: Vec<(i64, f32)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Generated {
     /// The new token ids (an EOS that ended generation included).
     pub ids: Vec<i64>,
@@ -91,6 +91,22 @@ pub fn generate(
     opts: &GenerateOptions,
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Generated>> {
+    let index: Vec<usize> = (0..prompts.len()).collect();
+    generate_indexed(model, tokenizer, prompts, &index, opts, on_progress)
+}
+
+/// [`generate`] for a part of a larger set: `index[i]` is prompt `i`'s
+/// place in the whole set, which seeds its sampler, so generating the set
+/// in parts (a resumed run) gives the same tokens as in one go.
+pub fn generate_indexed(
+    model: &DecoderModel,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    prompts: &[Vec<i64>],
+    index: &[usize],
+    opts: &GenerateOptions,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Generated>> {
+    assert_eq!(prompts.len(), index.len(), "one index per prompt");
     if let Some(s) = &opts.sampling {
         if !(s.temperature > 0.0) {
             return Err(crate::Error::Invalid(format!(
@@ -111,7 +127,8 @@ pub fn generate(
     let (mut done, mut tokens) = (0usize, 0usize);
     for chunk in order.chunks(opts.batch_size.max(1)) {
         let batch: Vec<&[i64]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
-        let results = tch::no_grad(|| generate_batch(model, tokenizer, &batch, chunk, opts))?;
+        let seeds: Vec<usize> = chunk.iter().map(|&i| index[i]).collect();
+        let results = tch::no_grad(|| generate_batch(model, tokenizer, &batch, &seeds, opts))?;
         for (&i, g) in chunk.iter().zip(results) {
             tokens += g.ids.len();
             out[i] = Some(g);
