@@ -10,7 +10,7 @@
 use distill_worker::model::decoder::generate::{generate, GenerateOptions};
 use distill_worker::model::decoder::{DecoderModel, KvCache, Logits};
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
