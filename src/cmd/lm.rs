@@ -386,9 +386,10 @@ pub struct LmDistillArgs {
     /// `lm_distill.json` (settings, the curve, before/after figures).
     #[arg(long)]
     pub output: PathBuf,
-    /// forward_kl (teacher's top-k, tail as zero mass), reverse_kl, jsd
-    /// (generalised Jensen-Shannon, --beta), or sequence_ce (the teacher's
-    /// tokens as labels: sequence-level KD).
+    /// forward_kl (KL(teacher ‖ student) over the teacher's top-k plus one
+    /// bucket for the rest of the vocabulary), reverse_kl, jsd (generalised
+    /// Jensen-Shannon, --beta; both on the same buckets), or sequence_ce
+    /// (the teacher's tokens as labels: sequence-level KD).
     #[arg(long, default_value = "forward_kl")]
     pub loss: String,
     /// Weight on the teacher in jsd.
@@ -397,20 +398,28 @@ pub struct LmDistillArgs {
     /// Add this times the cross-entropy on the teacher's tokens to a KD loss.
     #[arg(long, default_value_t = 0.0)]
     pub ce_weight: f64,
+    /// Temperature of the KD losses (both sides' buckets tempered; losses scaled by T²).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
+    /// Optimizer steps.
     #[arg(long, default_value_t = 200)]
     pub steps: u64,
+    /// Sequences per step.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// AdamW peak learning rate (linear warmup, then linear decay to 0).
     #[arg(long, default_value_t = 1e-4)]
     pub learning_rate: f64,
+    /// Fraction of the steps spent warming up.
     #[arg(long, default_value_t = 0.1)]
     pub warmup_ratio: f64,
+    /// Decoupled weight decay on matrices.
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
+    /// Global gradient-norm clip (0: none).
     #[arg(long, default_value_t = 1.0)]
     pub grad_clip: f64,
+    /// Seed of the sequence order.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
