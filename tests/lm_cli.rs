@@ -16,11 +16,30 @@ fn distill() -> Command {
 fn convert_generate_and_refuse_a_bad_line() {
     let tmp = tempfile::tempdir().unwrap();
     let gguf = common::root().join(".cache/data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(gguf.exists(), "{} missing: run scripts/setup.sh", gguf.display());
+    assert!(
+        gguf.exists(),
+        "{} missing: run scripts/setup.sh",
+        gguf.display()
+    );
     let model = tmp.path().join("smol");
-    let out = distill().args(["convert"]).arg(&gguf).arg(&model).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    let out = distill()
+        .args(["convert"])
+        .arg(&gguf)
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(model.join(f).exists(), "convert did not write {f}");
     }
 
@@ -41,13 +60,24 @@ fn convert_generate_and_refuse_a_bad_line() {
         .arg(&prompts)
         .arg("--output")
         .arg(&result)
-        .args(["--max-new-tokens", "6", "--logprobs", "3", "--threads", "2", "--signal-out"])
+        .args([
+            "--max-new-tokens",
+            "6",
+            "--logprobs",
+            "3",
+            "--threads",
+            "2",
+            "--signal-out",
+        ])
         .arg(tmp.path().join("signal.safetensors"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("tokens/s") && !err.contains('\u{1b}'), "progress without colour codes expected:\n{err}");
+    assert!(
+        err.contains("tokens/s") && !err.contains('\u{1b}'),
+        "progress without colour codes expected:\n{err}"
+    );
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&result)
         .unwrap()
         .lines()
@@ -64,20 +94,46 @@ fn convert_generate_and_refuse_a_bad_line() {
         assert_eq!(r["logprobs"].as_array().unwrap().len(), ids.len());
         assert_eq!(r["logprobs"][0]["top"].as_array().unwrap().len(), 3);
     }
-    assert!(rows[0]["text"].as_str().unwrap().contains("Paris"), "{}", rows[0]["text"]);
+    assert!(
+        rows[0]["text"].as_str().unwrap().contains("Paris"),
+        "{}",
+        rows[0]["text"]
+    );
     assert!(err.contains("bytes per response token"), "{err}");
-    let sig = distill_worker::distill::lm_train::read_signal(&tmp.path().join("signal.safetensors")).unwrap();
+    let sig =
+        distill_worker::distill::lm_train::read_signal(&tmp.path().join("signal.safetensors"))
+            .unwrap();
     assert_eq!(sig.len(), 2);
-    assert_eq!(sig[0].ids[sig[0].prompt_len..].to_vec(), serde_json::from_value::<Vec<i64>>(rows[0]["ids"].clone()).unwrap());
+    assert_eq!(
+        sig[0].ids[sig[0].prompt_len..].to_vec(),
+        serde_json::from_value::<Vec<i64>>(rows[0]["ids"].clone()).unwrap()
+    );
 
     // A line without prompt or messages: refused by file and line, nothing written.
-    std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n{\"question\": \"where is the prompt?\"}\n").unwrap();
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"ok\"}\n{\"question\": \"where is the prompt?\"}\n",
+    )
+    .unwrap();
     let result2 = tmp.path().join("out2.jsonl");
-    let out = distill().arg("generate").arg(&model).arg(&prompts).arg("--output").arg(&result2).output().unwrap();
+    let out = distill()
+        .arg("generate")
+        .arg(&model)
+        .arg(&prompts)
+        .arg("--output")
+        .arg(&result2)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("prompts.jsonl:2") && err.contains("no prompt or messages"), "{err}");
-    assert!(!result2.exists(), "an output file was written for a refused input");
+    assert!(
+        err.contains("prompts.jsonl:2") && err.contains("no prompt or messages"),
+        "{err}"
+    );
+    assert!(
+        !result2.exists(),
+        "an output file was written for a refused input"
+    );
 
     // A decoder student: shape, parameters and memory printed.
     let student = tmp.path().join("student");
@@ -89,10 +145,17 @@ fn convert_generate_and_refuse_a_bad_line() {
         .args(["--compression-ratio", "0.75"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["student"]["hidden"], 384);
-    assert!((v["kept_fraction"].as_f64().unwrap() - 0.25).abs() < 0.05, "{v}");
+    assert!(
+        (v["kept_fraction"].as_f64().unwrap() - 0.25).abs() < 0.05,
+        "{v}"
+    );
     assert!(v["memory_mb"]["weights"].as_f64().unwrap() > 100.0);
     assert!(student.join("model.safetensors").exists() && student.join("tokenizer.json").exists());
 }
@@ -106,10 +169,18 @@ fn generate_resumes_after_sigkill() {
     let tmp = tempfile::tempdir().unwrap();
     let gguf = common::root().join(".cache/data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let model = tmp.path().join("smol");
-    assert!(distill().arg("convert").arg(&gguf).arg(&model).status().unwrap().success());
+    assert!(distill()
+        .arg("convert")
+        .arg(&gguf)
+        .arg(&model)
+        .status()
+        .unwrap()
+        .success());
     let prompts = tmp.path().join("prompts.jsonl");
     let lines: String = (0..12)
-        .map(|i| format!("{{\"n\": {i}, \"prompt\": \"Here is fact number {i} about the ocean:\"}}\n"))
+        .map(|i| {
+            format!("{{\"n\": {i}, \"prompt\": \"Here is fact number {i} about the ocean:\"}}\n")
+        })
         .collect();
     std::fs::write(&prompts, lines).unwrap();
     let run = |out: &std::path::Path, new: &str| {
@@ -119,7 +190,14 @@ fn generate_resumes_after_sigkill() {
             .arg(&prompts)
             .arg("--output")
             .arg(out)
-            .args(["--batch-size", "1", "--max-new-tokens", new, "--threads", "2"]);
+            .args([
+                "--batch-size",
+                "1",
+                "--max-new-tokens",
+                new,
+                "--threads",
+                "2",
+            ]);
         c
     };
     let full = tmp.path().join("full.jsonl");
@@ -128,21 +206,35 @@ fn generate_resumes_after_sigkill() {
 
     let out = tmp.path().join("out.jsonl");
     let partial = tmp.path().join("out.jsonl.partial");
-    let mut child = run(&out, "20").stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = run(&out, "20")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     // Wait for the first group's results to reach the disk, then kill.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
-        let lines = std::fs::read_to_string(&partial).map(|t| t.lines().count()).unwrap_or(0);
+        let lines = std::fs::read_to_string(&partial)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
         if lines >= 2 {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "generate ended before its first group was on disk");
-        assert!(std::time::Instant::now() < deadline, "no partial results after 120 s");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "generate ended before its first group was on disk"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no partial results after 120 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!out.exists(), "killed after the first group, yet the output exists");
+    assert!(
+        !out.exists(),
+        "killed after the first group, yet the output exists"
+    );
     let saved = std::fs::read_to_string(&partial).unwrap().lines().count() - 1;
     assert!((1..12).contains(&saved), "{saved} results saved");
 
@@ -156,7 +248,16 @@ fn generate_resumes_after_sigkill() {
     let o = run(&out, "20").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains(&format!("{saved} of 12 prompts already generated")), "{err}");
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), std::fs::read_to_string(&full).unwrap());
-    assert!(!partial.exists(), "the partial file is removed once the output is written");
+    assert!(
+        err.contains(&format!("{saved} of 12 prompts already generated")),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        std::fs::read_to_string(&full).unwrap()
+    );
+    assert!(
+        !partial.exists(),
+        "the partial file is removed once the output is written"
+    );
 }

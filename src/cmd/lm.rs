@@ -96,8 +96,12 @@ pub struct GenerateArgs {
 /// A model directory for `path`: itself, or a GGUF converted into `tmp`.
 pub fn model_dir(path: &Path, tmp: &mut Option<tempfile::TempDir>) -> anyhow::Result<PathBuf> {
     if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
-        let dir = tempfile::tempdir().context("creating a temporary directory for the conversion")?;
-        eprintln!("converting {} (distill convert keeps the result)", path.display());
+        let dir =
+            tempfile::tempdir().context("creating a temporary directory for the conversion")?;
+        eprintln!(
+            "converting {} (distill convert keeps the result)",
+            path.display()
+        );
         distill_worker::model::gguf::convert(path, dir.path())?;
         let p = dir.path().to_path_buf();
         *tmp = Some(dir);
@@ -128,7 +132,8 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
     let template = ChatTemplate::from_dir(&dir)?;
     // Read every prompt first: a bad line fails before any work.
-    let file = std::fs::File::open(&a.prompts).with_context(|| format!("{}", a.prompts.display()))?;
+    let file =
+        std::fs::File::open(&a.prompts).with_context(|| format!("{}", a.prompts.display()))?;
     let mut rows = vec![];
     let mut prompts = vec![];
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
@@ -137,7 +142,8 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("{at}: not a JSON object"))?;
+        let v: Value =
+            serde_json::from_str(&line).with_context(|| format!("{at}: not a JSON object"))?;
         let ids = prompt_ids(&v, &tokenizer, template.as_ref(), &at)?;
         anyhow::ensure!(!ids.is_empty(), "{at}: the prompt has no tokens");
         rows.push(v);
@@ -169,7 +175,11 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         a.model.display(),
         model.num_params() as f64 / 1e6,
         model.kind(),
-        if opts.sampling.is_some() { "sampling" } else { "greedy" }
+        if opts.sampling.is_some() {
+            "sampling"
+        } else {
+            "greedy"
+        }
     );
     let t0 = Instant::now();
     let total = prompts.len();
@@ -186,10 +196,14 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         h.update(format!("{opts:?} {:?}", model.kind()));
         hex::encode(h.finalize())
     };
-    let mut results: Vec<Option<distill_worker::model::decoder::generate::Generated>> = vec![None; total];
+    let mut results: Vec<Option<distill_worker::model::decoder::generate::Generated>> =
+        vec![None; total];
     let resumed = read_partial(&partial, &fingerprint, &mut results)?;
     if resumed > 0 {
-        eprintln!("resuming from {}: {resumed} of {total} prompts already generated", partial.display());
+        eprintln!(
+            "resuming from {}: {resumed} of {total} prompts already generated",
+            partial.display()
+        );
     }
     let mut file = open_partial(&partial, &fingerprint, resumed > 0)?;
     let mut todo: Vec<usize> = (0..total).filter(|&i| results[i].is_none()).collect();
@@ -200,10 +214,21 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         let ps: Vec<Vec<i64>> = group.iter().map(|&i| prompts[i].clone()).collect();
         let (base_done, base_tokens) = (done, tokens);
         let got = distill_worker::model::decoder::generate::generate_indexed(
-            &model, Some(&tokenizer), &ps, group, &opts,
+            &model,
+            Some(&tokenizer),
+            &ps,
+            group,
+            &opts,
             &mut |d, t| {
                 let s = t0.elapsed().as_secs_f64();
-                bar.set((base_done + d) as u64, &format!("{} tokens, {:.1} tokens/s", base_tokens + t, (base_tokens + t) as f64 / s));
+                bar.set(
+                    (base_done + d) as u64,
+                    &format!(
+                        "{} tokens, {:.1} tokens/s",
+                        base_tokens + t,
+                        (base_tokens + t) as f64 / s
+                    ),
+                );
             },
         )?;
         for (&i, g) in group.iter().zip(got) {
@@ -213,11 +238,16 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
             results[i] = Some(g);
         }
         file.flush()?;
-        file.get_ref().sync_data().with_context(|| partial.display().to_string())?;
+        file.get_ref()
+            .sync_data()
+            .with_context(|| partial.display().to_string())?;
         done += group.len();
     }
     bar.finish();
-    let results: Vec<_> = results.into_iter().map(|g| g.expect("every prompt generated")).collect();
+    let results: Vec<_> = results
+        .into_iter()
+        .map(|g| g.expect("every prompt generated"))
+        .collect();
     let secs = t0.elapsed().as_secs_f64();
     let new_tokens: usize = results.iter().map(|g| g.ids.len()).sum();
     if let Some(path) = &a.signal_out {
@@ -226,7 +256,10 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
             .zip(&results)
             .filter(|(_, g)| !g.ids.is_empty())
             .map(|(p, g)| {
-                let lp = g.logprobs.as_ref().expect("--logprobs is required with --signal-out");
+                let lp = g
+                    .logprobs
+                    .as_ref()
+                    .expect("--logprobs is required with --signal-out");
                 let mut ids = p.clone();
                 ids.extend_from_slice(&g.ids);
                 distill_worker::distill::lm_train::LmExample {
@@ -285,7 +318,10 @@ fn read_partial(
         return Ok(0);
     };
     let mut lines = text.lines();
-    let header: Value = lines.next().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+    let header: Value = lines
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
     if header["fingerprint"].as_str() != Some(fingerprint) {
         anyhow::bail!(
             "{}: results of a stopped run with another model, prompts or settings; delete it to start afresh, or rerun that command to finish it",
@@ -300,7 +336,10 @@ fn read_partial(
             Err(_) if k + 1 == lines.len() => break, // cut short by the crash
             Err(e) => anyhow::bail!("{}:{}: {e}", path.display(), k + 2),
         };
-        let i = v["index"].as_u64().map(|i| i as usize).filter(|&i| i < results.len());
+        let i = v["index"]
+            .as_u64()
+            .map(|i| i as usize)
+            .filter(|&i| i < results.len());
         let g = serde_json::from_value(v["result"].clone()).ok();
         match (i, g) {
             (Some(i), Some(g)) => {
@@ -316,19 +355,32 @@ fn read_partial(
 
 /// The partial-results file, opened for appending (a fresh one gets the
 /// fingerprint line; a resumed one loses a cut-short last line first).
-fn open_partial(path: &Path, fingerprint: &str, resume: bool) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+fn open_partial(
+    path: &Path,
+    fingerprint: &str,
+    resume: bool,
+) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
     let ctx = || path.display().to_string();
     if resume {
         // Rewrite the complete lines only, then append after them.
         let text = std::fs::read_to_string(path).with_context(ctx)?;
-        let keep: String = text.split_inclusive('\n').filter(|l| l.ends_with('\n')).collect();
+        let keep: String = text
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .collect();
         distill_worker::fsutil::write_atomic(path, keep.as_bytes())?;
-        let f = std::fs::OpenOptions::new().append(true).open(path).with_context(ctx)?;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(ctx)?;
         return Ok(std::io::BufWriter::new(f));
     }
     let f = std::fs::File::create(path).with_context(ctx)?;
     let mut w = std::io::BufWriter::new(f);
-    serde_json::to_writer(&mut w, &serde_json::json!({"distill_generate_partial": 1, "fingerprint": fingerprint}))?;
+    serde_json::to_writer(
+        &mut w,
+        &serde_json::json!({"distill_generate_partial": 1, "fingerprint": fingerprint}),
+    )?;
     w.write_all(b"\n")?;
     w.flush()?;
     Ok(w)
@@ -353,12 +405,19 @@ fn prompt_ids(
         }
         (Some(_), Some(_)) => anyhow::bail!("{at}: give prompt or messages, not both"),
         (Some(_), None) => anyhow::bail!("{at}: field prompt: expected a string"),
-        (None, Some(_)) => anyhow::bail!("{at}: field messages: expected a list of {{role, content}}"),
+        (None, Some(_)) => {
+            anyhow::bail!("{at}: field messages: expected a list of {{role, content}}")
+        }
         (None, None) => anyhow::bail!("{at}: no prompt or messages field"),
     })
 }
 
-fn encode(tok: &tokenizers::Tokenizer, text: &str, special: bool, at: &str) -> anyhow::Result<Vec<i64>> {
+fn encode(
+    tok: &tokenizers::Tokenizer,
+    text: &str,
+    special: bool,
+    at: &str,
+) -> anyhow::Result<Vec<i64>> {
     let enc = tok
         .encode(text, special)
         .map_err(|e| anyhow::anyhow!("{at}: tokenizing: {e}"))?;
@@ -453,31 +512,52 @@ fn read_signal(
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("{at}: not a JSON object"))?;
+        let v: Value =
+            serde_json::from_str(&line).with_context(|| format!("{at}: not a JSON object"))?;
         let prompt = prompt_ids(&v, tokenizer, template, &at)?;
         let resp: Vec<i64> = serde_json::from_value(v.get("ids").cloned().unwrap_or(Value::Null))
-            .map_err(|_| anyhow::anyhow!("{at}: field ids: expected the response's token ids (distill generate output)"))?;
+            .map_err(|_| {
+            anyhow::anyhow!(
+                "{at}: field ids: expected the response's token ids (distill generate output)"
+            )
+        })?;
         if resp.is_empty() {
             continue; // nothing to learn from an empty response
         }
         let (mut tids, mut tlp) = (vec![], vec![]);
         match v.get("logprobs") {
             Some(Value::Array(lps)) => {
-                anyhow::ensure!(lps.len() == resp.len(), "{at}: field logprobs: {} entries for {} response tokens", lps.len(), resp.len());
+                anyhow::ensure!(
+                    lps.len() == resp.len(),
+                    "{at}: field logprobs: {} entries for {} response tokens",
+                    lps.len(),
+                    resp.len()
+                );
                 for (j, lp) in lps.iter().enumerate() {
-                    let top = lp.get("top").and_then(|t| t.as_array()).ok_or_else(|| {
-                        anyhow::anyhow!("{at}: field logprobs[{j}].top: missing")
-                    })?;
-                    anyhow::ensure!(k_seen.is_none_or(|k| k == top.len()), "{at}: field logprobs[{j}].top: {} entries, earlier lines have {}", top.len(), k_seen.unwrap_or(0));
+                    let top = lp
+                        .get("top")
+                        .and_then(|t| t.as_array())
+                        .ok_or_else(|| anyhow::anyhow!("{at}: field logprobs[{j}].top: missing"))?;
+                    anyhow::ensure!(
+                        k_seen.is_none_or(|k| k == top.len()),
+                        "{at}: field logprobs[{j}].top: {} entries, earlier lines have {}",
+                        top.len(),
+                        k_seen.unwrap_or(0)
+                    );
                     k_seen = Some(top.len());
                     for pair in top {
-                        let (id, l) = (pair.get(0).and_then(|x| x.as_i64()), pair.get(1).and_then(|x| x.as_f64()));
+                        let (id, l) = (
+                            pair.get(0).and_then(|x| x.as_i64()),
+                            pair.get(1).and_then(|x| x.as_f64()),
+                        );
                         match (id, l) {
                             (Some(id), Some(l)) => {
                                 tids.push(id);
                                 tlp.push(l as f32);
                             }
-                            _ => anyhow::bail!("{at}: field logprobs[{j}].top: expected [id, logprob] pairs"),
+                            _ => anyhow::bail!(
+                                "{at}: field logprobs[{j}].top: expected [id, logprob] pairs"
+                            ),
                         }
                     }
                 }
@@ -487,9 +567,18 @@ fn read_signal(
         }
         let mut ids = prompt.clone();
         ids.extend_from_slice(&resp);
-        out.push(distill_worker::distill::lm_train::LmExample { ids, prompt_len: prompt.len(), topk_ids: tids, topk_logp: tlp });
+        out.push(distill_worker::distill::lm_train::LmExample {
+            ids,
+            prompt_len: prompt.len(),
+            topk_ids: tids,
+            topk_logp: tlp,
+        });
     }
-    anyhow::ensure!(!out.is_empty(), "{}: no sequences with a response", path.display());
+    anyhow::ensure!(
+        !out.is_empty(),
+        "{}: no sequences with a response",
+        path.display()
+    );
     Ok(out)
 }
 
@@ -505,7 +594,10 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
         *beta = a.beta;
     }
     anyhow::ensure!(a.temperature > 0.0, "--temperature must be positive");
-    anyhow::ensure!(a.batch_size > 0 && a.steps > 0, "--steps and --batch-size must be positive");
+    anyhow::ensure!(
+        a.batch_size > 0 && a.steps > 0,
+        "--steps and --batch-size must be positive"
+    );
     let device = distill_worker::device::parse_device(&a.device)?;
     let precision = match a.precision.as_str() {
         "fp32" => None,
@@ -514,7 +606,8 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
     };
     let mut model = DecoderModel::load(&a.student, device, Some(tch::Kind::Float))?;
     let tok_path = a.student.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
     let template = ChatTemplate::from_dir(&a.student)?;
     let train_set = read_signal(&a.signal, &tokenizer, template.as_ref())?;
     let eval_set = match &a.eval {
@@ -536,15 +629,29 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
     };
     // Held-out figures: the loss being trained and the perplexity of the
     // teacher's responses under the student (cross-entropy on its tokens).
-    let ce_cfg = LmTrainConfig { loss: LmLoss::SequenceCe, ..cfg.clone() };
+    let ce_cfg = LmTrainConfig {
+        loss: LmLoss::SequenceCe,
+        ..cfg.clone()
+    };
     let measure = |m: &DecoderModel| -> anyhow::Result<Option<Value>> {
         let Some(es) = &eval_set else { return Ok(None) };
         let ce = eval_loss(m, es, &ce_cfg)?;
         // Forward KL (T = 1, top-k + tail) whatever the training loss, so
         // students trained with different losses compare on one figure.
-        let fkl_cfg = LmTrainConfig { loss: LmLoss::ForwardKl, temperature: 1.0, ce_weight: 0.0, ..cfg.clone() };
-        let fkl = if es[0].topk_ids.is_empty() { None } else { Some(eval_loss(m, es, &fkl_cfg)?) };
-        Ok(Some(serde_json::json!({"forward_kl": fkl, "response_ce": ce, "response_perplexity": ce.exp()})))
+        let fkl_cfg = LmTrainConfig {
+            loss: LmLoss::ForwardKl,
+            temperature: 1.0,
+            ce_weight: 0.0,
+            ..cfg.clone()
+        };
+        let fkl = if es[0].topk_ids.is_empty() {
+            None
+        } else {
+            Some(eval_loss(m, es, &fkl_cfg)?)
+        };
+        Ok(Some(
+            serde_json::json!({"forward_kl": fkl, "response_ce": ce, "response_perplexity": ce.exp()}),
+        ))
     };
     let before = measure(&model)?;
     eprintln!(
@@ -560,7 +667,16 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
     let mut curve = vec![];
     let t0 = Instant::now();
     train(&mut model, &train_set, &cfg, &mut |s| {
-        bar.set(s.step + 1, &format!("loss {:.4} lr {:.2e} grad {:.2} ({:.2} steps/s)", s.loss, s.lr, s.grad_norm, (s.step + 1) as f64 / t0.elapsed().as_secs_f64()));
+        bar.set(
+            s.step + 1,
+            &format!(
+                "loss {:.4} lr {:.2e} grad {:.2} ({:.2} steps/s)",
+                s.loss,
+                s.lr,
+                s.grad_norm,
+                (s.step + 1) as f64 / t0.elapsed().as_secs_f64()
+            ),
+        );
         curve.push(s.clone());
     })?;
     bar.finish();
@@ -576,12 +692,17 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
         "train_sequences": train_set.len(), "seconds": secs,
         "held_out_before": before, "held_out_after": after, "curve": curve,
     });
-    distill_worker::fsutil::write_atomic(&a.output.join("lm_distill.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+    distill_worker::fsutil::write_atomic(
+        &a.output.join("lm_distill.json"),
+        (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+    )?;
     eprintln!(
         "lm-distill: {} steps in {:.0}s; held-out after: {}; wrote {}",
         a.steps,
         secs,
-        after.map(|v| v.to_string()).unwrap_or_else(|| "(no --eval)".into()),
+        after
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "(no --eval)".into()),
         a.output.display()
     );
     Ok(())

@@ -2,13 +2,13 @@
 //! preset, explicit sizes or a compression ratio), initialise it from the
 //! teacher, and export it as a Hugging Face directory. Prints the counts.
 
+use distill_worker::model::decoder::student as dstudent;
+use distill_worker::model::decoder::{DecoderConfig, DecoderModel};
 use distill_worker::model::export::export;
 use distill_worker::model::student::{
     derive_config, init_from_teacher, last_layer_map, uniform_layer_map, StudentShape,
 };
 use distill_worker::model::{Task, TaskModel};
-use distill_worker::model::decoder::student as dstudent;
-use distill_worker::model::decoder::{DecoderConfig, DecoderModel};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

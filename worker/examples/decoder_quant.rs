@@ -17,12 +17,23 @@ fn main() -> anyhow::Result<()> {
     let dir = std::path::PathBuf::from(&a[1]);
     let n: usize = a[3].parse()?;
     tch::set_num_threads(a[4].parse()?);
-    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut texts = vec![];
-    for line in std::io::BufReader::new(std::fs::File::open(&a[2])?).lines().take(n) {
+    for line in std::io::BufReader::new(std::fs::File::open(&a[2])?)
+        .lines()
+        .take(n)
+    {
         let v: serde_json::Value = serde_json::from_str(&line?)?;
-        let ids = tok.encode(v["text"].as_str().unwrap(), true).map_err(|e| anyhow::anyhow!("{e}"))?;
-        texts.push(ids.get_ids().iter().map(|&x| x as i64).collect::<Vec<i64>>());
+        let ids = tok
+            .encode(v["text"].as_str().unwrap(), true)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        texts.push(
+            ids.get_ids()
+                .iter()
+                .map(|&x| x as i64)
+                .collect::<Vec<i64>>(),
+        );
     }
     let prompts: Vec<Vec<i64>> = texts.iter().take(2).cloned().collect();
     let variants: Vec<Option<Scheme>> = vec![
@@ -52,7 +63,11 @@ fn main() -> anyhow::Result<()> {
             pre.push(t0.elapsed().as_secs_f64() * 1000.0);
         }
         pre.sort_by(|x, y| x.total_cmp(y));
-        let opts = GenerateOptions { max_new_tokens: 24, batch_size: 1, ..Default::default() };
+        let opts = GenerateOptions {
+            max_new_tokens: 24,
+            batch_size: 1,
+            ..Default::default()
+        };
         let t0 = Instant::now();
         let g = generate(&model, None, &prompts, &opts, &mut |_, _| {})?;
         let toks: usize = g.iter().map(|x| x.ids.len()).sum();

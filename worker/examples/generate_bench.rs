@@ -19,7 +19,9 @@ fn main() -> anyhow::Result<()> {
     let new: usize = args[3].parse()?;
     let threads: i32 = args[4].parse()?;
     tch::set_num_threads(threads);
-    let device = distill_worker::device::parse_device(&std::env::var("DISTILL_DEVICE").unwrap_or_else(|_| "cpu".into()))?;
+    let device = distill_worker::device::parse_device(
+        &std::env::var("DISTILL_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )?;
     let kind = match std::env::var("DISTILL_DTYPE").as_deref() {
         Ok("bf16") => tch::Kind::BFloat16,
         _ => tch::Kind::Float,
@@ -43,8 +45,17 @@ fn main() -> anyhow::Result<()> {
     let mut out = serde_json::json!({"impl": "distill", "prefill_ms_batch1": prefill[prefill.len() / 2] * 1000.0,
         "prompt_tokens_mean": prompts.iter().map(|p| p.len()).sum::<usize>() as f64 / prompts.len() as f64});
     for batch in [1usize, 16] {
-        let ps: Vec<Vec<i64>> = prompts.iter().take(if batch == 1 { 4 } else { 16 }).cloned().collect();
-        let opts = GenerateOptions { max_new_tokens: new, eos_token_ids: vec![], batch_size: batch, ..Default::default() };
+        let ps: Vec<Vec<i64>> = prompts
+            .iter()
+            .take(if batch == 1 { 4 } else { 16 })
+            .cloned()
+            .collect();
+        let opts = GenerateOptions {
+            max_new_tokens: new,
+            eos_token_ids: vec![],
+            batch_size: batch,
+            ..Default::default()
+        };
         let t0 = Instant::now();
         let g = generate(&model, None, &ps, &opts, &mut |_, _| {})?;
         let secs = t0.elapsed().as_secs_f64();

@@ -191,7 +191,11 @@ pub struct CountProgress {
 
 impl CountProgress {
     pub fn new(stage: &'static str, total: u64, unit: &'static str) -> Self {
-        let (format, bar) = resolve(stage, total, "{prefix:>9} [{bar:30}] {pos}/{len} ETA {eta} {msg}");
+        let (format, bar) = resolve(
+            stage,
+            total,
+            "{prefix:>9} [{bar:30}] {pos}/{len} ETA {eta} {msg}",
+        );
         CountProgress {
             stage,
             unit,
@@ -223,7 +227,10 @@ impl CountProgress {
                     "total": self.total, "unit": self.unit, "note": note})
             );
         } else {
-            eprintln!("{time} {}: {done}/{} {} {note}", self.stage, self.total, self.unit);
+            eprintln!(
+                "{time} {}: {done}/{} {} {note}",
+                self.stage, self.total, self.unit
+            );
         }
     }
 

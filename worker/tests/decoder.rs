@@ -40,7 +40,10 @@ fn check_logits(dir: &Path, what: &str) {
     assert!(d < TOL, "{what}: logits differ from transformers by {d}");
     // The reference is not trivially small.
     let scale = (&r["logits"] * &m).abs().max().double_value(&[]);
-    assert!(scale > 0.05, "{what}: reference logits suspiciously small ({scale})");
+    assert!(
+        scale > 0.05,
+        "{what}: reference logits suspiciously small ({scale})"
+    );
 }
 
 #[test]
@@ -60,7 +63,9 @@ fn logits_match_transformers_for_each_family_and_rope_spelling() {
         let cfg = DecoderConfig::from_dir(&dir).unwrap();
         match kind {
             "gqa-llama3" => {
-                assert!(matches!(cfg.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+                assert!(
+                    matches!(cfg.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0)
+                );
                 assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads), (4, 2));
                 assert!(cfg.tie_word_embeddings);
             }
@@ -96,7 +101,8 @@ fn greedy_generation_with_the_cache_matches_transformers_over_a_ragged_batch() {
             "--max-new-tokens",
             "12",
         ]);
-        let want: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&oj).unwrap()).unwrap();
+        let want: Vec<Vec<i64>> =
+            serde_json::from_str(&std::fs::read_to_string(&oj).unwrap()).unwrap();
         let model = DecoderModel::load(&dir, Device::Cpu, None).unwrap();
         let opts = GenerateOptions {
             max_new_tokens: 12,
@@ -106,10 +112,17 @@ fn greedy_generation_with_the_cache_matches_transformers_over_a_ragged_batch() {
         };
         let got = generate(&model, None, &prompts, &opts, &mut |_, _| {}).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(&g.ids, w, "{kind}: prompt {i}: distill {:?} vs transformers {w:?}", g.ids);
+            assert_eq!(
+                &g.ids, w,
+                "{kind}: prompt {i}: distill {:?} vs transformers {w:?}",
+                g.ids
+            );
         }
         // Batch of one (no padding at all) agrees with the padded batch.
-        let single = GenerateOptions { batch_size: 1, ..opts };
+        let single = GenerateOptions {
+            batch_size: 1,
+            ..opts
+        };
         let one = generate(&model, None, &prompts, &single, &mut |_, _| {}).unwrap();
         for (a, b) in one.iter().zip(&got) {
             assert_eq!(a.ids, b.ids);
@@ -123,11 +136,18 @@ fn sampling_depends_on_the_seed_only() {
     let dir = tmp.path().join("m");
     make(&dir, "llama", false);
     let model = DecoderModel::load(&dir, Device::Cpu, None).unwrap();
-    let prompts: Vec<Vec<i64>> = (0..6).map(|i| (0..(i + 2)).map(|j| 3 + (i * 7 + j * 5) % 90).collect()).collect();
+    let prompts: Vec<Vec<i64>> = (0..6)
+        .map(|i| (0..(i + 2)).map(|j| 3 + (i * 7 + j * 5) % 90).collect())
+        .collect();
     let run = |seed: u64, batch: usize| {
         let opts = GenerateOptions {
             max_new_tokens: 10,
-            sampling: Some(Sampling { temperature: 1.5, top_p: 0.95, top_k: 50, seed }),
+            sampling: Some(Sampling {
+                temperature: 1.5,
+                top_p: 0.95,
+                top_k: 50,
+                seed,
+            }),
             batch_size: batch,
             logprobs_top_k: Some(4),
             ..Default::default()
@@ -137,9 +157,19 @@ fn sampling_depends_on_the_seed_only() {
     let a = run(7, 6);
     let b = run(7, 1);
     let c = run(8, 6);
-    let ids = |v: &[distill_worker::model::decoder::generate::Generated]| v.iter().map(|g| g.ids.clone()).collect::<Vec<_>>();
-    assert_eq!(ids(&a), ids(&b), "same seed, different batch size: different tokens");
-    assert_ne!(ids(&a), ids(&c), "a different seed gave the same 60 sampled tokens");
+    let ids = |v: &[distill_worker::model::decoder::generate::Generated]| {
+        v.iter().map(|g| g.ids.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&a),
+        ids(&b),
+        "same seed, different batch size: different tokens"
+    );
+    assert_ne!(
+        ids(&a),
+        ids(&c),
+        "a different seed gave the same 60 sampled tokens"
+    );
     // Log-probabilities: k per token, sorted, the sampled token's at most the best.
     for g in &a {
         let lp = g.logprobs.as_ref().unwrap();
@@ -161,10 +191,22 @@ fn bad_configs_are_refused_by_field() {
         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
     });
     let cases = [
-        (serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), "rope_scaling.rope_type"),
-        (serde_json::json!({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}), "rope_parameters.rope_type"),
-        (serde_json::json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}), "rope_parameters.low_freq_factor"),
-        (serde_json::json!({"num_key_value_heads": 3}), "num_key_value_heads"),
+        (
+            serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}),
+            "rope_scaling.rope_type",
+        ),
+        (
+            serde_json::json!({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}),
+            "rope_parameters.rope_type",
+        ),
+        (
+            serde_json::json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}),
+            "rope_parameters.low_freq_factor",
+        ),
+        (
+            serde_json::json!({"num_key_value_heads": 3}),
+            "num_key_value_heads",
+        ),
         (serde_json::json!({"hidden_act": "gelu"}), "hidden_act"),
         (serde_json::json!({"model_type": "gpt2"}), "model_type"),
         (serde_json::json!({"hidden_size": "big"}), "hidden_size"),
@@ -176,18 +218,31 @@ fn bad_configs_are_refused_by_field() {
         }
         std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
         let e = DecoderConfig::from_dir(dir).unwrap_err().to_string();
-        assert!(e.contains("config.json") && e.contains(field), "{patch}: error {e:?} does not name {field}");
+        assert!(
+            e.contains("config.json") && e.contains(field),
+            "{patch}: error {e:?} does not name {field}"
+        );
     }
     // A missing and a mis-shaped tensor are named.
     let good = tmp.path().join("good");
     make(&good, "llama", false);
     let mut t = read_tensors(&[good.join("model.safetensors")]).unwrap();
     t.remove("model.layers.1.mlp.up_proj.weight");
-    t.insert("model.norm.weight".into(), Tensor::ones([7], (Kind::Float, Device::Cpu)));
+    t.insert(
+        "model.norm.weight".into(),
+        Tensor::ones([7], (Kind::Float, Device::Cpu)),
+    );
     let named: Vec<(String, Tensor)> = t.into_iter().collect();
-    distill_worker::model::weights::write_safetensors(&good.join("model.safetensors"), &named).unwrap();
-    let e = DecoderModel::load(&good, Device::Cpu, None).err().unwrap().to_string();
-    assert!(e.contains("layers.1.mlp.up_proj.weight") && e.contains("norm.weight"), "{e}");
+    distill_worker::model::weights::write_safetensors(&good.join("model.safetensors"), &named)
+        .unwrap();
+    let e = DecoderModel::load(&good, Device::Cpu, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("layers.1.mlp.up_proj.weight") && e.contains("norm.weight"),
+        "{e}"
+    );
 }
 
 /// Distillation of a decoder on its teacher's signal: a tiny random teacher
@@ -199,15 +254,28 @@ fn bad_configs_are_refused_by_field() {
 #[test]
 fn lm_distillation_moves_the_student_toward_the_teacher() {
     use distill_worker::distill::lm_train::{eval_loss, train, LmExample, LmLoss, LmTrainConfig};
-    use distill_worker::model::decoder::student::{derive_config, init_from_teacher, layer_map, DecoderShape, LayerChoice};
+    use distill_worker::model::decoder::student::{
+        derive_config, init_from_teacher, layer_map, DecoderShape, LayerChoice,
+    };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("t");
     make(&dir, "gqa-llama3", false);
     let teacher = DecoderModel::load(&dir, Device::Cpu, None).unwrap();
-    let prompts: Vec<Vec<i64>> = (0..48).map(|i| (0..(3 + i % 5)).map(|j| 3 + (i * 13 + j * 7) % 90).collect()).collect();
+    let prompts: Vec<Vec<i64>> = (0..48)
+        .map(|i| {
+            (0..(3 + i % 5))
+                .map(|j| 3 + (i * 13 + j * 7) % 90)
+                .collect()
+        })
+        .collect();
     let opts = GenerateOptions {
         max_new_tokens: 12,
-        sampling: Some(Sampling { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 3 }),
+        sampling: Some(Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 3,
+        }),
         logprobs_top_k: Some(8),
         batch_size: 16,
         ..Default::default()
@@ -229,7 +297,14 @@ fn lm_distillation_moves_the_student_toward_the_teacher() {
         })
         .collect();
     let (train_set, held) = examples.split_at(40);
-    let cfg_s = derive_config(&teacher.config, &DecoderShape::Sized { layers: 1, hidden: 32 }).unwrap();
+    let cfg_s = derive_config(
+        &teacher.config,
+        &DecoderShape::Sized {
+            layers: 1,
+            hidden: 32,
+        },
+    )
+    .unwrap();
     let map = layer_map(&LayerChoice::Uniform, 2, 1).unwrap();
     let mut student = DecoderModel::new(&cfg_s, Device::Cpu).unwrap();
     init_from_teacher(&mut student, &teacher, &map).unwrap();
@@ -246,17 +321,39 @@ fn lm_distillation_moves_the_student_toward_the_teacher() {
         seed: 1,
         precision: None,
     };
-    let ce_cfg = LmTrainConfig { loss: LmLoss::SequenceCe, ..cfg.clone() };
-    let (kd0, ce0) = (eval_loss(&student, held, &cfg).unwrap(), eval_loss(&student, held, &ce_cfg).unwrap());
+    let ce_cfg = LmTrainConfig {
+        loss: LmLoss::SequenceCe,
+        ..cfg.clone()
+    };
+    let (kd0, ce0) = (
+        eval_loss(&student, held, &cfg).unwrap(),
+        eval_loss(&student, held, &ce_cfg).unwrap(),
+    );
     let teacher_ce = eval_loss(&teacher, held, &ce_cfg).unwrap();
     let mut losses = vec![];
     train(&mut student, train_set, &cfg, &mut |s| losses.push(s.loss)).unwrap();
     assert_eq!(losses.len(), 150);
-    eprintln!("held-out KD {kd0} -> {kd1}, CE {ce0} -> {ce1} (teacher {teacher_ce})", kd1 = eval_loss(&student, held, &cfg).unwrap(), ce1 = eval_loss(&student, held, &ce_cfg).unwrap());
-    let (kd1, ce1) = (eval_loss(&student, held, &cfg).unwrap(), eval_loss(&student, held, &ce_cfg).unwrap());
-    assert!(kd1 < 0.7 * kd0, "held-out forward KL {kd0} -> {kd1}: not 30 % lower");
-    assert!(ce1 < ce0, "held-out CE of the teacher's tokens {ce0} -> {ce1}");
-    assert!(ce1 > teacher_ce * 0.9, "the student ({ce1}) beats its teacher ({teacher_ce}) on the teacher's own samples");
+    eprintln!(
+        "held-out KD {kd0} -> {kd1}, CE {ce0} -> {ce1} (teacher {teacher_ce})",
+        kd1 = eval_loss(&student, held, &cfg).unwrap(),
+        ce1 = eval_loss(&student, held, &ce_cfg).unwrap()
+    );
+    let (kd1, ce1) = (
+        eval_loss(&student, held, &cfg).unwrap(),
+        eval_loss(&student, held, &ce_cfg).unwrap(),
+    );
+    assert!(
+        kd1 < 0.7 * kd0,
+        "held-out forward KL {kd0} -> {kd1}: not 30 % lower"
+    );
+    assert!(
+        ce1 < ce0,
+        "held-out CE of the teacher's tokens {ce0} -> {ce1}"
+    );
+    assert!(
+        ce1 > teacher_ce * 0.9,
+        "the student ({ce1}) beats its teacher ({teacher_ce}) on the teacher's own samples"
+    );
     // The compact signal file: the same sequences back, log-probabilities
     // within fp16's precision, the same held-out loss to 1e-3; a truncated
     // file is refused naming it.
@@ -265,23 +362,53 @@ fn lm_distillation_moves_the_student_toward_the_teacher() {
     let back = distill_worker::distill::lm_train::read_signal(&path).unwrap();
     assert_eq!(back.len(), held.len());
     for (a, b) in back.iter().zip(held) {
-        assert_eq!((&a.ids, a.prompt_len, &a.topk_ids), (&b.ids, b.prompt_len, &b.topk_ids));
+        assert_eq!(
+            (&a.ids, a.prompt_len, &a.topk_ids),
+            (&b.ids, b.prompt_len, &b.topk_ids)
+        );
         for (x, y) in a.topk_logp.iter().zip(&b.topk_logp) {
             assert!((x - y).abs() <= 1e-3 * y.abs().max(1.0), "{x} vs {y}");
         }
     }
-    let (l_back, l_orig) = (eval_loss(&student, &back, &cfg).unwrap(), eval_loss(&student, held, &cfg).unwrap());
-    assert!((l_back - l_orig).abs() < 1e-3, "loss on the compact signal {l_back} vs {l_orig}");
+    let (l_back, l_orig) = (
+        eval_loss(&student, &back, &cfg).unwrap(),
+        eval_loss(&student, held, &cfg).unwrap(),
+    );
+    assert!(
+        (l_back - l_orig).abs() < 1e-3,
+        "loss on the compact signal {l_back} vs {l_orig}"
+    );
     let resp: usize = held.iter().map(|e| e.response_len()).sum();
     let size = std::fs::metadata(&path).unwrap().len() as usize;
-    assert!(size < resp * (8 * 6 + 4) + 2048 + held.iter().map(|e| e.ids.len() * 4).sum::<usize>(), "{size} bytes for {resp} tokens");
+    assert!(
+        size < resp * (8 * 6 + 4) + 2048 + held.iter().map(|e| e.ids.len() * 4).sum::<usize>(),
+        "{size} bytes for {resp} tokens"
+    );
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let e = distill_worker::distill::lm_train::read_signal(&path).unwrap_err().to_string();
+    let e = distill_worker::distill::lm_train::read_signal(&path)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("signal.safetensors"), "{e}");
 
     // A loss without the teacher's top-k is refused by name.
-    let bare: Vec<LmExample> = train_set.iter().map(|e| LmExample { topk_ids: vec![], topk_logp: vec![], ..e.clone() }).collect();
-    let err = train(&mut student, &bare, &LmTrainConfig { steps: 1, ..cfg.clone() }, &mut |_| {}).unwrap_err();
+    let bare: Vec<LmExample> = train_set
+        .iter()
+        .map(|e| LmExample {
+            topk_ids: vec![],
+            topk_logp: vec![],
+            ..e.clone()
+        })
+        .collect();
+    let err = train(
+        &mut student,
+        &bare,
+        &LmTrainConfig {
+            steps: 1,
+            ..cfg.clone()
+        },
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("--logprobs"), "{err}");
 }

@@ -32,7 +32,12 @@ fn texts(n: usize) -> Vec<String> {
         .unwrap()
         .lines()
         .take(n - 4)
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     // Digits, whitespace runs, non-ASCII, and a special token in the text.
     v.push("In 2024, 3.14159 × 12 = 37.7 — naïve café  \t tabs\nnewline".into());
@@ -51,7 +56,11 @@ fn smollm2_converted_matches_transformers_gguf_loading() {
 
     // 1. Tensors: distill's dequantization and un-permutation against transformers'.
     let theirs_path = tmp.path().join("theirs.safetensors");
-    reference(&["gguf-tensors", g.to_str().unwrap(), theirs_path.to_str().unwrap()]);
+    reference(&[
+        "gguf-tensors",
+        g.to_str().unwrap(),
+        theirs_path.to_str().unwrap(),
+    ]);
     let theirs = read_tensors(&[theirs_path]).unwrap();
     let ours = read_tensors(&[dir.join("model.safetensors")]).unwrap();
     assert_eq!(
@@ -62,7 +71,10 @@ fn smollm2_converted_matches_transformers_gguf_loading() {
     assert_eq!(ours.len(), 272);
     for (name, t) in &ours {
         let d = max_abs_diff(t, &theirs[name]);
-        assert!(d < 1e-4, "{name}: differs from transformers' dequantization by {d}");
+        assert!(
+            d < 1e-4,
+            "{name}: differs from transformers' dequantization by {d}"
+        );
     }
     drop((ours, theirs));
 
@@ -71,19 +83,43 @@ fn smollm2_converted_matches_transformers_gguf_loading() {
     let tj = tmp.path().join("texts.json");
     std::fs::write(&tj, serde_json::to_string(&texts).unwrap()).unwrap();
     let ids_path = tmp.path().join("ids.json");
-    reference(&["gguf-tokenize", g.to_str().unwrap(), tj.to_str().unwrap(), ids_path.to_str().unwrap()]);
-    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ids_path).unwrap()).unwrap();
+    reference(&[
+        "gguf-tokenize",
+        g.to_str().unwrap(),
+        tj.to_str().unwrap(),
+        ids_path.to_str().unwrap(),
+    ]);
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ids_path).unwrap()).unwrap();
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    let template = ChatTemplate::from_dir(&dir).unwrap().expect("a chat template");
+    let template = ChatTemplate::from_dir(&dir)
+        .unwrap()
+        .expect("a chat template");
     let mut chat_prompts = vec![];
     for (i, text) in texts.iter().enumerate() {
-        let plain: Vec<i64> = tok.encode(text.as_str(), true).unwrap().get_ids().iter().map(|&x| x as i64).collect();
+        let plain: Vec<i64> = tok
+            .encode(text.as_str(), true)
+            .unwrap()
+            .get_ids()
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
         let w: Vec<i64> = serde_json::from_value(want["plain"][i].clone()).unwrap();
         assert_eq!(plain, w, "text {i} {text:?}: ids differ");
         let messages = serde_json::json!([{"role": "user", "content": text}]);
         let rendered = template.render(&messages, true).unwrap();
-        assert_eq!(rendered, want["chat_text"][i].as_str().unwrap(), "text {i}: chat template renders differently");
-        let chat: Vec<i64> = tok.encode(rendered.as_str(), false).unwrap().get_ids().iter().map(|&x| x as i64).collect();
+        assert_eq!(
+            rendered,
+            want["chat_text"][i].as_str().unwrap(),
+            "text {i}: chat template renders differently"
+        );
+        let chat: Vec<i64> = tok
+            .encode(rendered.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
         let w: Vec<i64> = serde_json::from_value(want["chat"][i].clone()).unwrap();
         assert_eq!(chat, w, "text {i}: chat ids differ");
         if chat_prompts.len() < 8 && i % 7 == 0 {
@@ -97,7 +133,14 @@ fn smollm2_converted_matches_transformers_gguf_loading() {
     let pj = tmp.path().join("prompts.json");
     std::fs::write(&pj, serde_json::to_string(&chat_prompts).unwrap()).unwrap();
     let oj = tmp.path().join("greedy.json");
-    reference(&["gguf-generate", g.to_str().unwrap(), pj.to_str().unwrap(), oj.to_str().unwrap(), "--max-new-tokens", "64"]);
+    reference(&[
+        "gguf-generate",
+        g.to_str().unwrap(),
+        pj.to_str().unwrap(),
+        oj.to_str().unwrap(),
+        "--max-new-tokens",
+        "64",
+    ]);
     let want: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&oj).unwrap()).unwrap();
     let model = DecoderModel::load(&dir, Device::Cpu, None).unwrap();
     let opts = GenerateOptions {
@@ -109,10 +152,17 @@ fn smollm2_converted_matches_transformers_gguf_loading() {
     let got = generate(&model, Some(&tok), &chat_prompts, &opts, &mut |_, _| {}).unwrap();
     let mut total = 0;
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(&g.ids, w, "prompt {i}: distill {:?}\n vs transformers {w:?}", g.ids);
+        assert_eq!(
+            &g.ids, w,
+            "prompt {i}: distill {:?}\n vs transformers {w:?}",
+            g.ids
+        );
         total += w.len();
     }
-    assert!(total > 8 * 8, "transformers generated only {total} tokens in all");
+    assert!(
+        total > 8 * 8,
+        "transformers generated only {total} tokens in all"
+    );
 }
 
 /// Students derived from SmolLM2 at compression 0.25 and 0.75 (teacher
@@ -120,34 +170,67 @@ fn smollm2_converted_matches_transformers_gguf_loading() {
 /// `AutoTokenizer`) and generate the same greedy tokens as distill.
 #[test]
 fn derived_students_export_to_transformers() {
-    use distill_worker::model::decoder::student::{derive_config, export, init_from_teacher, layer_map, DecoderShape, LayerChoice};
+    use distill_worker::model::decoder::student::{
+        derive_config, export, init_from_teacher, layer_map, DecoderShape, LayerChoice,
+    };
     let tmp = tempfile::tempdir().unwrap();
     let teacher_dir = tmp.path().join("teacher");
     gguf::convert(&gguf_path(), &teacher_dir).unwrap();
     let teacher = DecoderModel::load(&teacher_dir, Device::Cpu, None).unwrap();
     let tok = tokenizers::Tokenizer::from_file(teacher_dir.join("tokenizer.json")).unwrap();
     let template = ChatTemplate::from_dir(&teacher_dir).unwrap().unwrap();
-    let prompts: Vec<Vec<i64>> = ["What is the capital of France?", "Name three colours.", "Hello!", "Explain rain in one sentence."]
-        .iter()
-        .map(|q| {
-            let text = template.render(&serde_json::json!([{"role": "user", "content": q}]), true).unwrap();
-            tok.encode(text.as_str(), false).unwrap().get_ids().iter().map(|&x| x as i64).collect()
-        })
-        .collect();
+    let prompts: Vec<Vec<i64>> = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "Hello!",
+        "Explain rain in one sentence.",
+    ]
+    .iter()
+    .map(|q| {
+        let text = template
+            .render(&serde_json::json!([{"role": "user", "content": q}]), true)
+            .unwrap();
+        tok.encode(text.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .iter()
+            .map(|&x| x as i64)
+            .collect()
+    })
+    .collect();
     let pj = tmp.path().join("prompts.json");
     std::fs::write(&pj, serde_json::to_string(&prompts).unwrap()).unwrap();
-    for (ratio, choice) in [(0.25, LayerChoice::Uniform), (0.75, LayerChoice::FirstAndLast)] {
+    for (ratio, choice) in [
+        (0.25, LayerChoice::Uniform),
+        (0.75, LayerChoice::FirstAndLast),
+    ] {
         let cfg = derive_config(&teacher.config, &DecoderShape::CompressionRatio(ratio)).unwrap();
         let kept = cfg.params() as f64 / teacher.config.params() as f64;
-        assert!((kept - (1.0 - ratio)).abs() < 0.05, "ratio {ratio}: kept {kept}");
-        let map = layer_map(&choice, teacher.config.num_hidden_layers, cfg.num_hidden_layers).unwrap();
+        assert!(
+            (kept - (1.0 - ratio)).abs() < 0.05,
+            "ratio {ratio}: kept {kept}"
+        );
+        let map = layer_map(
+            &choice,
+            teacher.config.num_hidden_layers,
+            cfg.num_hidden_layers,
+        )
+        .unwrap();
         let mut student = DecoderModel::new(&cfg, Device::Cpu).unwrap();
         init_from_teacher(&mut student, &teacher, &map).unwrap();
         let out = tmp.path().join(format!("student-{ratio}"));
         export(&student, &teacher_dir, &out).unwrap();
         let oj = tmp.path().join(format!("greedy-{ratio}.json"));
-        reference(&["generate", out.to_str().unwrap(), pj.to_str().unwrap(), oj.to_str().unwrap(), "--max-new-tokens", "16"]);
-        let want: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(&oj).unwrap()).unwrap();
+        reference(&[
+            "generate",
+            out.to_str().unwrap(),
+            pj.to_str().unwrap(),
+            oj.to_str().unwrap(),
+            "--max-new-tokens",
+            "16",
+        ]);
+        let want: Vec<Vec<i64>> =
+            serde_json::from_str(&std::fs::read_to_string(&oj).unwrap()).unwrap();
         let reloaded = DecoderModel::load(&out, Device::Cpu, None).unwrap();
         assert_eq!(reloaded.num_params(), cfg.params());
         let opts = GenerateOptions {
@@ -158,7 +241,10 @@ fn derived_students_export_to_transformers() {
         };
         let got = generate(&reloaded, Some(&tok), &prompts, &opts, &mut |_, _| {}).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(&g.ids, w, "ratio {ratio}, prompt {i}: distill vs transformers");
+            assert_eq!(
+                &g.ids, w,
+                "ratio {ratio}, prompt {i}: distill vs transformers"
+            );
         }
     }
 }
@@ -181,17 +267,32 @@ fn quantized_smollm2_keeps_perplexity() {
         .take(40)
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            tok.encode(v["text"].as_str().unwrap(), true).unwrap().get_ids().iter().map(|&x| x as i64).collect()
+            tok.encode(v["text"].as_str().unwrap(), true)
+                .unwrap()
+                .get_ids()
+                .iter()
+                .map(|&x| x as i64)
+                .collect()
         })
         .collect();
-    let fp32 = DecoderModel::load(&dir, Device::Cpu, None).unwrap().perplexity(&texts, 8);
+    let fp32 = DecoderModel::load(&dir, Device::Cpu, None)
+        .unwrap()
+        .perplexity(&texts, 8);
     assert!(fp32 > 1.0 && fp32 < 1000.0, "fp32 perplexity {fp32}");
     for scheme in [Scheme::Int8WeightOnly, Scheme::Int4 { group_size: 32 }] {
         let mut m = DecoderModel::load(&dir, Device::Cpu, None).unwrap();
         let before = m.weight_bytes();
         m.quantize(scheme).unwrap();
-        assert!(m.weight_bytes() < before / 2, "{}: weights not smaller", scheme.name());
+        assert!(
+            m.weight_bytes() < before / 2,
+            "{}: weights not smaller",
+            scheme.name()
+        );
         let q = m.perplexity(&texts, 8);
-        assert!((q / fp32 - 1.0).abs() < 0.05, "{}: perplexity {q} vs fp32 {fp32}", scheme.name());
+        assert!(
+            (q / fp32 - 1.0).abs() < 0.05,
+            "{}: perplexity {q} vs fp32 {fp32}",
+            scheme.name()
+        );
     }
 }

@@ -57,7 +57,10 @@ fn losses_match_pytorch() {
         ];
         for (name, v) in ours {
             let (a, b) = (v.double_value(&[]), r[name].double_value(&[]));
-            assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "{name} (seed {seed}): {a} vs reference {b}");
+            assert!(
+                (a - b).abs() < 1e-5 * b.abs().max(1.0),
+                "{name} (seed {seed}): {a} vs reference {b}"
+            );
             assert!(a > 0.0, "{name}: {a}");
         }
     }
@@ -68,27 +71,55 @@ fn limits_and_gradients() {
     let (s, _, _, _, full) = inputs(4, 6, 30, 30);
     // k = vocab, T = 1: forward KL is the whole KL(teacher || student).
     let (logp, ids) = full.topk(30, -1, true, true);
-    let whole = (full.exp() * (&full - s.log_softmax(-1, Kind::Float))).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float);
-    let d = (forward_kl(&s, &ids, &logp, 1.0) - whole).abs().double_value(&[]);
-    assert!(d < 1e-5, "forward KL over the whole vocabulary differs from KL by {d}");
+    let whole = (full.exp() * (&full - s.log_softmax(-1, Kind::Float)))
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float);
+    let d = (forward_kl(&s, &ids, &logp, 1.0) - whole)
+        .abs()
+        .double_value(&[]);
+    assert!(
+        d < 1e-5,
+        "forward KL over the whole vocabulary differs from KL by {d}"
+    );
     // A student equal to the teacher: every divergence is zero, at any k
     // and temperature (both sides coarsened alike).
     let teacher_logits = full.shallow_clone();
     let (logp8, ids8) = full.topk(8, -1, true, true);
     for (name, v) in [
-        ("forward_kl", forward_kl(&teacher_logits, &ids8, &logp8, 2.0)),
-        ("reverse_kl", reverse_kl(&teacher_logits, &ids8, &logp8, 2.0)),
-        ("generalized_jsd", generalized_jsd(&teacher_logits, &ids8, &logp8, 0.5, 2.0)),
-        ("forward_kl (k = vocab)", forward_kl(&teacher_logits, &ids, &logp, 1.0)),
+        (
+            "forward_kl",
+            forward_kl(&teacher_logits, &ids8, &logp8, 2.0),
+        ),
+        (
+            "reverse_kl",
+            reverse_kl(&teacher_logits, &ids8, &logp8, 2.0),
+        ),
+        (
+            "generalized_jsd",
+            generalized_jsd(&teacher_logits, &ids8, &logp8, 0.5, 2.0),
+        ),
+        (
+            "forward_kl (k = vocab)",
+            forward_kl(&teacher_logits, &ids, &logp, 1.0),
+        ),
     ] {
-        assert!(v.double_value(&[]).abs() < 1e-5, "{name} of the teacher itself: {}", v.double_value(&[]));
+        assert!(
+            v.double_value(&[]).abs() < 1e-5,
+            "{name} of the teacher itself: {}",
+            v.double_value(&[])
+        );
     }
     // Gradients reach the student's logits and are finite.
     let x = s.set_requires_grad(true);
-    let loss = forward_kl(&x, &ids8, &logp8, 2.0) + reverse_kl(&x, &ids8, &logp8, 2.0) + generalized_jsd(&x, &ids8, &logp8, 0.5, 2.0);
+    let loss = forward_kl(&x, &ids8, &logp8, 2.0)
+        + reverse_kl(&x, &ids8, &logp8, 2.0)
+        + generalized_jsd(&x, &ids8, &logp8, 0.5, 2.0);
     loss.backward();
     let g = x.grad();
-    assert!(g.isfinite().all().int64_value(&[]) == 1 && g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    assert!(
+        g.isfinite().all().int64_value(&[]) == 1
+            && g.abs().sum(Kind::Float).double_value(&[]) > 0.0
+    );
 }
 
 #[test]

@@ -53,14 +53,19 @@ fn student_buckets(student: &Tensor, ids: &Tensor, t: f64) -> Tensor {
     let z = student.to_kind(Kind::Float);
     let all = z.logsumexp([-1i64].as_slice(), true);
     let top = z.gather(1, ids, false) - &all;
-    let rest = z.scatter_value(1, ids, f64::NEG_INFINITY).logsumexp([-1i64].as_slice(), true) - &all;
+    let rest = z
+        .scatter_value(1, ids, f64::NEG_INFINITY)
+        .logsumexp([-1i64].as_slice(), true)
+        - &all;
     let tail = rest.clamp_min(LOG_FLOOR);
     (Tensor::cat(&[top, tail], -1) / t).log_softmax(-1, Kind::Float)
 }
 
 /// Σ exp(a) (a − b) over the last dimension, mean over rows.
 fn kl(a: &Tensor, b: &Tensor) -> Tensor {
-    (a.exp() * (a - b)).sum_dim_intlist(-1, false, Kind::Float).mean(Kind::Float)
+    (a.exp() * (a - b))
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float)
 }
 
 /// Forward KL(teacher ‖ student) at temperature `t` over the top-k and tail.
@@ -97,12 +102,19 @@ pub fn sequence_ce(student: &Tensor, targets: &Tensor) -> Tensor {
 /// The rows of `logits` `[batch, seq, vocab]` that predict response tokens:
 /// position `j` predicts token `j + 1`, so the rows are those `j` with
 /// `response_mask[:, j + 1]` set. Returns `(logits [n, vocab], targets [n])`.
-pub fn response_rows(logits: &Tensor, input_ids: &Tensor, response_mask: &Tensor) -> (Tensor, Tensor) {
+pub fn response_rows(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    response_mask: &Tensor,
+) -> (Tensor, Tensor) {
     let s = logits.size();
     let (b, t, v) = (s[0], s[1], s[2]);
     let pred = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]);
     let tgt = input_ids.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
-    let sel = response_mask.narrow(1, 1, t - 1).reshape([b * (t - 1)]).to_kind(Kind::Bool);
+    let sel = response_mask
+        .narrow(1, 1, t - 1)
+        .reshape([b * (t - 1)])
+        .to_kind(Kind::Bool);
     let idx = sel.nonzero().squeeze_dim(1);
     (pred.index_select(0, &idx), tgt.index_select(0, &idx))
 }

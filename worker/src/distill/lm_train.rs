@@ -39,7 +39,9 @@ impl LmExample {
 pub enum LmLoss {
     ForwardKl,
     ReverseKl,
-    Jsd { beta: f64 },
+    Jsd {
+        beta: f64,
+    },
     /// Cross-entropy on the teacher's tokens only (sequence-level KD).
     SequenceCe,
 }
@@ -122,7 +124,9 @@ pub fn make_batch(examples: &[&LmExample], device: tch::Device) -> Result<LmBatc
         if !e.topk_ids.is_empty() {
             let kk = e.topk_ids.len() / e.response_len();
             if kk * e.response_len() != e.topk_ids.len() || k.is_some_and(|k| k != kk) {
-                return Err(Error::Invalid("teacher top-k: not k entries for every response token".into()));
+                return Err(Error::Invalid(
+                    "teacher top-k: not k entries for every response token".into(),
+                ));
             }
             k = Some(kk);
             tids.extend_from_slice(&e.topk_ids);
@@ -133,8 +137,16 @@ pub fn make_batch(examples: &[&LmExample], device: tch::Device) -> Result<LmBatc
     let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
     let (topk_ids, topk_logp) = match k {
         Some(k) => (
-            Some(Tensor::from_slice(&tids).view([-1, k as i64]).to_device(device)),
-            Some(Tensor::from_slice(&tlp).view([-1, k as i64]).to_device(device)),
+            Some(
+                Tensor::from_slice(&tids)
+                    .view([-1, k as i64])
+                    .to_device(device),
+            ),
+            Some(
+                Tensor::from_slice(&tlp)
+                    .view([-1, k as i64])
+                    .to_device(device),
+            ),
         ),
         None => (None, None),
     };
@@ -148,20 +160,23 @@ pub fn make_batch(examples: &[&LmExample], device: tch::Device) -> Result<LmBatc
 }
 
 /// The loss of `model` on `batch`.
-pub fn batch_loss(model: &DecoderModel, batch: &LmBatch, cfg: &LmTrainConfig) -> Result<(Tensor, usize)> {
+pub fn batch_loss(
+    model: &DecoderModel,
+    batch: &LmBatch,
+    cfg: &LmTrainConfig,
+) -> Result<(Tensor, usize)> {
     let logits = crate::autocast::maybe(model.device(), cfg.precision, || {
         model.forward_masked(&batch.ids, &batch.mask)
     })?;
     let (rows, targets) = lm_loss::response_rows(&logits, &batch.ids, &batch.response);
     let n = targets.size()[0] as usize;
     let ce = || lm_loss::sequence_ce(&rows, &targets);
-    let need = || {
-        match (&batch.topk_ids, &batch.topk_logp) {
-            (Some(i), Some(l)) => Ok((i, l)),
-            _ => Err(Error::Invalid(
-                "this loss needs the teacher's top-k log-probabilities (distill generate --logprobs K)".into(),
-            )),
-        }
+    let need = || match (&batch.topk_ids, &batch.topk_logp) {
+        (Some(i), Some(l)) => Ok((i, l)),
+        _ => Err(Error::Invalid(
+            "this loss needs the teacher's top-k log-probabilities (distill generate --logprobs K)"
+                .into(),
+        )),
     };
     let t = cfg.temperature;
     let kd = match cfg.loss {
@@ -179,7 +194,11 @@ pub fn batch_loss(model: &DecoderModel, batch: &LmBatch, cfg: &LmTrainConfig) ->
             lm_loss::generalized_jsd(&rows, i, l, beta, t)
         }
     };
-    let loss = if cfg.ce_weight > 0.0 { kd + ce() * cfg.ce_weight } else { kd };
+    let loss = if cfg.ce_weight > 0.0 {
+        kd + ce() * cfg.ce_weight
+    } else {
+        kd
+    };
     Ok((loss, n))
 }
 
@@ -269,7 +288,10 @@ pub fn write_signal(path: &std::path::Path, examples: &[LmExample]) -> Result<()
         offsets.push(tokens.len() as i64);
         prompt_lens.push(e.prompt_len as i64);
         let kk = e.topk_ids.len() / e.response_len().max(1);
-        if e.topk_ids.is_empty() || kk * e.response_len() != e.topk_ids.len() || k.is_some_and(|k| k != kk) {
+        if e.topk_ids.is_empty()
+            || kk * e.response_len() != e.topk_ids.len()
+            || k.is_some_and(|k| k != kk)
+        {
             return Err(Error::Invalid(format!(
                 "{}: every sequence needs k top-k entries per response token, the same k throughout",
                 path.display()
@@ -284,8 +306,16 @@ pub fn write_signal(path: &std::path::Path, examples: &[LmExample]) -> Result<()
         ("tokens".to_string(), Tensor::from_slice(&tokens)),
         ("offsets".to_string(), Tensor::from_slice(&offsets)),
         ("prompt_lens".to_string(), Tensor::from_slice(&prompt_lens)),
-        ("topk_ids".to_string(), Tensor::from_slice(&tids).view([-1, k])),
-        ("topk_logp".to_string(), Tensor::from_slice(&tlp).view([-1, k]).to_kind(tch::Kind::Half)),
+        (
+            "topk_ids".to_string(),
+            Tensor::from_slice(&tids).view([-1, k]),
+        ),
+        (
+            "topk_logp".to_string(),
+            Tensor::from_slice(&tlp)
+                .view([-1, k])
+                .to_kind(tch::Kind::Half),
+        ),
     ];
     crate::model::weights::write_safetensors(path, &t)
 }
@@ -299,7 +329,13 @@ pub fn read_signal(path: &std::path::Path) -> Result<Vec<LmExample>> {
     };
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let t = crate::model::weights::tensors_from_bytes(path, &bytes)?;
-    let get = |n: &str| t.get(n).ok_or_else(|| bad(&format!("tensor {n}: missing (not a distill teacher-signal file?)")));
+    let get = |n: &str| {
+        t.get(n).ok_or_else(|| {
+            bad(&format!(
+                "tensor {n}: missing (not a distill teacher-signal file?)"
+            ))
+        })
+    };
     let tokens = Vec::<i64>::try_from(get("tokens")?.to_kind(tch::Kind::Int64))?;
     let offsets = Vec::<i64>::try_from(get("offsets")?)?;
     let prompt_lens = Vec::<i64>::try_from(get("prompt_lens")?)?;
@@ -310,8 +346,13 @@ pub fn read_signal(path: &std::path::Path) -> Result<Vec<LmExample>> {
     let k = tids_t.size()[1] as usize;
     let tids = Vec::<i64>::try_from(tids_t.to_kind(tch::Kind::Int64).reshape([-1]))?;
     let tlp = Vec::<f32>::try_from(get("topk_logp")?.to_kind(tch::Kind::Float).reshape([-1]))?;
-    if offsets.len() != prompt_lens.len() + 1 || offsets.last().copied() != Some(tokens.len() as i64) || tlp.len() != tids.len() {
-        return Err(bad("offsets, prompt_lens, tokens and the top-k do not agree in length"));
+    if offsets.len() != prompt_lens.len() + 1
+        || offsets.last().copied() != Some(tokens.len() as i64)
+        || tlp.len() != tids.len()
+    {
+        return Err(bad(
+            "offsets, prompt_lens, tokens and the top-k do not agree in length",
+        ));
     }
     let mut out = vec![];
     let mut r = 0usize;
@@ -319,7 +360,10 @@ pub fn read_signal(path: &std::path::Path) -> Result<Vec<LmExample>> {
         let (a, b) = (w[0] as usize, w[1] as usize);
         let p = prompt_lens[i] as usize;
         if a > b || p == 0 || p >= b - a {
-            return Err(bad(&format!("sequence {i}: prompt {p} of {} tokens", b.saturating_sub(a))));
+            return Err(bad(&format!(
+                "sequence {i}: prompt {p} of {} tokens",
+                b.saturating_sub(a)
+            )));
         }
         let n = (b - a - p) * k;
         if r + n > tids.len() {

@@ -78,8 +78,16 @@ impl GgmlType {
             30 => GgmlType::BF16,
             6 => return Err("Q5_0 is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)".into()),
             7 => return Err("Q5_1 is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)".into()),
-            10..=15 => return Err(format!("k-quant type {id} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)")),
-            other => return Err(format!("ggml type {other} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)")),
+            10..=15 => {
+                return Err(format!(
+                    "k-quant type {id} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "ggml type {other} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0 are)"
+                ))
+            }
         })
     }
     /// (values per block, bytes per block)
@@ -121,7 +129,10 @@ impl Cursor<'_> {
     fn err(&self, what: &str) -> Error {
         Error::Weights {
             path: self.path.to_path_buf(),
-            message: format!("not a valid GGUF file: {what} at byte {} (truncated or corrupt?)", self.pos),
+            message: format!(
+                "not a valid GGUF file: {what} at byte {} (truncated or corrupt?)",
+                self.pos
+            ),
         }
     }
     fn take(&mut self, n: usize) -> Result<&[u8]> {
@@ -177,7 +188,11 @@ impl Cursor<'_> {
 impl Gguf {
     pub fn open(path: &Path) -> Result<Self> {
         let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let mut c = Cursor { bytes: &data, pos: 0, path };
+        let mut c = Cursor {
+            bytes: &data,
+            pos: 0,
+            path,
+        };
         if c.take(4)? != b"GGUF" {
             return Err(Error::Weights {
                 path: path.to_path_buf(),
@@ -217,7 +232,12 @@ impl Gguf {
                 message: format!("tensor {name}: {m}"),
             })?;
             let offset = c.u64()?;
-            tensors.push(TensorInfo { name, shape: dims, ty, offset });
+            tensors.push(TensorInfo {
+                name,
+                shape: dims,
+                ty,
+                offset,
+            });
         }
         let align = metadata
             .get("general.alignment")
@@ -243,15 +263,23 @@ impl Gguf {
         if n as usize % per != 0 {
             return Err(Error::Weights {
                 path: self.path.clone(),
-                message: format!("tensor {}: {n} values are not whole {per}-value blocks", t.name),
+                message: format!(
+                    "tensor {}: {n} values are not whole {per}-value blocks",
+                    t.name
+                ),
             });
         }
         let len = n as usize / per * bytes;
         let start = self.data_start + t.offset as usize;
-        self.data.get(start..start + len).ok_or_else(|| Error::Weights {
-            path: self.path.clone(),
-            message: format!("tensor {}: data past the end of the file (truncated?)", t.name),
-        })
+        self.data
+            .get(start..start + len)
+            .ok_or_else(|| Error::Weights {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor {}: data past the end of the file (truncated?)",
+                    t.name
+                ),
+            })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -296,7 +324,10 @@ pub fn half_to_f32(h: u16) -> f32 {
 /// Dequantize `raw` bytes of type `ty` to fp32 values.
 pub fn dequantize(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
     match ty {
-        GgmlType::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        GgmlType::F32 => raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
         GgmlType::F16 => raw.chunks_exact(2).map(f16).collect(),
         GgmlType::BF16 => raw
             .chunks_exact(2)
@@ -316,7 +347,11 @@ pub fn dequantize(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
             let mut out = Vec::with_capacity(raw.len() / size * 32);
             for blk in raw.chunks_exact(size) {
                 let d = f16(&blk[0..2]);
-                let (m, qs) = if q41 { (f16(&blk[2..4]), &blk[4..]) } else { (0.0, &blk[2..]) };
+                let (m, qs) = if q41 {
+                    (f16(&blk[2..4]), &blk[4..])
+                } else {
+                    (0.0, &blk[2..])
+                };
                 let mut vals = [0f32; 32];
                 for (j, &q) in qs.iter().enumerate() {
                     let (lo, hi) = ((q & 0x0f) as f32, (q >> 4) as f32);
@@ -340,7 +375,9 @@ pub fn dequantize(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
 pub fn reverse_permute(w: &Tensor, heads: i64) -> Tensor {
     let shape = w.size();
     let dim = shape[0] / heads / 2;
-    w.reshape([heads, dim, 2, shape[1]]).transpose(1, 2).reshape(shape.as_slice())
+    w.reshape([heads, dim, 2, shape[1]])
+        .transpose(1, 2)
+        .reshape(shape.as_slice())
 }
 
 /// Convert a Llama or Qwen2 GGUF into a Hugging Face directory `out`:
@@ -385,17 +422,33 @@ pub fn convert(path: &Path, out: &Path) -> Result<serde_json::Value> {
         _ => return Err(bad("metadata tokenizer.ggml.tokens: missing".into())),
     };
     let vocab = int("vocab_size").unwrap_or(tokens.len() as i64);
-    if let Some(t) = g.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.as_str()) {
+    if let Some(t) = g
+        .get(&format!("{arch}.rope.scaling.type"))
+        .and_then(|v| v.as_str())
+    {
         if t != "none" {
-            return Err(bad(format!("metadata {arch}.rope.scaling.type: '{t}' is not converted")));
+            return Err(bad(format!(
+                "metadata {arch}.rope.scaling.type: '{t}' is not converted"
+            )));
         }
     }
     if g.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
-        return Err(bad("tensor rope_freqs.weight (llama3 rotary scaling in GGUF) is not converted".into()));
+        return Err(bad(
+            "tensor rope_freqs.weight (llama3 rotary scaling in GGUF) is not converted".into(),
+        ));
     }
     let tied = !g.tensors.iter().any(|t| t.name == "output.weight");
-    let tok_id = |k: &str| g.get(&format!("tokenizer.ggml.{k}")).and_then(|v| v.as_u64()).map(|v| v as i64);
-    let (bos, eos, pad, unk) = (tok_id("bos_token_id"), tok_id("eos_token_id"), tok_id("padding_token_id"), tok_id("unknown_token_id"));
+    let tok_id = |k: &str| {
+        g.get(&format!("tokenizer.ggml.{k}"))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as i64)
+    };
+    let (bos, eos, pad, unk) = (
+        tok_id("bos_token_id"),
+        tok_id("eos_token_id"),
+        tok_id("padding_token_id"),
+        tok_id("unknown_token_id"),
+    );
     let mut config = serde_json::json!({
         "architectures": [if arch == "llama" { "LlamaForCausalLM" } else { "Qwen2ForCausalLM" }],
         "model_type": arch,
@@ -425,7 +478,10 @@ pub fn convert(path: &Path, out: &Path) -> Result<serde_json::Value> {
     let mut named = vec![];
     for t in &g.tensors {
         let Some(name) = hf_name(&t.name) else {
-            return Err(bad(format!("tensor {}: no Hugging Face name for it", t.name)));
+            return Err(bad(format!(
+                "tensor {}: no Hugging Face name for it",
+                t.name
+            )));
         };
         let mut w = g.tensor(t)?;
         if arch == "llama" && name.ends_with("self_attn.q_proj.weight") {
@@ -442,7 +498,10 @@ pub fn convert(path: &Path, out: &Path) -> Result<serde_json::Value> {
     let tok_path = out.join("tokenizer.json");
     tokenizer
         .save(&tok_path, false)
-        .map_err(|e| Error::Tokenizer { path: tok_path.clone(), message: format!("writing: {e}") })?;
+        .map_err(|e| Error::Tokenizer {
+            path: tok_path.clone(),
+            message: format!("writing: {e}"),
+        })?;
     let name_of = |id: Option<i64>| id.and_then(|i| tokens.get(i as usize)).cloned();
     let mut tc = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -508,7 +567,10 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<tokenizers::Tokeni
         path: g.path.clone(),
         message: m,
     };
-    let model = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("");
+    let model = g
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     if model != "gpt2" {
         return Err(bad(format!(
             "metadata tokenizer.ggml.model: '{model}' is not converted (gpt2, byte-level BPE, is)"
@@ -538,7 +600,9 @@ fn tokenizer_from_gguf(g: &Gguf, tokens: &[String]) -> Result<tokenizers::Tokeni
     let mut tok = Tokenizer::new(bpe);
     let byte_level = tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true);
     tok.with_pre_tokenizer(Some(byte_level));
-    tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::new(
+        false, true, true,
+    )));
     let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
         Some(Value::Array(a)) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
         _ => vec![1; tokens.len()],

@@ -21,7 +21,11 @@ fn token_text(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
         // transformers' AddedToken form: {"content": "..."}.
-        Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+        Some(Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or("")
+            .to_string(),
         _ => String::new(),
     }
 }
@@ -77,13 +81,20 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", &self.source).map_err(|e| Error::Tokenizer {
-            path: self.origin.clone(),
-            message: format!("field chat_template: {e}"),
-        })?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", &self.source)
+            .map_err(|e| Error::Tokenizer {
+                path: self.origin.clone(),
+                message: format!("field chat_template: {e}"),
+            })?;
         Ok(env)
     }
 

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (every frequency divided by it).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's frequency-dependent scaling: low frequencies divided by
     /// `factor`, high frequencies kept, a smooth blend between.
     Llama3 {
@@ -86,7 +88,12 @@ impl Fields<'_> {
     }
     /// The field converted by `conv`, `None` when absent or null; a value
     /// of another type is an error saying what was `expected`.
-    fn opt<T>(&self, field: &str, expected: &str, conv: impl Fn(&Value) -> Option<T>) -> Result<Option<T>> {
+    fn opt<T>(
+        &self,
+        field: &str,
+        expected: &str,
+        conv: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<T>> {
         match self.map.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => conv(v)
@@ -143,21 +150,27 @@ impl DecoderConfig {
             });
         };
         let f = Fields { path, map: &map };
-        let model_type = f.opt_str("model_type")?.ok_or_else(|| f.err("model_type", "missing"))?;
-        let family = match model_type.as_str() {
-            "llama" => Family::Llama,
-            "qwen2" => Family::Qwen2,
-            "mistral" => Family::Mistral,
-            other => {
-                return Err(f.err(
+        let model_type = f
+            .opt_str("model_type")?
+            .ok_or_else(|| f.err("model_type", "missing"))?;
+        let family =
+            match model_type.as_str() {
+                "llama" => Family::Llama,
+                "qwen2" => Family::Qwen2,
+                "mistral" => Family::Mistral,
+                other => return Err(f.err(
                     "model_type",
-                    format!("'{other}' is not a decoder family distill builds (llama, qwen2, mistral)"),
-                ))
-            }
-        };
+                    format!(
+                        "'{other}' is not a decoder family distill builds (llama, qwen2, mistral)"
+                    ),
+                )),
+            };
         let act = f.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into());
         if act != "silu" {
-            return Err(f.err("hidden_act", format!("'{act}' unsupported: decoders use silu (SwiGLU)")));
+            return Err(f.err(
+                "hidden_act",
+                format!("'{act}' unsupported: decoders use silu (SwiGLU)"),
+            ));
         }
         let hidden_size = f.int("hidden_size")?;
         let heads = f.int("num_attention_heads")?;
@@ -187,7 +200,10 @@ impl DecoderConfig {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_i64().ok_or_else(|| f.err("eos_token_id", "expected integers")))
+                .map(|x| {
+                    x.as_i64()
+                        .ok_or_else(|| f.err("eos_token_id", "expected integers"))
+                })
                 .collect::<Result<_>>()?,
             Some(v) => vec![v
                 .as_i64()
@@ -254,7 +270,10 @@ impl DecoderConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(format!("field head_dim: rotary embeddings need an even head_dim, found {}", self.head_dim));
+            return Err(format!(
+                "field head_dim: rotary embeddings need an even head_dim, found {}",
+                self.head_dim
+            ));
         }
         Ok(())
     }
@@ -273,7 +292,9 @@ impl DecoderConfig {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let attn = h * q + 2 * h * kv + q * h
+        let attn = h * q
+            + 2 * h * kv
+            + q * h
             + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.o_bias { h } else { 0 };
         let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
@@ -293,10 +314,22 @@ impl DecoderConfig {
         set(&mut m, "hidden_size", self.hidden_size.into());
         set(&mut m, "intermediate_size", self.intermediate_size.into());
         set(&mut m, "num_hidden_layers", self.num_hidden_layers.into());
-        set(&mut m, "num_attention_heads", self.num_attention_heads.into());
-        set(&mut m, "num_key_value_heads", self.num_key_value_heads.into());
+        set(
+            &mut m,
+            "num_attention_heads",
+            self.num_attention_heads.into(),
+        );
+        set(
+            &mut m,
+            "num_key_value_heads",
+            self.num_key_value_heads.into(),
+        );
         set(&mut m, "head_dim", self.head_dim.into());
-        set(&mut m, "tie_word_embeddings", self.tie_word_embeddings.into());
+        set(
+            &mut m,
+            "tie_word_embeddings",
+            self.tie_word_embeddings.into(),
+        );
         if let Some(d) = &self.dtype {
             set(&mut m, "dtype", d.clone().into());
             m.remove("torch_dtype");
@@ -329,10 +362,12 @@ fn rope(f: &Fields<'_>, family: Family) -> Result<(f64, RopeScaling)> {
     let num = |k: &str| -> Result<Option<f64>> {
         match p.get(k) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| f.err(&format!("{field}.{k}"), format!("expected a number, found {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                f.err(
+                    &format!("{field}.{k}"),
+                    format!("expected a number, found {v}"),
+                )
+            }),
         }
     };
     let need = |k: &str| -> Result<f64> {

@@ -115,11 +115,16 @@ pub fn generate_indexed(
             )));
         }
         if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-            return Err(crate::Error::Invalid(format!("top_p must be in (0, 1], found {}", s.top_p)));
+            return Err(crate::Error::Invalid(format!(
+                "top_p must be in (0, 1], found {}",
+                s.top_p
+            )));
         }
     }
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(crate::Error::Invalid(format!("prompt {i} is empty (no tokens)")));
+        return Err(crate::Error::Invalid(format!(
+            "prompt {i} is empty (no tokens)"
+        )));
     }
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| (prompts[i].len(), i));
@@ -170,13 +175,24 @@ fn generate_batch(
             valid[r * capacity as usize + j] = true;
         }
     }
-    let input = Tensor::from_slice(&ids).view([b, max_len]).to_device(device);
-    let mut valid_t = Tensor::from_slice(&valid).view([b, capacity]).to_device(device);
+    let input = Tensor::from_slice(&ids)
+        .view([b, max_len])
+        .to_device(device);
+    let mut valid_t = Tensor::from_slice(&valid)
+        .view([b, capacity])
+        .to_device(device);
     let positions = DecoderModel::positions_from_mask(&valid_t.narrow(1, 0, max_len));
     let mut cache = KvCache::new(model, b, capacity);
     let kv = padded.then(|| valid_t.narrow(1, 0, max_len));
     let mut logits = model
-        .forward(&input, &positions, kv.as_ref(), Some(&mut cache), Logits::Last, false)
+        .forward(
+            &input,
+            &positions,
+            kv.as_ref(),
+            Some(&mut cache),
+            Logits::Last,
+            false,
+        )
         .logits
         .unwrap()
         .squeeze_dim(1);
@@ -226,7 +242,9 @@ fn generate_batch(
                         ids: std::mem::take(&mut row.ids),
                         text,
                         finish: f,
-                        logprobs: opts.logprobs_top_k.map(|_| std::mem::take(&mut row.logprobs)),
+                        logprobs: opts
+                            .logprobs_top_k
+                            .map(|_| std::mem::take(&mut row.logprobs)),
                     });
                 }
                 None => keep.push(slot),
@@ -236,10 +254,12 @@ fn generate_batch(
             break;
         }
         if keep.len() < rows.len() {
-            let idx = Tensor::from_slice(&keep.iter().map(|&k| k as i64).collect::<Vec<_>>()).to_device(device);
+            let idx = Tensor::from_slice(&keep.iter().map(|&k| k as i64).collect::<Vec<_>>())
+                .to_device(device);
             cache.select_rows(&idx);
             valid_t = valid_t.index_select(0, &idx);
-            let mut old: Vec<Option<Row>> = std::mem::take(&mut rows).into_iter().map(Some).collect();
+            let mut old: Vec<Option<Row>> =
+                std::mem::take(&mut rows).into_iter().map(Some).collect();
             rows = keep.iter().map(|&k| old[k].take().unwrap()).collect();
         }
         let step_ids: Vec<i64> = rows.iter().map(|r| *r.ids.last().unwrap()).collect();
@@ -252,7 +272,14 @@ fn generate_batch(
         let pos = Tensor::from_slice(&step_pos).view([n, 1]).to_device(device);
         let kv = padded.then(|| valid_t.narrow(1, 0, cache.len + 1));
         logits = model
-            .forward(&input, &pos, kv.as_ref(), Some(&mut cache), Logits::Last, false)
+            .forward(
+                &input,
+                &pos,
+                kv.as_ref(),
+                Some(&mut cache),
+                Logits::Last,
+                false,
+            )
             .logits
             .unwrap()
             .squeeze_dim(1);
@@ -293,7 +320,9 @@ fn choose(logits: &Tensor, rows: &mut [Row], opts: &GenerateOptions) -> Result<V
         let (vals, idx) = lp.topk(k as i64, -1, true, true);
         let picked = lp.gather(
             1,
-            &Tensor::from_slice(&chosen).to_device(lp.device()).unsqueeze(1),
+            &Tensor::from_slice(&chosen)
+                .to_device(lp.device())
+                .unsqueeze(1),
             false,
         );
         let vals = Vec::<f32>::try_from(vals.to_device(tch::Device::Cpu).reshape([-1]))?;
@@ -318,7 +347,10 @@ fn sample(logits: &[f32], s: &Sampling, rng: &mut rand::rngs::StdRng) -> i64 {
         cand.truncate(s.top_k);
     }
     let max = cand[0].1;
-    let mut probs: Vec<f64> = cand.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
+    let mut probs: Vec<f64> = cand
+        .iter()
+        .map(|&(_, l)| ((l - max) as f64).exp())
+        .collect();
     let z: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= z);
     if s.top_p < 1.0 {

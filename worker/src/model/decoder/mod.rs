@@ -39,7 +39,14 @@ struct Lin {
 
 impl Lin {
     fn new(p: nn::Path, input: i64, output: i64, bias: bool) -> Self {
-        let w = p.var("weight", &[output, input], Init::Randn { mean: 0.0, stdev: 0.02 });
+        let w = p.var(
+            "weight",
+            &[output, input],
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        );
         let b = bias.then(|| p.var("bias", &[output], Init::Const(0.0)));
         Lin { w, b, q: None }
     }
@@ -151,7 +158,10 @@ impl DecoderModel {
         let embed = (&root / "embed_tokens").var(
             "weight",
             &[c.vocab_size, h],
-            Init::Randn { mean: 0.0, stdev: 0.02 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
         );
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
@@ -173,7 +183,14 @@ impl DecoderModel {
             .collect();
         let norm = (&root / "norm").var("weight", &[h], Init::Const(1.0));
         let lm_head = (!c.tie_word_embeddings).then(|| {
-            (&root / "lm_head").var("weight", &[c.vocab_size, h], Init::Randn { mean: 0.0, stdev: 0.02 })
+            (&root / "lm_head").var(
+                "weight",
+                &[c.vocab_size, h],
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )
         });
         let inv_freq = inv_freq(c).to_device(device);
         Ok(DecoderModel {
@@ -237,7 +254,15 @@ impl DecoderModel {
             _ => {
                 self.vs.freeze();
                 for l in self.layers.iter_mut() {
-                    for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down] {
+                    for lin in [
+                        &mut l.q,
+                        &mut l.k,
+                        &mut l.v,
+                        &mut l.o,
+                        &mut l.gate,
+                        &mut l.up,
+                        &mut l.down,
+                    ] {
                         lin.quantize(scheme)?;
                     }
                 }
@@ -286,8 +311,12 @@ impl DecoderModel {
                     }
                 }
                 let b = chunk.len() as i64;
-                let ids = Tensor::from_slice(&ids).view([b, n]).to_device(self.device());
-                let mask = Tensor::from_slice(&mask).view([b, n]).to_device(self.device());
+                let ids = Tensor::from_slice(&ids)
+                    .view([b, n])
+                    .to_device(self.device());
+                let mask = Tensor::from_slice(&mask)
+                    .view([b, n])
+                    .to_device(self.device());
                 let logits = self.forward_masked(&ids, &mask).to_kind(Kind::Float);
                 let lp = logits.narrow(1, 0, n - 1).log_softmax(-1, Kind::Float);
                 let target = ids.narrow(1, 1, n - 1);
@@ -316,7 +345,11 @@ impl DecoderModel {
             .variables()
             .into_iter()
             .map(|(n, t)| {
-                let name = if n.starts_with("lm_head.") { n } else { format!("model.{n}") };
+                let name = if n.starts_with("lm_head.") {
+                    n
+                } else {
+                    format!("model.{n}")
+                };
                 (name, t)
             })
             .collect();
@@ -336,9 +369,16 @@ impl DecoderModel {
     pub fn forward_masked(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
         let positions = Self::positions_from_mask(attention_mask);
         let valid = attention_mask.to_kind(Kind::Bool);
-        self.forward(input_ids, &positions, Some(&valid), None, Logits::All, false)
-            .logits
-            .unwrap()
+        self.forward(
+            input_ids,
+            &positions,
+            Some(&valid),
+            None,
+            Logits::All,
+            false,
+        )
+        .logits
+        .unwrap()
     }
 
     /// The forward pass.
@@ -375,16 +415,31 @@ impl DecoderModel {
                 hidden_states.push(h.shallow_clone());
             }
             let x = rms_norm(&h, &layer.ln_attn, c.rms_norm_eps);
-            let q = layer.q.forward(&x).view([b, t, c.num_attention_heads, c.head_dim]).transpose(1, 2);
-            let k = layer.k.forward(&x).view([b, t, c.num_key_value_heads, c.head_dim]).transpose(1, 2);
-            let v = layer.v.forward(&x).view([b, t, c.num_key_value_heads, c.head_dim]).transpose(1, 2);
+            let q = layer
+                .q
+                .forward(&x)
+                .view([b, t, c.num_attention_heads, c.head_dim])
+                .transpose(1, 2);
+            let k = layer
+                .k
+                .forward(&x)
+                .view([b, t, c.num_key_value_heads, c.head_dim])
+                .transpose(1, 2);
+            let v = layer
+                .v
+                .forward(&x)
+                .view([b, t, c.num_key_value_heads, c.head_dim])
+                .transpose(1, 2);
             let q = &q * &cos + rotate_half(&q) * &sin;
             let k = &k * &cos + rotate_half(&k) * &sin;
             let (k, v) = match cache.as_deref_mut() {
                 Some(cache) => {
                     let _ = cache.k[i].narrow(2, past, t).copy_(&k);
                     let _ = cache.v[i].narrow(2, past, t).copy_(&v);
-                    (cache.k[i].narrow(2, 0, past + t), cache.v[i].narrow(2, 0, past + t))
+                    (
+                        cache.k[i].narrow(2, 0, past + t),
+                        cache.v[i].narrow(2, 0, past + t),
+                    )
                 }
                 None => (k, v),
             };
@@ -399,7 +454,9 @@ impl DecoderModel {
                 scale,
                 gqa,
             );
-            let a = a.transpose(1, 2).reshape([b, t, c.num_attention_heads * c.head_dim]);
+            let a = a
+                .transpose(1, 2)
+                .reshape([b, t, c.num_attention_heads * c.head_dim]);
             h = h + layer.o.forward(&a);
             let x = rms_norm(&h, &layer.ln_mlp, c.rms_norm_eps);
             let m = layer.gate.forward(&x).silu() * layer.up.forward(&x);
@@ -476,7 +533,8 @@ fn attention_mask(
 pub fn inv_freq(c: &DecoderConfig) -> Tensor {
     let dim = c.head_dim;
     let opts = (Kind::Float, Device::Cpu);
-    let exps = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float)
+    let exps = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
+        .to_kind(Kind::Float)
         / dim as f64;
     let base = Tensor::full([dim / 2], c.rope_theta, opts);
     let inv = base.pow(&exps).reciprocal();
@@ -498,7 +556,10 @@ pub fn inv_freq(c: &DecoderConfig) -> Tensor {
                 / (high_freq_factor - low_freq_factor);
             let one_minus: Tensor = smooth.ones_like() - &smooth;
             let smoothed: Tensor = one_minus * &inv_l / *factor + &smooth * &inv_l;
-            let medium = wavelen.lt(high_wavelen).logical_not().logical_and(&wavelen.gt(low_wavelen).logical_not());
+            let medium = wavelen
+                .lt(high_wavelen)
+                .logical_not()
+                .logical_and(&wavelen.gt(low_wavelen).logical_not());
             smoothed.where_self(&medium, &inv_l)
         }
     }

@@ -76,7 +76,8 @@ fn shaped(t: &DecoderConfig, kv: i64, layers: i64) -> DecoderConfig {
         t.intermediate_size
     } else {
         // Scaled with the hidden size, rounded to a multiple of 32.
-        (((t.intermediate_size * kv / t.num_key_value_heads) as f64 / 32.0).round() as i64 * 32).max(32)
+        (((t.intermediate_size * kv / t.num_key_value_heads) as f64 / 32.0).round() as i64 * 32)
+            .max(32)
     };
     c.num_hidden_layers = layers;
     c
@@ -136,12 +137,21 @@ pub fn derive_config(teacher: &DecoderConfig, shape: &DecoderShape) -> Result<De
 }
 
 /// The teacher layers the student's layers start from.
-pub fn layer_map(choice: &LayerChoice, teacher_layers: i64, student_layers: i64) -> Result<Vec<i64>> {
+pub fn layer_map(
+    choice: &LayerChoice,
+    teacher_layers: i64,
+    student_layers: i64,
+) -> Result<Vec<i64>> {
     let map = match choice {
-        LayerChoice::Uniform => crate::model::student::uniform_layer_map(teacher_layers, student_layers),
+        LayerChoice::Uniform => {
+            crate::model::student::uniform_layer_map(teacher_layers, student_layers)
+        }
         LayerChoice::FirstAndLast if student_layers == 1 => vec![teacher_layers - 1],
         LayerChoice::FirstAndLast => (0..student_layers)
-            .map(|i| (i as f64 * (teacher_layers - 1) as f64 / (student_layers - 1) as f64).round() as i64)
+            .map(|i| {
+                (i as f64 * (teacher_layers - 1) as f64 / (student_layers - 1) as f64).round()
+                    as i64
+            })
             .collect(),
         LayerChoice::List(v) => v.clone(),
     };
@@ -162,7 +172,11 @@ pub fn layer_map(choice: &LayerChoice, teacher_layers: i64, student_layers: i64)
 
 /// A student with `cfg`'s shape, every weight a leading slice of the
 /// teacher's (layer `i` from teacher layer `map[i]`).
-pub fn init_from_teacher(student: &mut DecoderModel, teacher: &DecoderModel, map: &[i64]) -> Result<()> {
+pub fn init_from_teacher(
+    student: &mut DecoderModel,
+    teacher: &DecoderModel,
+    map: &[i64],
+) -> Result<()> {
     let tv = teacher.vs.variables();
     let mut sv = student.vs.variables();
     let mut names: Vec<String> = sv.keys().cloned().collect();
@@ -178,7 +192,9 @@ pub fn init_from_teacher(student: &mut DecoderModel, teacher: &DecoderModel, map
                 None => name.clone(),
             };
             let src = tv.get(&src_name).ok_or_else(|| {
-                Error::Invalid(format!("teacher has no {src_name} for the student's {name}"))
+                Error::Invalid(format!(
+                    "teacher has no {src_name} for the student's {name}"
+                ))
             })?;
             let dst = sv.get_mut(&name).unwrap();
             let mut s = src.shallow_clone();
@@ -200,7 +216,11 @@ pub fn memory_bytes(cfg: &DecoderConfig, kind: Kind) -> (i64, i64) {
 
 /// The student exported: weights (sorted, checkpoint names), its config,
 /// and the teacher's tokenizer, chat template and generation config.
-pub fn export(model: &DecoderModel, teacher_dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
+pub fn export(
+    model: &DecoderModel,
+    teacher_dir: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let tensors: Vec<(String, Tensor)> = model.named_tensors();
     crate::model::weights::write_safetensors(&out.join("model.safetensors"), &tensors)?;
@@ -215,7 +235,13 @@ pub fn export(model: &DecoderModel, teacher_dir: &std::path::Path, out: &std::pa
     );
     let text = serde_json::to_string_pretty(&cfg.to_json()).unwrap() + "\n";
     crate::fsutil::write_atomic(&out.join("config.json"), text.as_bytes())?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "special_tokens_map.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+    ] {
         let src = teacher_dir.join(f);
         if src.exists() {
             let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
