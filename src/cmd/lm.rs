@@ -127,9 +127,7 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let mut tmp = None;
     let dir = model_dir(&a.model, &mut tmp)?;
     let model = DecoderModel::load(&dir, device, kind)?;
-    let tok_path = dir.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let tokenizer = distill_worker::model::decoder::load_tokenizer(&dir)?;
     let template = ChatTemplate::from_dir(&dir)?;
     // Read every prompt first: a bad line fails before any work.
     let file =
@@ -208,7 +206,7 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     let mut file = open_partial(&partial, &fingerprint, resumed > 0)?;
     let mut todo: Vec<usize> = (0..total).filter(|&i| results[i].is_none()).collect();
     todo.sort_by_key(|&i| (prompts[i].len(), i));
-    let bar = distill_worker::progress::CountProgress::new("generate", total as u64, "prompts");
+    let mut bar = distill_worker::progress::CountProgress::new("generate", total as u64, "prompts");
     let (mut done, mut tokens) = (resumed, 0usize);
     for group in todo.chunks(a.batch_size * 4) {
         let ps: Vec<Vec<i64>> = group.iter().map(|&i| prompts[i].clone()).collect();
@@ -256,18 +254,8 @@ pub fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
             .zip(&results)
             .filter(|(_, g)| !g.ids.is_empty())
             .map(|(p, g)| {
-                let lp = g
-                    .logprobs
-                    .as_ref()
-                    .expect("--logprobs is required with --signal-out");
-                let mut ids = p.clone();
-                ids.extend_from_slice(&g.ids);
-                distill_worker::distill::lm_train::LmExample {
-                    ids,
-                    prompt_len: p.len(),
-                    topk_ids: lp.iter().flat_map(|t| t.top.iter().map(|x| x.0)).collect(),
-                    topk_logp: lp.iter().flat_map(|t| t.top.iter().map(|x| x.1)).collect(),
-                }
+                distill_worker::distill::lm_train::LmExample::from_generation(p, g)
+                    .expect("--logprobs is required with --signal-out")
             })
             .collect();
         distill_worker::distill::lm_train::write_signal(path, &examples)?;
@@ -605,9 +593,7 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--precision {other}: expected fp32 or bf16"),
     };
     let mut model = DecoderModel::load(&a.student, device, Some(tch::Kind::Float))?;
-    let tok_path = a.student.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tok_path.display()))?;
+    let tokenizer = distill_worker::model::decoder::load_tokenizer(&a.student)?;
     let template = ChatTemplate::from_dir(&a.student)?;
     let train_set = read_signal(&a.signal, &tokenizer, template.as_ref())?;
     let eval_set = match &a.eval {
@@ -663,7 +649,7 @@ pub fn lm_distill(a: LmDistillArgs) -> anyhow::Result<()> {
         model.num_params() as f64 / 1e6,
         before.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "(no --eval)".into())
     );
-    let bar = distill_worker::progress::CountProgress::new("lm-distill", a.steps, "steps");
+    let mut bar = distill_worker::progress::CountProgress::new("lm-distill", a.steps, "steps");
     let mut curve = vec![];
     let t0 = Instant::now();
     train(&mut model, &train_set, &cfg, &mut |s| {

@@ -186,7 +186,7 @@ pub struct CountProgress {
     total: u64,
     format: LogFormat,
     bar: Option<ProgressBar>,
-    last_line: std::sync::Mutex<Option<Instant>>,
+    last_line: Option<Instant>,
 }
 
 impl CountProgress {
@@ -202,23 +202,26 @@ impl CountProgress {
             total,
             format,
             bar,
-            last_line: std::sync::Mutex::new(None),
+            last_line: None,
         }
     }
 
     /// `done` of the total, with a free-form note (rates, say).
-    pub fn set(&self, done: u64, note: &str) {
+    pub fn set(&mut self, done: u64, note: &str) {
         if let Some(bar) = &self.bar {
             bar.set_position(done);
             bar.set_message(note.to_string());
             return;
         }
         let now = Instant::now();
-        let mut last = self.last_line.lock().unwrap();
-        if done < self.total && last.is_some_and(|t| now - t < Duration::from_secs(10)) {
+        if done < self.total
+            && self
+                .last_line
+                .is_some_and(|t| now - t < Duration::from_secs(10))
+        {
             return;
         }
-        *last = Some(now);
+        self.last_line = Some(now);
         let time = humantime::format_rfc3339_millis(SystemTime::now());
         if self.format == LogFormat::Json {
             eprintln!(

@@ -284,17 +284,7 @@ fn lm_distillation_moves_the_student_toward_the_teacher() {
     let examples: Vec<LmExample> = prompts
         .iter()
         .zip(&gens)
-        .map(|(p, g)| {
-            let lp = g.logprobs.as_ref().unwrap();
-            let mut ids = p.clone();
-            ids.extend_from_slice(&g.ids);
-            LmExample {
-                ids,
-                prompt_len: p.len(),
-                topk_ids: lp.iter().flat_map(|t| t.top.iter().map(|x| x.0)).collect(),
-                topk_logp: lp.iter().flat_map(|t| t.top.iter().map(|x| x.1)).collect(),
-            }
-        })
+        .map(|(p, g)| LmExample::from_generation(p, g).unwrap())
         .collect();
     let (train_set, held) = examples.split_at(40);
     let cfg_s = derive_config(

@@ -30,6 +30,24 @@ pub struct LmExample {
 }
 
 impl LmExample {
+    /// A prompt and the teacher's generation for it, with the top-k
+    /// log-probabilities `generate` returned (`logprobs_top_k`); `None`
+    /// when it returned none.
+    pub fn from_generation(
+        prompt: &[i64],
+        g: &crate::model::decoder::generate::Generated,
+    ) -> Option<Self> {
+        let lp = g.logprobs.as_ref()?;
+        let mut ids = prompt.to_vec();
+        ids.extend_from_slice(&g.ids);
+        Some(LmExample {
+            ids,
+            prompt_len: prompt.len(),
+            topk_ids: lp.iter().flat_map(|t| t.top.iter().map(|x| x.0)).collect(),
+            topk_logp: lp.iter().flat_map(|t| t.top.iter().map(|x| x.1)).collect(),
+        })
+    }
+
     pub fn response_len(&self) -> usize {
         self.ids.len() - self.prompt_len
     }

@@ -153,18 +153,19 @@ impl DecoderConfig {
         let model_type = f
             .opt_str("model_type")?
             .ok_or_else(|| f.err("model_type", "missing"))?;
-        let family =
-            match model_type.as_str() {
-                "llama" => Family::Llama,
-                "qwen2" => Family::Qwen2,
-                "mistral" => Family::Mistral,
-                other => return Err(f.err(
+        let family = match model_type.as_str() {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "mistral" => Family::Mistral,
+            other => {
+                return Err(f.err(
                     "model_type",
                     format!(
                         "'{other}' is not a decoder family distill builds (llama, qwen2, mistral)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let act = f.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into());
         if act != "silu" {
             return Err(f.err(

@@ -141,8 +141,6 @@ pub struct DecoderModel {
     norm: Tensor,
     lm_head: Option<Tensor>,
     inv_freq: Tensor,
-    /// The quantization applied, if any.
-    pub quant: Option<Scheme>,
 }
 
 impl DecoderModel {
@@ -201,7 +199,6 @@ impl DecoderModel {
             norm,
             lm_head,
             inv_freq,
-            quant: None,
         })
     }
 
@@ -268,7 +265,6 @@ impl DecoderModel {
                 }
             }
         }
-        self.quant = Some(scheme);
         Ok(())
     }
 
@@ -481,6 +477,15 @@ impl DecoderModel {
             hidden_states,
         }
     }
+}
+
+/// `<dir>/tokenizer.json`, errors naming the file.
+pub fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+        path: path.clone(),
+        message: e.to_string(),
+    })
 }
 
 /// transformers' `LlamaRMSNorm`: in fp32, then back to the input's dtype
