@@ -296,3 +296,34 @@ fn quantized_smollm2_keeps_perplexity() {
         );
     }
 }
+
+/// Bad GGUF files are refused by name before anything is written: one cut
+/// short inside its tensor records, one cut inside its tensor data, and one
+/// that is not GGUF at all.
+#[test]
+fn truncated_or_foreign_gguf_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(gguf_path()).unwrap();
+    for (name, data) in [
+        ("head.gguf", bytes[..1 << 20].to_vec()),
+        ("body.gguf", bytes[..bytes.len() - 1000].to_vec()),
+        ("text.gguf", b"not a model at all".to_vec()),
+    ] {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, data).unwrap();
+        let out = tmp.path().join(format!("{name}.out"));
+        let e = gguf::convert(&path, &out).unwrap_err().to_string();
+        assert!(
+            e.contains(name),
+            "{name}: error {e:?} does not name the file"
+        );
+        assert!(
+            e.contains("truncated") || e.contains("not a GGUF file"),
+            "{name}: {e}"
+        );
+        assert!(
+            !out.join("model.safetensors").exists(),
+            "{name}: weights written"
+        );
+    }
+}
